@@ -61,9 +61,10 @@ __all__ = [
     "update_running_stats",
 ]
 
-# Elements per chunk of the batch axis in the CPU passes: 2**20 float32 values = 4 MiB,
-# small enough to stay in the last-level cache between the fused kernels of one pass.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements per chunk of the batch axis in the CPU passes: 2**19 float32 values = 2 MiB,
+# small enough to stay in L2/L3 cache between the kernels of one pass (measured on a
+# 2-core x86 box: 0.4M-element chunks ran each kernel ~2x faster per element than 1M).
+_CHUNK_ELEMENTS = 1 << 19
 
 # |K| * invstd above which x * s + t loses more than ~3 bits to cancellation; the
 # element-wise passes then use the exact shifted form (x - K) * s + t'.
@@ -112,17 +113,22 @@ def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
-def _chunks(*tensors: Tensor) -> zip:
+def _chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """Split tensors of one batch into matching cache-sized chunks along the batch axis.
 
     On CUDA (and other devices with their own kernels) the whole tensor is one chunk.
     """
     x = tensors[0]
-    if x.device.type != "cpu" or x.numel() <= _CHUNK_ELEMENTS:
-        return zip(*[(t,) for t in tensors], strict=True)
+    if x.device.type != "cpu" or x.numel() <= _CHUNK_ELEMENTS or x.shape[0] == 0:
+        return [tensors]
     per_item = max(1, x[0].numel())
     size = max(1, _CHUNK_ELEMENTS // per_item)
-    return zip(*[t.split(size) for t in tensors], strict=True)
+    return list(zip(*[t.split(size) for t in tensors], strict=True))
+
+
+def _channel_sums(parts: Tensor) -> Tensor:
+    """Add per-chunk partial sums (chunks, C) in float64 (float32 on MPS)."""
+    return parts.to(_stat_dtype(parts)).sum(0)
 
 
 def _num_per_channel(x: Tensor) -> int:
@@ -155,17 +161,20 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             f"batch norm needs at least one value per channel, got input size {tuple(x.shape)}"
         )
     sdt, cdt = _stat_dtype(x), _compute_dtype(x)
-    rough = x.sum(dims, dtype=cdt).to(sdt) / m
-    shift = rough.to(x.dtype)
+    chunks = _chunks(x)
+    # K: the mean of the first chunk, rounded to x.dtype. Any value within a few standard
+    # deviations of the mean will do; the correction term below removes the rest.
+    first = chunks[0][0]
+    shift = (first.sum(dims, dtype=cdt) / (first.numel() // first.shape[1])).to(x.dtype)
     k = _channel_view(shift.to(cdt), x)
-    sum_d = torch.zeros(x.shape[1], dtype=sdt, device=x.device)
-    sum_d2 = torch.zeros_like(sum_d)
-    for (xc,) in _chunks(x):
+    sum_d = torch.empty(len(chunks), x.shape[1], dtype=cdt, device=x.device)
+    sum_d2 = torch.empty_like(sum_d)
+    for i, (xc,) in enumerate(chunks):
         d = xc.to(cdt) - k
-        sum_d += d.sum(dims)
-        sum_d2 += d.square_().sum(dims)
-    mean_d = sum_d / m
-    var = (sum_d2 / m - mean_d * mean_d).clamp_min_(0.0)
+        torch.sum(d, dims, out=sum_d[i])
+        torch.sum(d.square_(), dims, out=sum_d2[i])
+    mean_d = _channel_sums(sum_d) / m
+    var = (_channel_sums(sum_d2) / m - mean_d * mean_d).clamp_min_(0.0)
     mean = shift.to(sdt) + mean_d
     return shift, mean, var
 
@@ -204,7 +213,7 @@ def batch_norm_normalize(
     if x.dtype == cdt and not _needs_shift(saved.shift, saved.invstd):
         s, t = _channel_view(s.to(cdt), x), _channel_view(t.to(cdt), x)
         for xc, yc in _chunks(x, y):
-            torch.addcmul(t, xc, s, out=yc)
+            torch.mul(xc, s, out=yc).add_(t)  # 2x faster than addcmul(t, ...) in NCHW
         return y
     t = t + saved.shift.to(s.dtype) * s  # t' = beta - (mu - K) * s
     k = _channel_view(saved.shift.to(cdt), x)
@@ -307,13 +316,15 @@ def batch_norm_backward(
     shifted = x.dtype != cdt or _needs_shift(saved.shift, saved.invstd)
     k = _channel_view(saved.shift.to(cdt), x)
     # term 1 and sum(dy * (x - K)); then sum(dy * (x - mu)) = sum(dy * (x - K)) - (mu - K) dbeta
-    sum_dy = torch.zeros(x.shape[1], dtype=sdt, device=x.device)
-    sum_dy_d = torch.zeros_like(sum_dy)
-    for xc, dyc in _chunks(x, dy):
+    chunks = _chunks(x, dy)
+    parts_dy = torch.empty(len(chunks), x.shape[1], dtype=cdt, device=x.device)
+    parts_dy_d = torch.empty_like(parts_dy)
+    for i, (xc, dyc) in enumerate(chunks):
         dyc = dyc.to(cdt)
-        sum_dy += dyc.sum(dims)
+        torch.sum(dyc, dims, out=parts_dy[i])
         d = xc.to(cdt) - k
-        sum_dy_d += d.mul_(dyc).sum(dims)
+        torch.sum(d.mul_(dyc), dims, out=parts_dy_d[i])
+    sum_dy, sum_dy_d = _channel_sums(parts_dy), _channel_sums(parts_dy_d)
     mean_minus_k = saved.mean - saved.shift.to(sdt)
     sum_dy_xmu = sum_dy_d - mean_minus_k * sum_dy
     dgamma = sum_dy_xmu * saved.invstd  # term 2
@@ -333,9 +344,9 @@ def batch_norm_backward(
         if not saved.training:
             dxc.copy_(dyc.to(cdt) * a)
         elif shifted:
-            dxc.copy_(torch.addcmul(c, dyc.to(cdt), a).addcmul_(xc.to(cdt) - k, b))
+            dxc.copy_((dyc.to(cdt) * a).addcmul_(xc.to(cdt) - k, b).add_(c))
         else:
-            torch.addcmul(c, dyc, a, out=dxc).addcmul_(xc, b)
+            torch.mul(dyc, a, out=dxc).addcmul_(xc, b).add_(c)
     pdt = x.dtype if weight is None else weight.dtype
     return dx, dgamma.to(pdt), dbeta.to(pdt)
 

@@ -1,0 +1,157 @@
+"""Timing harness behind ``bnlab bench``: side-by-side medians, ratios, tables, JSON.
+
+Machines drift (copy bandwidth on a 2-core CI box moves between 23 and 55 GB/s within
+minutes), so every comparison is measured *interleaved in one process*: each repetition
+times every variant once, in turn, and ratios are taken between medians.
+
+Usage::
+
+    >>> from bnlab.bench import time_interleaved
+    >>> import torch
+    >>> x = torch.randn(256, 256)
+    >>> med = time_interleaved({"add": lambda: x + x, "mul": lambda: x * x}, repeats=3)
+    >>> sorted(med)
+    ['add', 'mul']
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bnlab import nn as bnn
+
+__all__ = ["BNBenchRow", "bench_bn", "format_table", "time_interleaved"]
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Median wall time in seconds of each callable, the variants interleaved per repeat."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Aligned text table; ``columns`` holds (key, header, format spec) triples."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if f else str(row[k]) for k, _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BNBenchRow:
+    """One measurement of ``bnlab bench bn``: times in milliseconds, ratio = bnlab / native."""
+
+    device: str
+    shape: tuple[int, ...]
+    memory_format: str
+    dtype: str
+    pass_: str
+    native_ms: float
+    bnlab_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bnlab_ms / self.native_ms
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device, "shape": list(self.shape), "memory_format": self.memory_format,
+            "dtype": self.dtype, "pass": self.pass_, "native_ms": self.native_ms,
+            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio,
+        }
+
+
+def bench_bn(
+    shapes: Sequence[tuple[int, ...]] = ((128, 96, 32, 32), (128, 192, 16, 16)),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    memory_formats: Sequence[str] = ("contiguous", "channels_last"),
+    repeats: int = 15,
+    progress: Callable[[str], None] | None = None,
+) -> list[BNBenchRow]:
+    """Time training-mode BN forward, backward and forward+backward: PyTorch vs bnlab.
+
+    Both sides run as modules under autograd, the way a model uses them
+    (``torch.nn.BatchNorm2d`` and ``bnlab.nn.BatchNorm2d``); the backward computes the
+    input, weight and bias gradients from a saved graph (``retain_graph=True``).
+    """
+    rows: list[BNBenchRow] = []
+    for shape in shapes:
+        for fmt in memory_formats:
+            if progress:
+                progress(f"bn {tuple(shape)} {fmt}")
+            rows += _bench_bn_case(tuple(shape), fmt, device, dtype, repeats)
+    return rows
+
+
+def _bench_bn_case(
+    shape: tuple[int, ...], fmt: str, device: str, dtype: torch.dtype, repeats: int
+) -> list[BNBenchRow]:
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
+    x.requires_grad_(True)
+    dy = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
+    mods = {
+        "native": torch.nn.BatchNorm2d(shape[1]).to(device, dtype),
+        "bnlab": bnn.BatchNorm2d(shape[1]).to(device, dtype),
+    }
+    outs = {k: m(x) for k, m in mods.items()}
+
+    def forward(k: str) -> Callable[[], object]:
+        return lambda: mods[k](x)
+
+    def backward(k: str) -> Callable[[], object]:
+        wrt = (x, mods[k].weight, mods[k].bias)  # all three gradients, as in training
+        return lambda: torch.autograd.grad(outs[k], wrt, dy, retain_graph=True)
+
+    def forward_backward(k: str) -> Callable[[], object]:
+        wrt = (x, mods[k].weight, mods[k].bias)
+        return lambda: torch.autograd.grad(mods[k](x), wrt, dy)
+
+    rows = []
+    for name, make in (
+        ("forward", forward), ("backward", backward), ("forward+backward", forward_backward)
+    ):
+        med = time_interleaved({k: make(k) for k in mods}, repeats=repeats, device=device)
+        rows.append(BNBenchRow(
+            str(device), shape, fmt, str(dtype).replace("torch.", ""), name,
+            med["native"] * 1e3, med["bnlab"] * 1e3,
+        ))
+    return rows
+
+
+BN_COLUMNS = [
+    ("device", "device", ""), ("shape", "shape", ""), ("memory_format", "format", ""),
+    ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "bnlab ms", ".2f"),
+    ("ratio", "bnlab/native", ".2f"),
+]
