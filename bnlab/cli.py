@@ -3,6 +3,8 @@
     bnlab gradcheck                 # the hand-derived backward against autograd, float64
     bnlab bench bn [--json FILE]    # BN forward/backward: PyTorch native vs bnlab
     bnlab bench engine              # one All-CNN-C training step: autograd vs manual engine
+    bnlab compare [--preset quick]  # the post's cases over seeds: runs, summary, report
+    bnlab report OUT_DIR            # redraw a comparison's figures and report from its files
 """
 
 from __future__ import annotations
@@ -107,6 +109,49 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bnlab compare / report ---------------------------------------------------------------
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bnlab.compare import command_line, plan_comparison, resume_plan, run_comparison
+
+    if args.resume:
+        plan = resume_plan(args.resume)
+    else:
+        if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
+            raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
+                             "holding cifar-10-batches-py/ (or that folder itself)")
+        overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
+                     "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
+                     "device": args.device}
+        plan = plan_comparison(
+            args.cases.split(",") if args.cases else None, args.seeds, args.preset, args.out,
+            overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
+        )
+    summary = run_comparison(plan, quiet=args.quiet)
+    if summary.get("diverged"):
+        print(f"bnlab compare: {len(summary['diverged'])} run(s) diverged: "
+              f"{', '.join(summary['diverged'])} (see their result.json)", file=sys.stderr)
+        return 3
+    if not args.quiet:
+        print(f"report: {plan.out / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bnlab import report
+
+    out = Path(args.out_dir)
+    if not (out / "compare.json").is_file():
+        raise _UserError(f"{out} is not a bnlab comparison folder (no compare.json)")
+    report.write_report(out)
+    print(f"wrote {out}/summary.json, curves.png, report.md, report.html")
+    return 0
+
+
+class _UserError(Exception):
+    """An error caused by the user's input: printed as one line, no traceback."""
+
+
 # ---- the parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,14 +194,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_engine)
+    _add_compare_parsers(sub)
     return parser
+
+
+def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
+    from bnlab.cases import CASES, PRESETS
+
+    presets = "\n".join(f"  {name:<7} {p.description}" for name, p in PRESETS.items())
+    cases = "\n".join(f"  {name:<9} {c.label}" for name, c in CASES.items())
+    p = sub.add_parser(
+        "compare", help="train the post's cases over several seeds and write a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Trains every case for every seed into one folder (one run folder each), "
+                    "then writes summary.json, curves.png, report.md and report.html.",
+        epilog=f"cases:\n{cases}\n\npresets:\n{presets}\n\n"
+               "Data: --data-dir if given; else the cache (~/.cache/bnlab) if it holds "
+               "CIFAR-10; else a download if the network answers; else the CIFAR-10 sample "
+               "embedded in bnlab (5085 train / 1017 test images), with a notice.",
+    )
+    p.add_argument("--cases", help="comma-separated cases (default: the preset's)")
+    p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the preset's)")
+    p.add_argument("--preset", default="quick", help="quick (default) or paper; see below")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--subset", type=int, help="train on N images (the same N for every run)")
+    p.add_argument("--width", type=float, help="override the preset's width multiplier")
+    p.add_argument("--lr", type=float, help="override the preset's learning rate")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
+    p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
+                                 "never overwritten")
+    p.add_argument("--resume", metavar="OUT_DIR",
+                   help="continue an interrupted comparison from its folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch table")
+    p.set_defaults(func=cmd_compare, argv=None)
+
+    p = sub.add_parser("report", help="redraw the figures and report of a comparison folder",
+                       description="Rewrites summary.json, curves.png, report.md and "
+                                   "report.html from the run folders alone (no training).")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.set_defaults(func=cmd_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bnlab`` console script."""
     args = build_parser().parse_args(argv)
+    if argv is not None and hasattr(args, "argv"):
+        args.argv = list(argv)
+    from bnlab.data import DataError
+    from bnlab.train import ConfigError
+
     try:
         return int(args.func(args) or 0)
+    except (ConfigError, DataError, FileExistsError, _UserError) as error:
+        print(f"bnlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,177 @@
+"""``bnlab compare``: every case and seed into one folder, then the summary and report.
+
+    >>> from bnlab.compare import plan_comparison, run_comparison   # doctest: +SKIP
+    >>> plan = plan_comparison(["a", "b"], seeds=2, preset="quick", out="runs/ab")
+    >>> run_comparison(plan)
+
+Folder layout: ``compare.json`` (the plan: cases, seeds, preset, every run's config, the
+data), ``<case>/seed<k>/`` (one run folder each), ``summary.json``, ``curves.png``,
+``report.md`` and ``report.html``. ``--resume`` rebuilds the plan from ``compare.json``:
+finished runs are skipped and unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnlab import data as bdata
+from bnlab.cases import CASES, PRESETS, case_config
+from bnlab.train import (
+    ConfigError,
+    DivergenceError,
+    TrainConfig,
+    atomic_write_json,
+    resolve_device,
+    train,
+)
+
+__all__ = ["ComparisonPlan", "plan_comparison", "resume_plan", "run_comparison"]
+
+
+@dataclass
+class ComparisonPlan:
+    """Everything a comparison will run, checked before any file is written."""
+
+    out: Path
+    preset: str
+    cases: list[str]
+    seeds: list[int]
+    configs: dict[str, dict[int, TrainConfig]]
+    dataset: bdata.CIFAR10
+    command: str
+    resume: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "cases": self.cases, "seeds": self.seeds, "preset": self.preset,
+            "case_labels": {c: CASES[c].label for c in self.cases},
+            "data": self.configs_data(), "command": self.command,
+            "configs": {c: {str(s): cfg.to_json() for s, cfg in by_seed.items()}
+                        for c, by_seed in self.configs.items()},
+        }
+
+    def configs_data(self) -> str:
+        first = next(iter(next(iter(self.configs.values())).values()))
+        if first.subset is not None and first.subset < self.dataset.num_train:
+            return self.dataset.subset(first.subset, seed=0).source
+        return self.dataset.source
+
+
+def default_out_dir(preset: str) -> Path:
+    """runs/compare-<preset>-<date-time>, never an existing folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"compare-{preset}-{stamp}"
+    k = 1
+    while out.exists():
+        k += 1
+        out = Path("runs") / f"compare-{preset}-{stamp}-{k}"
+    return out
+
+
+def plan_comparison(
+    cases: list[str] | None,
+    seeds: int | None,
+    preset: str = "quick",
+    out: str | Path | None = None,
+    overrides: dict | None = None,
+    command: str = "",
+) -> ComparisonPlan:
+    """Check every input and load the data; raise ConfigError/DataError before any file."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    cases = list(cases) if cases else list(PRESETS[preset].cases)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ConfigError(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+    if len(set(cases)) != len(cases):
+        raise ConfigError(f"a case is named twice in {','.join(cases)}")
+    n_seeds = PRESETS[preset].seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {n_seeds}")
+    overrides = overrides or {}
+    epochs = overrides.get("epochs")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
+    configs = {c: {s: case_config(c, preset, s, **overrides) for s in range(n_seeds)}
+               for c in cases}
+    out = Path(out) if out is not None else default_out_dir(preset)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: bnlab never overwrites a comparison "
+                              f"(use --resume {out} to continue it, or choose another --out)")
+    some = configs[cases[0]][0]
+    resolve_device(some.device)
+    dataset = bdata.load_cifar10(some.data_dir)
+    _check_fits(configs, dataset)
+    return ComparisonPlan(out, preset, cases, list(range(n_seeds)), configs, dataset, command)
+
+
+def _check_fits(configs: dict[str, dict[int, TrainConfig]], dataset: bdata.CIFAR10) -> None:
+    for by_seed in configs.values():
+        for cfg in by_seed.values():
+            n = min(cfg.subset or dataset.num_train, dataset.num_train)
+            if cfg.batch_size > n:
+                raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
+                                  f"({n} images of {dataset.source})")
+
+
+def resume_plan(out: str | Path) -> ComparisonPlan:
+    """The plan of an existing comparison folder, from its ``compare.json``."""
+    out = Path(out)
+    path = out / "compare.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {out}: no compare.json there (is it a bnlab "
+                          f"comparison folder?)")
+    saved = json.loads(path.read_text())
+    configs = {c: {int(s): TrainConfig.from_json(cfg) for s, cfg in by_seed.items()}
+               for c, by_seed in saved["configs"].items()}
+    some = next(iter(configs[saved["cases"][0]].values()))
+    dataset = bdata.load_cifar10(some.data_dir)
+    return ComparisonPlan(out, saved["preset"], saved["cases"], saved["seeds"], configs,
+                          dataset, saved.get("command", ""), resume=True)
+
+
+def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
+    """Run (or continue) every case and seed, then write the summary and the report.
+
+    Returns the summary. A diverged run is reported and the others go on; the caller
+    learns of it from ``summary["diverged"]``.
+    """
+    def log(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+
+    plan.out.mkdir(parents=True, exist_ok=plan.resume)
+    if not plan.resume:
+        atomic_write_json(plan.out / "compare.json", plan.to_json())
+    device = resolve_device(next(iter(plan.configs[plan.cases[0]].values())).device)
+    dataset = plan.dataset.to(device)
+    log(f"bnlab compare: cases {','.join(plan.cases)}, {len(plan.seeds)} seed(s), "
+        f"preset {plan.preset}, on {plan.configs_data()}, device {device}")
+    diverged = []
+    for case in plan.cases:
+        for seed in plan.seeds:
+            cfg = plan.configs[case][seed]
+            run_dir = plan.out / case / f"seed{seed}"
+            log(f"\n== {CASES[case].label} — seed {seed}")
+            try:
+                train(cfg, run_dir, dataset=dataset, resume=run_dir.exists(),
+                      progress=not quiet, log=log)
+            except DivergenceError as error:
+                print(f"bnlab: run diverged: {error}", file=sys.stderr)
+                diverged.append(f"{case}/seed{seed}")
+    from bnlab import report
+    summary = report.write_report(plan.out)
+    log(f"\nwrote {plan.out}/summary.json, curves.png, report.md, report.html")
+    summary = dict(summary)
+    summary["diverged"] = diverged
+    return summary
+
+
+def command_line(argv: list[str]) -> str:
+    return "bnlab " + " ".join(shlex.quote(a) for a in argv)
+

@@ -1,0 +1,557 @@
+"""One training run: a frozen config in, one run folder out (both engines, one loop).
+
+    >>> from bnlab.train import TrainConfig, train               # doctest: +SKIP
+    >>> result = train(TrainConfig(case="b", norm="torch", epochs=2), "runs/b-seed0")
+
+The run folder (SPEC.md, "Run folders") holds ``config.json`` (everything needed to rerun),
+``metrics.jsonl`` (one JSON object per epoch, appended as the epoch ends),
+``checkpoint.pt`` (written atomically at the end of every epoch), ``result.json`` (once the
+run has ended) and ``curves.png``.
+
+Reproducibility. All randomness comes from generators seeded by (seed, epoch, purpose):
+the initial weights, the shuffle, the augmentation and the dropout masks. Nothing is drawn
+from the global RNG, so a run resumed from the checkpoint of epoch e replays epoch e + 1
+exactly as an uninterrupted run would (on CPU, where kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+
+from bnlab import __version__
+from bnlab import data as bdata
+from bnlab.manual import all_cnn_c, train_step
+from bnlab.models import AllCNNC
+
+__all__ = [
+    "ConfigError",
+    "DivergenceError",
+    "RunResult",
+    "TrainConfig",
+    "train",
+]
+
+ENGINES = ("autograd", "manual")
+NORMS = ("none", "torch", "bnlab")
+OPTIMIZERS = ("adam", "amsgrad", "sgd")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any work or file is made."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite; the run folder keeps the last good epoch."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run. Serialised to ``config.json``."""
+
+    # --- what is trained ----------------------------------------------------------------
+    case: str = "custom"              # the case's name, for tables and folder names
+    engine: str = "autograd"          # "autograd" (nn.Module) | "manual" (bnlab.manual)
+    norm: str = "torch"               # "none" | "torch" | "bnlab" (manual engine: none | bnlab)
+    width: float = 1.0                # All-CNN-C channel multiplier (96, 192 → ×width)
+    dropout: bool = False             # the paper's dropout: 20% input, 50% after stride-2 convs
+    bn_momentum: float | None = 0.1   # PyTorch's convention: weight of the *new* batch
+    # --- optimizer ----------------------------------------------------------------------
+    optimizer: str = "adam"           # "adam" | "amsgrad" | "sgd"
+    optimizer_impl: str = "torch"     # "torch" (torch.optim) | "bnlab" (bnlab.optim)
+    amsgrad_rule: str = "torch"       # bnlab AMSGrad: "torch" | "reddi" | "post"
+    lr: float = 1e-3                  # peak learning rate
+    lr_schedule: str = "constant"     # "constant" | "cosine" (per epoch, to 0 at the end)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's β1, β2
+    sgd_momentum: float = 0.9         # SGD only
+    weight_decay: float = 0.0         # coupled (L2 in the gradient), as torch.optim.Adam
+    label_smoothing: float = 0.0
+    # --- data ---------------------------------------------------------------------------
+    epochs: int = 10
+    batch_size: int = 128             # images per step
+    augment: bool = True              # random crop (4-pixel padding) + horizontal flip
+    subset: int | None = None         # train on N images (seeded choice), None = all
+    data_dir: str | None = None       # None: cache, download, else the embedded sample
+    # --- run ----------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"              # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
+    precision: str = "fp32"           # "fp32" | "bf16" (autocast; CUDA, autograd engine)
+    channels_last: bool = True        # memory format of activations (faster convs)
+    compile: bool = False             # torch.compile the autograd model (GPU)
+    eval_batch_size: int = 500
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the bad field and value; return self."""
+        choices = {"engine": ENGINES, "norm": NORMS, "optimizer": OPTIMIZERS,
+                   "optimizer_impl": ("torch", "bnlab"), "lr_schedule": SCHEDULES,
+                   "precision": PRECISIONS, "amsgrad_rule": ("torch", "reddi", "post")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; "
+                                  f"got {getattr(self, name)!r}")
+        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "width": self.width, "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"subset must be at least 1 image, got {self.subset}")
+        if self.subset is not None and self.subset < self.batch_size:
+            raise ConfigError(f"batch size {self.batch_size} is larger than the subset "
+                              f"of {self.subset} images: lower --batch-size or raise --subset")
+        if self.engine == "manual" and self.norm == "torch":
+            raise ConfigError("the manual engine has its own BN: use norm 'bnlab' or 'none'")
+        if self.engine == "manual" and self.optimizer_impl != "bnlab":
+            raise ConfigError("the manual engine steps bnlab.optim: set optimizer_impl 'bnlab'")
+        if self.optimizer_impl == "torch" and self.amsgrad_rule != "torch":
+            raise ConfigError("AMSGrad rules other than 'torch' need optimizer_impl 'bnlab'")
+        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
+            raise ConfigError(f"bn_momentum must be in [0, 1] or None, got {self.bn_momentum}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        return self
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown} (from a newer bnlab?)")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the metrics per epoch and how the run ended."""
+
+    run_dir: Path
+    metrics: list[dict] = field(default_factory=list)
+    status: str = "finished"
+    message: str = ""
+
+    @property
+    def final_test_acc(self) -> float:
+        return self.metrics[-1]["test_acc"] if self.metrics else float("nan")
+
+
+# ---- the pieces ------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → CUDA when present, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _seed(seed: int, *salt: int) -> int:
+    """A seed derived from (seed, salt...): each purpose and epoch gets its own stream."""
+    value = seed
+    for s in salt:
+        value = (value * 1_000_003 + s) % (2**63 - 1)
+    return value
+
+
+def _generator(seed: int, *salt: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_seed(seed, *salt))
+
+
+_INIT, _SHUFFLE, _DROPOUT = 1, 2, 3
+
+
+class _Model:
+    """The model of a run behind one interface, whichever the engine.
+
+    ``step(x, y)`` trains on one batch and returns (loss, logits) as tensors (no sync);
+    ``evaluate(x, y)`` returns (summed loss, correct count). ``state_dict`` has the same
+    keys for both engines, so a checkpoint of one loads into the other.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.config = config
+        self.dropout_generator = torch.Generator(device=device)
+        twin = AllCNNC(
+            norm=config.norm if config.engine == "autograd" else "none" if config.norm == "none"
+            else "bnlab",
+            dropout=config.dropout, width=config.width, momentum=config.bn_momentum,
+            generator=_generator(config.seed, _INIT), dropout_generator=self.dropout_generator,
+        )
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if config.engine == "autograd":
+            self.module = twin.to(device=device, memory_format=memory_format)
+            self.forward = torch.compile(self.module) if config.compile else self.module
+            params = list(self.module.parameters())
+        else:
+            self.network = all_cnn_c(
+                bn=config.norm != "none", dropout=config.dropout, width=config.width,
+                momentum=config.bn_momentum, dropout_generator=self.dropout_generator,
+                generator=_generator(config.seed, _INIT),
+            )
+            self.network.load_state_dict(twin.state_dict())
+            self.network.to(device=device, memory_format=memory_format)
+            params = self.network.parameters()
+        self.params = params
+        self.optimizer = _build_optimizer(config, params)
+        self.autocast = (config.precision == "bf16" and device.type == "cuda"
+                         and config.engine == "autograd")
+        self.device = device
+
+    def set_epoch(self, epoch: int, lr: float) -> None:
+        self.dropout_generator.manual_seed(_seed(self.config.seed, _DROPOUT, epoch))
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        else:
+            self.optimizer.lr = lr
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        smoothing = self.config.label_smoothing
+        if self.config.engine == "manual":
+            return train_step(self.network, self.optimizer, x, y, smoothing)
+        self.module.train()
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            logits = self.forward(x)
+            loss = TF.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.engine == "manual":
+            logits = self.network.forward(x, training=False)
+            self.network.clear()
+        else:
+            self.module.eval()
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                logits = self.forward(x).float()
+        loss = TF.cross_entropy(logits, y, reduction="sum")
+        return loss, (logits.argmax(1) == y).sum()
+
+    def state_dict(self) -> dict:
+        model = self.module.state_dict() if self.config.engine == "autograd" \
+            else self.network.state_dict()
+        return {"model": model, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.config.engine == "autograd":
+            self.module.load_state_dict(state["model"])
+        else:
+            self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _build_optimizer(config: TrainConfig, params: list[torch.Tensor]):
+    """torch.optim or bnlab.optim, as the config says; both step the same rules."""
+    c = config
+    if c.optimizer_impl == "torch":
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.sgd_momentum,
+                                   weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                                amsgrad=c.optimizer == "amsgrad")
+    from bnlab import optim
+    if c.optimizer == "sgd":
+        return optim.SGD(params, lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay)
+    if c.optimizer == "amsgrad":
+        return optim.AMSGrad(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                             rule=c.amsgrad_rule)
+    return optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (1-based): constant, or cosine to 0 at the end."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    return config.lr
+
+
+# ---- CPU speed: the allocator ---------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@contextlib.contextmanager
+def cpu_allocator_tuned(enabled: bool = True) -> Iterator[None]:
+    """Serve large tensors from the reused heap instead of fresh mmaps (glibc only).
+
+    glibc hands out every block over 32 MiB with a new ``mmap`` and unmaps it on free, so
+    a (128, 96, 32, 32) float32 activation page-faults on every training step (measured:
+    70-80% of a channels_last BN's time). ``mallopt(M_MMAP_MAX, 0)`` keeps such blocks on
+    the heap, and a high trim threshold keeps freed memory for the next step. The previous
+    settings (glibc's defaults) are restored on exit. A no-op where glibc is absent.
+    """
+    libc = None
+    if enabled and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt  # noqa: B018 - probe that this libc has mallopt
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)          # glibc's default
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: object) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr with the live loss and accuracy (TTY only)."""
+
+    def __init__(self, enabled: bool, prefix: str) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.prefix = prefix
+        self.last = 0.0
+
+    def update(self, step: int, steps: int, loss: float, acc: float, images_per_s: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.25 and step < steps):
+            return
+        self.last = now
+        filled = int(20 * step / max(steps, 1))
+        bar = "#" * filled + "." * (20 - filled)
+        print(f"\r\033[K{self.prefix} [{bar}] {step}/{steps}  loss {loss:.4f}  acc {acc:.4f}  "
+              f"{images_per_s:.0f} img/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    def wants_update(self) -> bool:
+        return self.enabled and time.perf_counter() - self.last >= 0.25
+
+
+EPOCH_HEADER = (f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
+                f"{'test acc':>8}  {'time s':>7}  {'img/s':>7}")
+
+
+def format_epoch_row(m: dict) -> str:
+    return (f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['train_acc']:>9.4f}  "
+            f"{m['test_loss']:>9.4f}  {m['test_acc']:>8.4f}  {m['epoch_time_s']:>7.1f}  "
+            f"{m['images_per_s']:>7.0f}")
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def prepare_dataset(
+    config: TrainConfig, device: torch.device, dataset: bdata.CIFAR10 | None = None
+) -> bdata.CIFAR10:
+    """The run's data on ``device``: ``dataset`` (or the one bnlab.data finds), subset.
+
+    A subset is drawn with seed 0 whatever the run's seed, so every case and seed of a
+    comparison trains on the same images and differs only in what the seed controls.
+    """
+    if dataset is None:
+        dataset = bdata.load_cifar10(config.data_dir)
+    if config.subset is not None and config.subset < dataset.num_train:
+        dataset = dataset.subset(config.subset, seed=0)
+    if config.batch_size > dataset.num_train:
+        raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
+                          f"({dataset.num_train} images of {dataset.source})")
+    return dataset.to(device)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    dataset: bdata.CIFAR10 | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Train one run into ``run_dir`` (created; it must not exist unless ``resume``).
+
+    ``dataset`` may be passed in to share one loaded data set among runs (its subset is
+    taken here when the config asks for one). With ``resume=True`` an existing folder is
+    continued from its checkpoint; a finished run is returned as it is.
+
+    Raises :class:`ConfigError` before any file is made, :class:`DivergenceError` when the
+    loss is no longer finite (after writing ``result.json`` with the details).
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    if run_dir.exists() and not resume:
+        raise FileExistsError(f"{run_dir} exists: bnlab never overwrites a run "
+                              f"(choose another folder, or resume it)")
+    dataset = prepare_dataset(config, device, dataset)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path, ckpt_path = run_dir / "result.json", run_dir / "checkpoint.pt"
+    if resume and result_path.exists():
+        done = json.loads(result_path.read_text())
+        metrics = _read_metrics(run_dir / "metrics.jsonl")
+        return RunResult(run_dir, metrics, done.get("status", "finished"), done.get("message", ""))
+
+    config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
+                   "torch_version": torch.__version__, "device": str(device)}
+    model = _Model(config, device)
+    metrics: list[dict] = []
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        metrics = list(state["metrics"])
+        log(f"resuming {config.case} seed {config.seed} after epoch {len(metrics)}")
+    else:
+        atomic_write_json(run_dir / "config.json", config_json)
+    # metrics.jsonl mirrors the checkpoint: a row appended after a checkpoint that a kill
+    # prevented is dropped, so the file always matches the state we continue from.
+    atomic_write_bytes(run_dir / "metrics.jsonl",
+                       "".join(json.dumps(m) + "\n" for m in metrics).encode())
+
+    dtype = torch.float32
+    started = time.perf_counter()
+    with cpu_allocator_tuned(device.type == "cpu"):
+        for epoch in range(len(metrics) + 1, config.epochs + 1):
+            try:
+                row = _run_epoch(config, model, dataset, epoch, dtype, progress)
+            except DivergenceError as error:
+                message = str(error)
+                atomic_write_json(result_path, {"status": "diverged", "message": message,
+                                                "wall_time_s": time.perf_counter() - started})
+                raise
+            metrics.append(row)
+            _save_checkpoint(ckpt_path, {**model.state_dict(), "metrics": metrics,
+                                         "config": config.to_json()})
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if epoch == 1 or len(metrics) == 1:
+                log(EPOCH_HEADER)
+            log(format_epoch_row(row))
+
+    atomic_write_json(result_path, {"status": "finished", "message": "",
+                                    "wall_time_s": time.perf_counter() - started})
+    _plot_run(run_dir)
+    return RunResult(run_dir, metrics)
+
+
+def _run_epoch(config: TrainConfig, model: _Model, dataset: bdata.CIFAR10, epoch: int,
+               dtype: torch.dtype, progress: bool) -> dict:
+    device = model.device
+    lr = learning_rate(config, epoch)
+    model.set_epoch(epoch, lr)
+    gen = _generator(config.seed, _SHUFFLE, epoch, device=device)
+    batches = bdata.train_batches(dataset, config.batch_size, generator=gen,
+                                  augment=config.augment, channels_last=config.channels_last,
+                                  dtype=dtype)
+    steps = dataset.num_train // config.batch_size
+    bar = Progress(progress, f"{config.case} seed {config.seed} epoch {epoch}/{config.epochs}")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    check_every = 1 if device.type == "cpu" else 25
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(batches, 1):
+        loss, logits = model.step(x, y)
+        loss_sum += loss.double() * y.shape[0]
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.shape[0]
+        if step % check_every == 0 or step == steps:
+            if not math.isfinite(loss.item()):
+                raise DivergenceError(
+                    f"case {config.case}, seed {config.seed}: the loss is {loss.item()} at "
+                    f"epoch {epoch}, step {step} of {steps} (lr {lr:g}); the run folder keeps "
+                    f"the last good epoch ({epoch - 1})")
+            if bar.wants_update():
+                elapsed = time.perf_counter() - start
+                bar.update(step, steps, loss_sum.item() / seen, correct.item() / seen,
+                           seen / elapsed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - start
+    bar.close()
+
+    eval_start = time.perf_counter()
+    test_loss = torch.zeros((), dtype=torch.float64, device=device)
+    test_correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in bdata.test_batches(dataset, config.eval_batch_size,
+                                   channels_last=config.channels_last, dtype=dtype):
+        loss, right = model.evaluate(x, y)
+        test_loss += loss.double()
+        test_correct += right
+    n_test = dataset.num_test
+    row = {
+        "epoch": epoch,
+        "train_loss": loss_sum.item() / seen,
+        "train_acc": correct.item() / seen,
+        "test_loss": test_loss.item() / n_test,
+        "test_acc": test_correct.item() / n_test,
+        "epoch_time_s": train_time,
+        "eval_time_s": time.perf_counter() - eval_start,
+        "images_per_s": seen / train_time,
+        "lr": lr,
+    }
+    return row
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _plot_run(run_dir: Path) -> None:
+    """Draw the run's own curves.png (skipped quietly if the report module is absent)."""
+    try:
+        from bnlab import report
+    except ImportError:
+        return
+    report.plot_run(report.load_run(run_dir), run_dir / "curves.png")
