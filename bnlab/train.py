@@ -48,7 +48,7 @@ ENGINES = ("autograd", "manual")
 NORMS = ("none", "torch", "bnlab")
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
 SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 
 
 class ConfigError(ValueError):
@@ -89,7 +89,7 @@ class TrainConfig:
     # --- run ----------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"              # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
-    precision: str = "fp32"           # "fp32" | "bf16" (autocast; CUDA, autograd engine)
+    precision: str = "fp32"           # "fp32" | "bf16" (autocast; CUDA) | "fp64" (for checks)
     channels_last: bool = True        # memory format of activations (faster convs)
     compile: bool = False             # torch.compile the autograd model (GPU)
     eval_batch_size: int = 500
@@ -199,6 +199,8 @@ class _Model:
             generator=_generator(config.seed, _INIT), dropout_generator=self.dropout_generator,
         )
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
+        twin = twin.to(self.dtype)
         if config.engine == "autograd":
             self.module = twin.to(device=device, memory_format=memory_format)
             self.forward = torch.compile(self.module) if config.compile else self.module
@@ -210,7 +212,7 @@ class _Model:
                 generator=_generator(config.seed, _INIT),
             )
             self.network.load_state_dict(twin.state_dict())
-            self.network.to(device=device, memory_format=memory_format)
+            self.network.to(device=device, dtype=self.dtype, memory_format=memory_format)
             params = self.network.parameters()
         self.params = params
         self.optimizer = _build_optimizer(config, params)
@@ -232,8 +234,8 @@ class _Model:
             return train_step(self.network, self.optimizer, x, y, smoothing)
         self.module.train()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logits = self.forward(x)
-            loss = TF.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+            logits = _at_least_float32(self.forward(x))
+            loss = TF.cross_entropy(logits, y, label_smoothing=smoothing)
         for p in self.params:
             p.grad = None
         loss.backward()
@@ -248,7 +250,7 @@ class _Model:
         else:
             self.module.eval()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                logits = self.forward(x).float()
+                logits = _at_least_float32(self.forward(x))
         loss = TF.cross_entropy(logits, y, reduction="sum")
         return loss, (logits.argmax(1) == y).sum()
 
@@ -263,6 +265,11 @@ class _Model:
         else:
             self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Logits from bfloat16 autocast go into the loss in float32; float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _build_optimizer(config: TrainConfig, params: list[torch.Tensor]):
@@ -452,7 +459,7 @@ def train(
     atomic_write_bytes(run_dir / "metrics.jsonl",
                        "".join(json.dumps(m) + "\n" for m in metrics).encode())
 
-    dtype = torch.float32
+    dtype = model.dtype
     started = time.perf_counter()
     with cpu_allocator_tuned(device.type == "cpu"):
         for epoch in range(len(metrics) + 1, config.epochs + 1):
