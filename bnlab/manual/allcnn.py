@@ -1,0 +1,196 @@
+r"""All-CNN-C (Springenberg et al. 2015, model C, Table 2) for the manual engine.
+
+The layer plan (:func:`all_cnn_c_plan`) is the one description of the architecture: the
+manual builder (:func:`all_cnn_c`) and the autograd twin (``bnlab.models.AllCNNC``) both
+walk it, so their layers, names and initialization order are the same.
+
+    input 32x32x3 (any size >= 9x9 works; 32x32 gives the paper's 6x6 final map)
+    [dropout 20%]
+    conv1  3x3  96        padding 1         BN  ReLU
+    conv2  3x3  96        padding 1         BN  ReLU
+    conv3  3x3  96  stride 2, padding 1     BN  ReLU   [dropout 50%]
+    conv4  3x3 192        padding 1         BN  ReLU
+    conv5  3x3 192        padding 1         BN  ReLU
+    conv6  3x3 192  stride 2, padding 1     BN  ReLU   [dropout 50%]
+    conv7  3x3 192        valid             BN  ReLU
+    conv8  1x1 192                          BN  ReLU
+    conv9  1x1  10                              ReLU   (as in the paper's table)
+    global average pooling (6x6 for 32x32 input), flatten; softmax is in the loss
+
+With ``width`` w the 96 and 192 become ``round(96 w)`` and ``round(192 w)``. BN (when on)
+follows every convolution but the last; a convolution has a bias only when no BN follows
+it. Names: ``drop1``-``drop3``, ``conv1``-``conv9``, ``bn1``-``bn8``, ``relu1``-``relu9``,
+``pool``, ``flatten``; so the parameters are ``conv1.weight``, ``bn1.weight``,
+``bn1.bias``, ..., ``conv9.weight``, ``conv9.bias``.
+
+Usage::
+
+    >>> import torch
+    >>> from bnlab.manual import all_cnn_c
+    >>> net = all_cnn_c(bn=True, width=0.25)
+    >>> net.forward(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from bnlab.manual.layers import (
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    ReLU,
+)
+from bnlab.manual.network import Sequential
+
+__all__ = ["MIN_INPUT_SIZE", "LayerSpec", "all_cnn_c", "all_cnn_c_plan", "build_layer"]
+
+# (out channels at width 1, kernel, stride, padding) of conv1 ... conv8; conv9 is 1x1 to K.
+_CONVS = [
+    (96, 3, 1, 1),
+    (96, 3, 1, 1),
+    (96, 3, 2, 1),
+    (192, 3, 1, 1),
+    (192, 3, 1, 1),
+    (192, 3, 2, 1),
+    (192, 3, 1, 0),
+    (192, 1, 1, 0),
+]
+# The smallest square input: two stride-2 convs (9 → 5 → 3), then a valid 3x3 (3 → 1).
+MIN_INPUT_SIZE = 9
+# Dropout before conv1 (on the input) and after the ReLUs of the stride-2 convs.
+_DROPOUT = {0: 0.2, 3: 0.5, 6: 0.5}
+
+
+class LayerSpec(NamedTuple):
+    """One layer of a plan: its name, its kind and its constructor arguments.
+
+    kinds: ``dropout`` (p), ``conv`` (in_channels, out_channels, kernel_size, stride,
+    padding, bias), ``bn`` (num_features), ``relu``, ``pool``, ``flatten``.
+    """
+
+    name: str
+    kind: str
+    args: dict[str, Any]
+
+
+def all_cnn_c_plan(
+    bn: bool = True,
+    dropout: bool = False,
+    width: float = 1.0,
+    num_classes: int = 10,
+    in_channels: int = 3,
+) -> list[LayerSpec]:
+    """The layers of All-CNN-C in order, shared by both engines (see the module docstring).
+
+    >>> [s.name for s in all_cnn_c_plan(bn=False)][:3]
+    ['conv1', 'relu1', 'conv2']
+    """
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(
+            f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
+        )
+    plan: list[LayerSpec] = []
+    channels = in_channels
+    drops = 0
+    for index, (base, kernel, stride, padding) in enumerate([*_CONVS, (None, 1, 1, 0)], start=1):
+        if dropout and index - 1 in _DROPOUT:
+            drops += 1
+            plan.append(LayerSpec(f"drop{drops}", "dropout", {"p": _DROPOUT[index - 1]}))
+        last = base is None
+        out = num_classes if last else max(1, round(base * width))
+        with_bn = bn and not last
+        plan.append(
+            LayerSpec(
+                f"conv{index}", "conv",
+                {"in_channels": channels, "out_channels": out, "kernel_size": kernel,
+                 "stride": stride, "padding": padding, "bias": not with_bn},
+            )
+        )
+        if with_bn:
+            plan.append(LayerSpec(f"bn{index}", "bn", {"num_features": out}))
+        plan.append(LayerSpec(f"relu{index}", "relu", {}))
+        channels = out
+    plan.append(LayerSpec("pool", "pool", {}))
+    plan.append(LayerSpec("flatten", "flatten", {}))
+    return plan
+
+
+def build_layer(
+    spec: LayerSpec,
+    *,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    dropout_generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Layer:
+    """The manual layer for one :class:`LayerSpec`."""
+    if spec.kind == "conv":
+        return Conv2d(**spec.args, generator=generator, device=device, dtype=dtype)
+    if spec.kind == "bn":
+        return BatchNorm2d(
+            spec.args["num_features"], eps=eps, momentum=momentum, device=device, dtype=dtype
+        )
+    if spec.kind == "relu":
+        return ReLU(inplace=True)  # its input is a BN or conv output that nothing else keeps
+    if spec.kind == "dropout":
+        return Dropout(spec.args["p"], generator=dropout_generator)
+    if spec.kind == "pool":
+        return GlobalAvgPool2d()
+    if spec.kind == "flatten":
+        return Flatten()
+    raise ValueError(f"unknown layer kind {spec.kind!r} in {spec}")
+
+
+def all_cnn_c(
+    bn: bool = True,
+    dropout: bool = False,
+    width: float = 1.0,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    dropout_generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
+) -> Sequential:
+    """All-CNN-C as a manual :class:`~bnlab.manual.network.Sequential`.
+
+    ``bn`` puts bnlab's :class:`~bnlab.manual.layers.BatchNorm2d` (``momentum``, ``eps``)
+    after conv1-conv8; ``dropout`` adds the paper's 20% input and 50% hidden dropout, its
+    masks drawn from ``dropout_generator`` (None: the global RNG). The convolutions get
+    PyTorch's default initialization drawn in layer order from ``generator`` (None: the
+    global RNG), so ``bnlab.models.AllCNNC`` built from the same seed has the same weights.
+
+    >>> net = all_cnn_c(bn=False, width=0.125, dtype=torch.float64)
+    >>> sorted(net.named_parameters())[:2]
+    ['conv1.bias', 'conv1.weight']
+    """
+    plan = all_cnn_c_plan(bn, dropout, width, num_classes, in_channels)
+    layers = [
+        (
+            spec.name,
+            build_layer(
+                spec, momentum=momentum, eps=eps, generator=generator,
+                dropout_generator=dropout_generator, device=device, dtype=dtype,
+            ),
+        )
+        for spec in plan
+    ]
+    network = Sequential(layers)
+    if memory_format is not None:
+        network.to(memory_format=memory_format)
+    return network
