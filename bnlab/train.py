@@ -110,9 +110,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if self.subset is not None and self.subset < 1:
             raise ConfigError(f"subset must be at least 1 image, got {self.subset}")
-        if self.subset is not None and self.subset < self.batch_size:
-            raise ConfigError(f"batch size {self.batch_size} is larger than the subset "
-                              f"of {self.subset} images: lower --batch-size or raise --subset")
         if self.engine == "manual" and self.norm == "torch":
             raise ConfigError("the manual engine has its own BN: use norm 'bnlab' or 'none'")
         if self.engine == "manual" and self.optimizer_impl != "bnlab":

@@ -37,7 +37,7 @@ BAD = {
     "lr nan": ({"lr": math.nan}, "lr"),
     "epochs": ({"epochs": 0}, "epochs"),
     "batch size": ({"batch_size": -1}, "batch_size"),
-    "subset < batch": ({"subset": 4, "batch_size": 8}, "subset"),
+    "subset": ({"subset": 0}, "subset"),
     "manual + torch BN": ({"engine": "manual", "norm": "torch", "optimizer_impl": "bnlab"},
                           "own BN"),
     "manual + torch.optim": ({"engine": "manual", "norm": "bnlab"}, "bnlab"),
@@ -77,6 +77,12 @@ def test_run_folder(case, tiny_data, tmp_path):
     assert json.loads((run / "result.json").read_text())["status"] == "finished"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert len(state["metrics"]) == 2
+
+
+def test_batch_larger_than_the_data_is_refused(tiny_data, tmp_path):
+    with pytest.raises(T.ConfigError, match="batch size 16 is larger than the training set"):
+        T.train(tiny_config(subset=10, batch_size=16), tmp_path / "run", dataset=tiny_data)
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_folder_is_never_overwritten(tiny_data, tmp_path):
