@@ -155,3 +155,80 @@ BN_COLUMNS = [
     ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "bnlab ms", ".2f"),
     ("ratio", "bnlab/native", ".2f"),
 ]
+
+
+def bench_train(
+    width: float = 1.0,
+    batch_size: int = 128,
+    steps: int = 4,
+    rounds: int = 3,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Images/s of a plain PyTorch training loop vs bnlab's trainer, both engines.
+
+    The plain loop is what a user writes first: ``AllCNNC(norm="torch")`` in the default
+    (contiguous) memory format, ``torch.optim.Adam(amsgrad=True)``, ``zero_grad``,
+    ``backward``, ``step``, under glibc's default allocator. bnlab's trainer step
+    (:class:`bnlab.train._Model`) runs channels_last with the allocator tuned
+    (:func:`bnlab.train.cpu_allocator_tuned`), for the autograd engine (torch BN) and the
+    manual engine (bnlab BN, bnlab AMSGrad). All see the same fixed batch; the variants
+    take turns, ``steps`` steps each per round, and the median round counts.
+    """
+    from bnlab.models import AllCNNC
+    from bnlab.train import TrainConfig, _Model, cpu_allocator_tuned
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
+
+    plain = AllCNNC(norm="torch", width=width).to(device)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3, amsgrad=True)
+
+    def plain_step() -> None:
+        plain_opt.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        plain_opt.step()
+
+    common = {"width": width, "batch_size": batch_size, "device": device,
+              "optimizer": "amsgrad"}
+    engines = {
+        "bnlab trainer, autograd": _Model(TrainConfig(engine="autograd", norm="torch",
+                                                      **common), torch.device(device)),
+        "bnlab trainer, manual": _Model(TrainConfig(engine="manual", norm="bnlab",
+                                                    optimizer_impl="bnlab", **common),
+                                        torch.device(device)),
+    }
+    mf = torch.channels_last
+    variants: dict[str, tuple[Callable[[], object], bool]] = {
+        "plain PyTorch loop": (plain_step, False)}
+    for name, model in engines.items():
+        xc = x.contiguous(memory_format=mf)
+        variants[name] = ((lambda m=model, xc=xc: m.step(xc, y)), True)
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (step, tuned) in variants.items():
+            if progress:
+                progress(f"train {name} round {r}/{rounds}")
+            with cpu_allocator_tuned(tuned and torch.device(device).type == "cpu"):
+                step()
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                if r:
+                    times[name].append((time.perf_counter() - start) / steps)
+    base = statistics.median(times["plain PyTorch loop"])
+    return [{"variant": name, "width": width, "batch_size": batch_size, "device": device,
+             "step_ms": statistics.median(ts) * 1e3,
+             "images_per_s": batch_size / statistics.median(ts),
+             "speedup": base / statistics.median(ts)} for name, ts in times.items()]
+
+
+TRAIN_COLUMNS = [
+    ("variant", "variant", ""), ("width", "width", ""), ("batch_size", "batch", ""),
+    ("step_ms", "step ms", ".1f"), ("images_per_s", "img/s", ".1f"),
+    ("speedup", "vs plain", ".2f"),
+]

@@ -3,6 +3,7 @@
     bnlab gradcheck                 # the hand-derived backward against autograd, float64
     bnlab bench bn [--json FILE]    # BN forward/backward: PyTorch native vs bnlab
     bnlab bench engine              # one All-CNN-C training step: autograd vs manual engine
+    bnlab bench train               # images/s: a plain PyTorch loop vs bnlab's trainer
     bnlab compare [--preset quick]  # the post's cases over seeds: runs, summary, report
     bnlab report OUT_DIR            # redraw a comparison's figures and report from its files
 """
@@ -109,6 +110,20 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from bnlab.bench import TRAIN_COLUMNS, bench_train, format_table
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_only else "cpu"
+    rows = bench_train(width=args.width, batch_size=args.batch_size, steps=args.steps,
+                       rounds=args.rounds, device=device, progress=_status(False))
+    _clear_status()
+    print(f"one training step of All-CNN-C, float32, median of {args.rounds} interleaved rounds "
+          f"of {args.steps} steps (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(format_table(rows, TRAIN_COLUMNS))
+    _write_json(args.json, {"machine": _machine(), "rows": rows})
+    return 0
+
+
 # ---- bnlab compare / report ---------------------------------------------------------------
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -194,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_engine)
+
+    p = bsub.add_parser("train", help="images/s: a plain PyTorch loop vs bnlab's trainer",
+                        description="Images/s of one All-CNN-C training step: a plain PyTorch "
+                                    "loop (contiguous, default allocator) beside bnlab's trainer "
+                                    "for both engines (channels_last, tuned allocator), measured "
+                                    "side by side in one process.")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    p.set_defaults(func=cmd_bench_train)
     _add_compare_parsers(sub)
     return parser
 
