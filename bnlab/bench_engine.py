@@ -91,6 +91,7 @@ def bench_engine(
     variants: Sequence[str] = ("a", "b", "c"),
     lr: float = 1e-3,
     seed: int = 0,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Median time of one training step per variant and width; one row per (width, variant).
 
@@ -98,6 +99,11 @@ def bench_engine(
     ``device``, ``dtype``, ``channels_last``, ``threads``, ``steps``, ``median_s``,
     ``times_s`` (every timed step), ``images_per_s`` and ``ratio_to_a`` (median over
     variant a's median; None when a was not run).
+
+    ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards). On a
+    machine shared with other processes, one thread per process avoids OpenMP barriers
+    waiting on a descheduled thread, which slows every kernel launch by milliseconds and
+    so penalizes the variants with more, smaller kernels.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -106,7 +112,23 @@ def bench_engine(
         raise ValueError(
             f"need steps >= 1, warmup >= 0, batch_size >= 1 (got {steps}, {warmup}, {batch_size})"
         )
-    device = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(
+            widths, batch_size, steps, warmup, torch.device(device), dtype, channels_last,
+            image_size, variants, lr, seed,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _bench(
+    widths: Sequence[float], batch_size: int, steps: int, warmup: int, device: torch.device,
+    dtype: torch.dtype, channels_last: bool, image_size: int, variants: Sequence[str],
+    lr: float, seed: int,
+) -> list[dict[str, Any]]:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     rows: list[dict[str, Any]] = []
     for width in widths:

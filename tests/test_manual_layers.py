@@ -182,6 +182,45 @@ def test_batchnorm2d_backward_is_autograd(shape, training, kwargs, channels_last
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("bias", [True, False], ids=["affine", "scale-only"])
+def test_batchnorm_feature_view_gives_per_activation_bn(training, bias):
+    """The hook a per-activation BN needs: statistics over the batch axis only.
+
+    Overriding ``_features`` to view (N, C, H, W) as (N, C*H*W) is the whole variant; it is
+    checked against ``torch.nn.BatchNorm1d(C*H*W)`` on the flattened input.
+    """
+    from bnlab.manual.layers import _BatchNorm
+
+    class PerActivation(_BatchNorm):
+        def _features(self, x):
+            return x.reshape(x.shape[0], -1)
+
+    torch.manual_seed(9)
+    n, c, h, w = 6, 2, 3, 3
+    layer = PerActivation(c * h * w, bias=bias, dtype=F64)
+    twin = torch.nn.BatchNorm1d(c * h * w, bias=bias, dtype=F64)
+    with torch.no_grad():
+        twin.weight.uniform_(0.5, 1.5)
+        twin.running_mean.normal_()
+    state = {f"bn.{k}": v for k, v in twin.state_dict().items()}
+    Sequential([("bn", layer)]).load_state_dict(state)
+    twin.train(training)
+    x = fmt(torch.channels_last, torch.randn(n, c, h, w, dtype=F64))
+    xr = x.clone().requires_grad_()
+    y_ref = twin(xr.reshape(n, -1)).reshape(n, c, h, w)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    with torch.no_grad():
+        y = layer.forward(x, training=training)
+        dx = layer.backward(dy)
+    check("y", y, y_ref.detach())
+    check("dx", dx, xr.grad)
+    check("dweight", layer.grads["weight"], twin.weight.grad)
+    assert ("bias" in layer.grads) == bias
+    check("running_var", layer.buffers["running_var"], twin.running_var)
+
+
 def test_batchnorm2d_buffers_follow_torch_over_steps():
     """num_batches_tracked and the cumulative average (momentum=None) over several batches."""
     torch.manual_seed(2)
@@ -229,10 +268,13 @@ def test_batchnorm2d_errors_like_torch():
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize(
     "shape, channels_last",
-    [((3, 4, 5, 5), False), ((64, 8, 32, 32), True), ((2, 7), False)],
-    ids=["small", "large channels_last (several chunks)", "2D"],
+    [((3, 4, 5, 5), False), ((9, 8, 32, 32), True), ((2, 7), False)],
+    ids=["small", "channels_last, several slices", "2D"],
 )
-def test_relu_backward_is_autograd(shape, channels_last, inplace):
+def test_relu_backward_is_autograd(shape, channels_last, inplace, monkeypatch):
+    from bnlab.manual import layers
+
+    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 1 << 14)  # several slices of the batch
     torch.manual_seed(5)
     mf = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(*shape, dtype=F64)

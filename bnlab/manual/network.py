@@ -70,12 +70,29 @@ class Sequential:
             x = layer.forward(x, training)
         return x
 
-    def backward(self, dy: Tensor, need_input_grad: bool = True) -> Tensor | None:
+    def predict(self, x: Tensor) -> Tensor:
+        """Evaluation-mode forward that keeps nothing for a backward pass (for testing).
+
+        >>> from bnlab.manual import Flatten
+        >>> Sequential([("flatten", Flatten())]).predict(torch.ones(2, 1, 2)).shape
+        torch.Size([2, 2])
+        """
+        for layer in self.layers.values():
+            x = layer.forward(x, False)
+            layer.clear()
+        return x
+
+    def backward(
+        self, dy: Tensor, need_input_grad: bool = True, retain: bool = False
+    ) -> Tensor | None:
         """Back-propagate dL/d(output) through every layer; return dL/d(input).
 
         Fills ``layer.grads`` of every layer. With ``need_input_grad=False`` the layers
         before the first one with parameters are skipped and the first parameterized
         layer computes no input gradient (what a training step wants); returns None then.
+        Each layer's cached activations are released as soon as its backward is done (as
+        autograd frees a graph), so the allocator can reuse that memory for the
+        gradients still to come; ``retain=True`` keeps them for another backward.
         """
         layers = list(self.layers.values())
         first = 0
@@ -83,6 +100,11 @@ class Sequential:
             first = next((i for i, layer in enumerate(layers) if layer.params), len(layers))
         for i in range(len(layers) - 1, first - 1, -1):
             dy = layers[i].backward(dy, need_dx=need_input_grad or i > first)
+            if not retain:
+                layers[i].clear()
+        if not retain:
+            for layer in layers[:first]:
+                layer.clear()
         return dy if need_input_grad else None
 
     def clear(self) -> None:
@@ -220,11 +242,10 @@ def train_step(
     Runs entirely under ``torch.no_grad()``: no autograd graph is built. ``optimizer``
     must hold ``network.parameters()`` (in that order), e.g.
     ``bnlab.optim.Adam(network.parameters(), amsgrad=True)``. The activations kept for
-    the backward pass are released before returning. Returns ``(loss, logits)``.
+    the backward pass are released during it. Returns ``(loss, logits)``.
     """
     logits = network.forward(images, training=True)
     loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing)
-    network.backward(dlogits, need_input_grad=False)
-    network.clear()
+    network.backward(dlogits, need_input_grad=False)  # releases the activations
     optimizer.step(network.gradients())
     return loss, logits
