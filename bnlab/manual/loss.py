@@ -62,7 +62,9 @@ def softmax_cross_entropy(
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if n == 0:
         raise ValueError("softmax_cross_entropy needs at least one example (got N = 0)")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= k):
+    # checked on CPU only: elsewhere it would synchronize with the device every step (an
+    # out-of-range index then fails in scatter_, as in torch's own kernels)
+    if target.device.type == "cpu" and (int(target.min()) < 0 or int(target.max()) >= k):
         bad = int(target.min()) if int(target.min()) < 0 else int(target.max())
         raise IndexError(f"Target {bad} is out of bounds (expected class indices in [0, {k}))")
 

@@ -124,9 +124,11 @@ class Sequential:
         return self.train(False)
 
     def __getitem__(self, name: str) -> Layer:
+        """The layer called ``name`` (``net["conv1"].params["weight"]``)."""
         return self.layers[name]
 
     def __iter__(self) -> Iterator[tuple[str, Layer]]:
+        """``(name, layer)`` pairs in order."""
         return iter(self.layers.items())
 
     def __len__(self) -> int:
