@@ -458,8 +458,9 @@ def train(
 
     dtype = model.dtype
     started = time.perf_counter()
+    first_epoch = len(metrics) + 1
     with cpu_allocator_tuned(device.type == "cpu"):
-        for epoch in range(len(metrics) + 1, config.epochs + 1):
+        for epoch in range(first_epoch, config.epochs + 1):
             try:
                 row = _run_epoch(config, model, dataset, epoch, dtype, progress)
             except DivergenceError as error:
@@ -472,7 +473,7 @@ def train(
                                          "config": config.to_json()})
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if epoch == 1 or len(metrics) == 1:
+            if epoch == first_epoch:  # the table's header, also when resuming
                 log(EPOCH_HEADER)
             log(format_epoch_row(row))
 
