@@ -170,13 +170,13 @@ def bench_train(
     The plain loop is what a user writes first: ``AllCNNC(norm="torch")`` in the default
     (contiguous) memory format, ``torch.optim.Adam(amsgrad=True)``, ``zero_grad``,
     ``backward``, ``step``, under glibc's default allocator. bnlab's trainer step
-    (:class:`bnlab.train._Model`) runs channels_last with the allocator tuned
+    (:class:`bnlab.train.Model`) runs channels_last with the allocator tuned
     (:func:`bnlab.train.cpu_allocator_tuned`), for the autograd engine (torch BN) and the
     manual engine (bnlab BN, bnlab AMSGrad). All see the same fixed batch; the variants
     take turns, ``steps`` steps each per round, and the median round counts.
     """
     from bnlab.models import AllCNNC
-    from bnlab.train import TrainConfig, _Model, cpu_allocator_tuned
+    from bnlab.train import Model, TrainConfig, cpu_allocator_tuned
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device)
@@ -193,9 +193,9 @@ def bench_train(
     common = {"width": width, "batch_size": batch_size, "device": device,
               "optimizer": "amsgrad"}
     engines = {
-        "bnlab trainer, autograd": _Model(TrainConfig(engine="autograd", norm="torch",
+        "bnlab trainer, autograd": Model(TrainConfig(engine="autograd", norm="torch",
                                                       **common), torch.device(device)),
-        "bnlab trainer, manual": _Model(TrainConfig(engine="manual", norm="bnlab",
+        "bnlab trainer, manual": Model(TrainConfig(engine="manual", norm="bnlab",
                                                     optimizer_impl="bnlab", **common),
                                         torch.device(device)),
     }

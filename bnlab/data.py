@@ -901,6 +901,7 @@ def train_batches(
     drop_last: bool = True,
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
+    order: str = "shuffled",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled training batches ``(images, labels)`` on the data set's device.
 
@@ -908,6 +909,11 @@ def train_batches(
     labels: int64 (B,). The shuffle and the augmentation draw from ``generator``, so an epoch
     is reproducible from its seed; call again for the next epoch. There are
     ``N // batch_size`` batches with ``drop_last``, ``ceil(N / batch_size)`` without.
+
+    ``order="class_sorted"`` makes batches that do not represent the data (the studies'
+    Q3): the images are sorted by label (in random order within a class), cut into
+    consecutive batches, and the batches are visited in random order, so each batch holds
+    one class, or two where a class ends.
 
         >>> g = torch.Generator().manual_seed(0)
         >>> for images, labels in train_batches(ds.to("cuda"), 128, generator=g):  # doctest: +SKIP
@@ -921,12 +927,20 @@ def train_batches(
             else f"batch size must be at least 1, got {batch_size}"
         )
 
+    if order not in ("shuffled", "class_sorted"):
+        raise ValueError(f"order must be 'shuffled' or 'class_sorted', got {order!r}")
+
     def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = dataset.num_train
-        order = torch.randperm(n, generator=generator, device=generator.device).to(dataset.device)
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(dataset.device)
         stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
+        starts = list(range(0, stop, batch_size))
+        if order == "class_sorted":  # stable sort of a random permutation by label
+            perm = perm[torch.sort(dataset.train_labels[perm], stable=True).indices]
+            visit = torch.randperm(len(starts), generator=generator, device=generator.device)
+            starts = [starts[i] for i in visit.tolist()]
+        for start in starts:
+            index = perm[start : start + batch_size]
             images = dataset.train_images[index]
             if augment:
                 images = random_crop_flip(images, generator)

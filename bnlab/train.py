@@ -47,7 +47,10 @@ __all__ = [
 ENGINES = ("autograd", "manual")
 NORMS = ("none", "torch", "bnlab")
 OPTIMIZERS = ("adam", "amsgrad", "sgd")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "inverse")
+ARCHS = ("allcnn", "post")
+RECIPES = ("standard", "post")
+BATCH_ORDERS = ("shuffled", "class_sorted")
 PRECISIONS = ("fp32", "bf16", "fp64")
 
 
@@ -70,12 +73,16 @@ class TrainConfig:
     width: float = 1.0                # All-CNN-C channel multiplier (96, 192 → ×width)
     dropout: bool = False             # the paper's dropout: 20% input, 50% after stride-2 convs
     bn_momentum: float | None = 0.1   # PyTorch's convention: weight of the *new* batch
+    bn_bias_correction: bool = False  # bnlab BN only: bias-corrected running stats (Q5)
+    arch: str = "allcnn"              # "allcnn" (Springenberg's C) | "post" (the post's net)
+    bn_kind: str = "channel"          # post net: "channel" (case b) | "activation" (case c)
+    gradient_errors: tuple[str, ...] = ()  # post net, manual engine: "elu", "pool", "loss"
     # --- optimizer ----------------------------------------------------------------------
     optimizer: str = "adam"           # "adam" | "amsgrad" | "sgd"
     optimizer_impl: str = "torch"     # "torch" (torch.optim) | "bnlab" (bnlab.optim)
     amsgrad_rule: str = "torch"       # bnlab AMSGrad: "torch" | "reddi" | "post"
     lr: float = 1e-3                  # peak learning rate
-    lr_schedule: str = "constant"     # "constant" | "cosine" (per epoch, to 0 at the end)
+    lr_schedule: str = "constant"     # "constant" | "cosine" (to 0) | "inverse" (the post's)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's β1, β2
     sgd_momentum: float = 0.9         # SGD only
     weight_decay: float = 0.0         # coupled (L2 in the gradient), as torch.optim.Adam
@@ -84,6 +91,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128             # images per step
     augment: bool = True              # random crop (4-pixel padding) + horizontal flip
+    recipe: str = "standard"          # "standard" | "post" (25 + 25 augmented copies, per-
+                                      # batch standardisation: bnlab.post_recipe)
+    batch_order: str = "shuffled"     # "shuffled" | "class_sorted" (batches mostly one class)
     subset: int | None = None         # train on N images (seeded choice), None = all
     data_dir: str | None = None       # None: cache, download, else the embedded sample
     # --- run ----------------------------------------------------------------------------
@@ -98,7 +108,9 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the bad field and value; return self."""
         choices = {"engine": ENGINES, "norm": NORMS, "optimizer": OPTIMIZERS,
                    "optimizer_impl": ("torch", "bnlab"), "lr_schedule": SCHEDULES,
-                   "precision": PRECISIONS, "amsgrad_rule": ("torch", "reddi", "post")}
+                   "precision": PRECISIONS, "amsgrad_rule": ("torch", "reddi", "post"),
+                   "arch": ARCHS, "recipe": RECIPES, "batch_order": BATCH_ORDERS,
+                   "bn_kind": ("channel", "activation")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; "
@@ -118,6 +130,26 @@ class TrainConfig:
             raise ConfigError("AMSGrad rules other than 'torch' need optimizer_impl 'bnlab'")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1] or None, got {self.bn_momentum}")
+        if self.arch == "allcnn" and self.bn_kind != "channel":
+            raise ConfigError("per-activation BN (bn_kind 'activation') is the post net's: "
+                              "set arch 'post'")
+        if self.gradient_errors:
+            valid = ("elu", "pool", "loss")
+            bad = [e for e in self.gradient_errors if e not in valid]
+            if bad:
+                raise ConfigError(f"gradient_errors must be among {', '.join(valid)}; got {bad}")
+            if self.engine != "manual" or self.arch != "post":
+                raise ConfigError("gradient_errors are switches of the manual engine's post "
+                                  "net: set engine 'manual' and arch 'post'")
+        if self.arch == "post" and self.dropout:
+            raise ConfigError("the post net has no dropout")
+        if self.recipe == "post" and self.batch_size % 2:
+            raise ConfigError(f"the post recipe's batch is half images, half their augmented "
+                              f"copies: batch_size must be even, got {self.batch_size}")
+        if self.recipe == "post" and self.batch_order != "shuffled":
+            raise ConfigError("the post recipe shuffles its batches: batch_order 'shuffled'")
+        if self.bn_bias_correction and self.norm != "bnlab":
+            raise ConfigError("bn_bias_correction is an option of bnlab's BN: set norm 'bnlab'")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
@@ -132,8 +164,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config fields {unknown} (from a newer bnlab?)")
         values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
+        for name in ("betas", "gradient_errors"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -178,7 +211,7 @@ def _generator(seed: int, *salt: int, device: torch.device | str = "cpu") -> tor
 _INIT, _SHUFFLE, _DROPOUT = 1, 2, 3
 
 
-class _Model:
+class Model:
     """The model of a run behind one interface, whichever the engine.
 
     ``step(x, y)`` trains on one batch and returns (loss, logits) as tensors (no sync);
@@ -189,33 +222,35 @@ class _Model:
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.dropout_generator = torch.Generator(device=device)
-        twin = AllCNNC(
-            norm=config.norm if config.engine == "autograd" else "none" if config.norm == "none"
-            else "bnlab",
-            dropout=config.dropout, width=config.width, momentum=config.bn_momentum,
-            generator=_generator(config.seed, _INIT), dropout_generator=self.dropout_generator,
-        )
+        twin = _autograd_model(config, self.dropout_generator)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
         twin = twin.to(self.dtype)
+        self.mean_gradient = True
         if config.engine == "autograd":
             self.module = twin.to(device=device, memory_format=memory_format)
             self.forward = torch.compile(self.module) if config.compile else self.module
             params = list(self.module.parameters())
         else:
-            self.network = all_cnn_c(
-                bn=config.norm != "none", dropout=config.dropout, width=config.width,
-                momentum=config.bn_momentum, dropout_generator=self.dropout_generator,
-                generator=_generator(config.seed, _INIT),
-            )
+            self.network = _manual_network(config, self.dropout_generator)
             self.network.load_state_dict(twin.state_dict())
             self.network.to(device=device, dtype=self.dtype, memory_format=memory_format)
+            self.mean_gradient = getattr(self.network, "mean_gradient", True)
             params = self.network.parameters()
+        if config.bn_bias_correction:
+            for layer in self.bn_layers():
+                layer.bias_correction = True
         self.params = params
         self.optimizer = _build_optimizer(config, params)
         self.autocast = (config.precision == "bf16" and device.type == "cuda"
                          and config.engine == "autograd")
         self.device = device
+
+    def bn_layers(self) -> list:
+        """The BN layers in order (``nn.Module`` or manual layers), for probes and options."""
+        if self.config.engine == "autograd":
+            return [m for m in self.module.modules() if hasattr(m, "running_mean")]
+        return [layer for _, layer in self.network if "running_mean" in layer.buffers]
 
     def set_epoch(self, epoch: int, lr: float) -> None:
         self.dropout_generator.manual_seed(_seed(self.config.seed, _DROPOUT, epoch))
@@ -228,7 +263,10 @@ class _Model:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         smoothing = self.config.label_smoothing
         if self.config.engine == "manual":
-            return train_step(self.network, self.optimizer, x, y, smoothing)
+            if self.mean_gradient:
+                return train_step(self.network, self.optimizer, x, y, smoothing)
+            return train_step(self.network, self.optimizer, x, y, smoothing,
+                              mean_gradient=False)
         self.module.train()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = _at_least_float32(self.forward(x))
@@ -264,6 +302,32 @@ class _Model:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:
+    """The run's ``nn.Module``; for the manual engine, the twin its initial weights come from."""
+    norm = config.norm if config.engine == "autograd" else \
+        "none" if config.norm == "none" else "bnlab"
+    generator = _generator(config.seed, _INIT)
+    if config.arch == "post":
+        from bnlab.models import PostNet
+        return PostNet(norm=norm, bn_kind=config.bn_kind, width=config.width,
+                       momentum=config.bn_momentum, generator=generator)
+    return AllCNNC(norm=norm, dropout=config.dropout, width=config.width,
+                   momentum=config.bn_momentum, generator=generator,
+                   dropout_generator=dropout_generator)
+
+
+def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
+    """The run's :class:`bnlab.manual.Sequential` (weights are then copied from the twin)."""
+    bn = config.norm != "none"
+    if config.arch == "post":
+        from bnlab.manual.postnet import post_net
+        return post_net(bn=config.bn_kind if bn else "none", width=config.width,
+                        gradient_errors=config.gradient_errors, momentum=config.bn_momentum)
+    return all_cnn_c(bn=bn, dropout=config.dropout, width=config.width,
+                     momentum=config.bn_momentum, dropout_generator=dropout_generator,
+                     generator=_generator(config.seed, _INIT))
+
+
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """Logits from bfloat16 autocast go into the loss in float32; float64 stays float64."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -288,9 +352,15 @@ def _build_optimizer(config: TrainConfig, params: list[torch.Tensor]):
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of epoch ``epoch`` (1-based): constant, or cosine to 0 at the end."""
+    """The learning rate of epoch ``epoch`` (1-based): constant, cosine to 0, or inverse.
+
+    >>> learning_rate(TrainConfig(lr=3e-4, lr_schedule="inverse"), 2)   # 3e-4 / 1.001
+    0.0002997002997002997
+    """
     if config.lr_schedule == "cosine":
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    if config.lr_schedule == "inverse":  # the post's lr / (1 + 0.001 epoch), epoch from 0
+        return config.lr / (1.0 + 0.001 * (epoch - 1))
     return config.lr
 
 
@@ -415,12 +485,15 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_step: Callable[[Model, int, int], None] | None = None,
 ) -> RunResult:
     """Train one run into ``run_dir`` (created; it must not exist unless ``resume``).
 
     ``dataset`` may be passed in to share one loaded data set among runs (its subset is
     taken here when the config asks for one). With ``resume=True`` an existing folder is
-    continued from its checkpoint; a finished run is returned as it is.
+    continued from its checkpoint; a finished run is returned as it is. ``on_step(model,
+    epoch, step)`` is called after every training step (probes for the studies: the
+    :class:`Model` gives the module or network, its BN layers and the optimizer).
 
     Raises :class:`ConfigError` before any file is made, :class:`DivergenceError` when the
     loss is no longer finite (after writing ``result.json`` with the details).
@@ -442,7 +515,7 @@ def train(
 
     config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
                    "torch_version": torch.__version__, "device": str(device)}
-    model = _Model(config, device)
+    model = Model(config, device)
     metrics: list[dict] = []
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -462,7 +535,7 @@ def train(
     with cpu_allocator_tuned(device.type == "cpu"):
         for epoch in range(first_epoch, config.epochs + 1):
             try:
-                row = _run_epoch(config, model, dataset, epoch, dtype, progress)
+                row = _run_epoch(config, model, dataset, epoch, dtype, progress, on_step)
             except DivergenceError as error:
                 message = str(error)
                 atomic_write_json(result_path, {"status": "diverged", "message": message,
@@ -483,16 +556,40 @@ def train(
     return RunResult(run_dir, metrics)
 
 
-def _run_epoch(config: TrainConfig, model: _Model, dataset: bdata.CIFAR10, epoch: int,
-               dtype: torch.dtype, progress: bool) -> dict:
+def epoch_batches(config: TrainConfig, dataset: bdata.CIFAR10, generator: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> tuple[Iterator, int]:
+    """One epoch of training batches as the config's recipe makes them, and their number."""
+    if config.recipe == "post":
+        from bnlab import post_recipe
+        batches = post_recipe.post_train_batches(
+            dataset, config.batch_size, generator=generator,
+            channels_last=config.channels_last, dtype=dtype)
+        return batches, post_recipe.post_steps_per_epoch(dataset.num_train, config.batch_size)
+    batches = bdata.train_batches(dataset, config.batch_size, generator=generator,
+                                  augment=config.augment, channels_last=config.channels_last,
+                                  dtype=dtype, order=config.batch_order)
+    return batches, dataset.num_train // config.batch_size
+
+
+def test_set_batches(config: TrainConfig, dataset: bdata.CIFAR10,
+                     dtype: torch.dtype = torch.float32) -> Iterator:
+    """The test set in batches of ``eval_batch_size``, prepared as the config's recipe says."""
+    if config.recipe == "post":
+        from bnlab import post_recipe
+        return post_recipe.post_test_batches(dataset, config.eval_batch_size,
+                                             channels_last=config.channels_last, dtype=dtype)
+    return bdata.test_batches(dataset, config.eval_batch_size,
+                              channels_last=config.channels_last, dtype=dtype)
+
+
+def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch: int,
+               dtype: torch.dtype, progress: bool,
+               on_step: Callable[[Model, int, int], None] | None = None) -> dict:
     device = model.device
     lr = learning_rate(config, epoch)
     model.set_epoch(epoch, lr)
     gen = _generator(config.seed, _SHUFFLE, epoch, device=device)
-    batches = bdata.train_batches(dataset, config.batch_size, generator=gen,
-                                  augment=config.augment, channels_last=config.channels_last,
-                                  dtype=dtype)
-    steps = dataset.num_train // config.batch_size
+    batches, steps = epoch_batches(config, dataset, gen, dtype)
     bar = Progress(progress, f"{config.case} seed {config.seed} epoch {epoch}/{config.epochs}")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -504,6 +601,8 @@ def _run_epoch(config: TrainConfig, model: _Model, dataset: bdata.CIFAR10, epoch
         loss_sum += loss.double() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         seen += y.shape[0]
+        if on_step is not None:
+            on_step(model, epoch, step)
         if step % check_every == 0 or step == steps:
             if not math.isfinite(loss.item()):
                 raise DivergenceError(
@@ -522,8 +621,7 @@ def _run_epoch(config: TrainConfig, model: _Model, dataset: bdata.CIFAR10, epoch
     eval_start = time.perf_counter()
     test_loss = torch.zeros((), dtype=torch.float64, device=device)
     test_correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in bdata.test_batches(dataset, config.eval_batch_size,
-                                   channels_last=config.channels_last, dtype=dtype):
+    for x, y in test_set_batches(config, dataset, dtype):
         loss, right = model.evaluate(x, y)
         test_loss += loss.double()
         test_correct += right

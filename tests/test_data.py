@@ -546,6 +546,25 @@ def small(tmp_path: Path) -> CIFAR10:
     return dataclasses.replace(ds, train_labels=torch.arange(ds.num_train))
 
 
+def test_class_sorted_batches_hold_one_class_each(tmp_path: Path) -> None:
+    write_cifar10_folder(tmp_path, per_batch=20, test=5)  # 100 images, random labels
+    ds = data.load_cifar10_dir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    batches = list(data.train_batches(ds, 10, generator=g, augment=False,
+                                      order="class_sorted"))
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.tolist()) == sorted(ds.train_labels.tolist())  # each image once
+    # a sorted order cut into batches of 10: at most (number of classes) batches straddle
+    mixed = sum(len(set(y.tolist())) > 1 for _, y in batches)
+    assert mixed <= len(set(ds.train_labels.tolist())) - 1
+    shuffled = data.train_batches(ds, 10, generator=g, augment=False)
+    assert sum(len(set(y.tolist())) > 1 for _, y in shuffled) > mixed
+    firsts = [int(y[0]) for _, y in batches]
+    assert firsts != sorted(firsts)  # the batches are visited in random order
+    with pytest.raises(ValueError, match="order"):
+        data.train_batches(ds, 10, generator=g, order="by_colour")
+
+
 def test_subset_is_seeded_and_named(small: CIFAR10) -> None:
     sub = small.subset(8, seed=3)
     assert sub.num_train == 8 and sub.num_test == small.num_test

@@ -42,6 +42,14 @@ BAD = {
                           "own BN"),
     "manual + torch.optim": ({"engine": "manual", "norm": "bnlab"}, "bnlab"),
     "bn momentum": ({"bn_momentum": 1.5}, "bn_momentum"),
+    "arch": ({"arch": "resnet"}, "arch"),
+    "per-activation on All-CNN-C": ({"bn_kind": "activation"}, "arch 'post'"),
+    "gradient error name": ({"engine": "manual", "norm": "bnlab", "optimizer_impl": "bnlab",
+                             "arch": "post", "gradient_errors": ("relu",)}, "gradient_errors"),
+    "gradient errors on autograd": ({"arch": "post", "gradient_errors": ("elu",)}, "manual"),
+    "post recipe, odd batch": ({"recipe": "post", "batch_size": 51}, "even"),
+    "batch order": ({"batch_order": "by_colour"}, "batch_order"),
+    "bias correction on torch BN": ({"bn_bias_correction": True}, "bnlab"),
 }
 
 
@@ -103,7 +111,7 @@ def test_resume_after_interruption_gives_the_same_run(case, tiny_data, tmp_path,
     cfg = tiny_config(case, epochs=3, dropout=True)
     whole = T.train(cfg, tmp_path / "whole", dataset=tiny_data, progress=False, log=print)
 
-    real_step = T._Model.step
+    real_step = T.Model.step
     calls = {"n": 0}
 
     def step_then_die(self, x, y):
@@ -112,11 +120,11 @@ def test_resume_after_interruption_gives_the_same_run(case, tiny_data, tmp_path,
             raise Interrupt
         return real_step(self, x, y)
 
-    monkeypatch.setattr(T._Model, "step", step_then_die)
+    monkeypatch.setattr(T.Model, "step", step_then_die)
     with pytest.raises(Interrupt):
         T.train(cfg, tmp_path / "cut", dataset=tiny_data, progress=False, log=print)
     assert len(T._read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1
-    monkeypatch.setattr(T._Model, "step", real_step)
+    monkeypatch.setattr(T.Model, "step", real_step)
     resumed = T.train(cfg, tmp_path / "cut", dataset=tiny_data, resume=True, progress=False,
                       log=print)
     for a, b in zip(whole.metrics, resumed.metrics, strict=True):
@@ -128,7 +136,7 @@ def test_resume_after_interruption_gives_the_same_run(case, tiny_data, tmp_path,
 
 
 def test_divergence_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch):
-    real_step = T._Model.step
+    real_step = T.Model.step
     calls = {"n": 0}
 
     def nan_in_epoch_two(self, x, y):
@@ -136,7 +144,7 @@ def test_divergence_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch)
         loss, logits = real_step(self, x, y)
         return (torch.full_like(loss, math.nan) if calls["n"] == 7 else loss), logits
 
-    monkeypatch.setattr(T._Model, "step", nan_in_epoch_two)
+    monkeypatch.setattr(T.Model, "step", nan_in_epoch_two)
     with pytest.raises(T.DivergenceError) as error:
         T.train(tiny_config("b", epochs=3), tmp_path / "run", dataset=tiny_data,
                 progress=False, log=lambda s: None)
@@ -174,6 +182,15 @@ def test_learning_rate_schedule():
     lrs = [T.learning_rate(cfg, e) for e in range(1, 5)]
     assert lrs[0] == 1.0 and all(a > b for a, b in itertools.pairwise(lrs)) and lrs[-1] > 0
     assert T.learning_rate(tiny_config(lr=0.5), 3) == 0.5
+    post = tiny_config(lr_schedule="inverse", lr=3e-4)  # the post's 3e-4 / (1 + 0.001 epoch)
+    assert T.learning_rate(post, 1) == 3e-4 and T.learning_rate(post, 21) == 3e-4 / 1.02
+
+
+def test_bias_correction_reaches_the_bn_layers_of_both_engines():
+    for case in ("b-manual", "b"):
+        cfg = tiny_config(case, norm="bnlab", bn_bias_correction=True)
+        layers = T.Model(cfg, torch.device("cpu")).bn_layers()
+        assert len(layers) == 8 and all(layer.bias_correction for layer in layers)
 
 
 def test_cpu_allocator_tuning_is_restored():
