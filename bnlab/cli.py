@@ -6,6 +6,7 @@
     bnlab bench train               # images/s: a plain PyTorch loop vs bnlab's trainer
     bnlab compare [--preset quick]  # the post's cases over seeds: runs, summary, report
     bnlab report OUT_DIR            # redraw a comparison's figures and report from its files
+    bnlab study q1..q5|all          # the post's five questions, answered by experiment
 """
 
 from __future__ import annotations
@@ -163,6 +164,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bnlab study ---------------------------------------------------------------------------
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlab import studies
+
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
+        raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
+                         "holding cifar-10-batches-py/ (or that folder itself)")
+    if args.render:
+        out = Path(args.render)
+        if not (out / "summary.json").is_file():
+            raise _UserError(f"{out} is not a bnlab study folder (no summary.json)")
+        if args.name == "all":
+            studies.render_report(out)
+        else:
+            section = studies.study_module(args.name).render(out)
+            (out / "section.md").write_text(section)
+            studies._write_report(out, f"bnlab study {args.name}", section)
+        print(f"wrote {out}/report.md, report.html")
+        return 0
+    out = Path(args.out or f"runs/study-{args.name}-{args.preset}-"
+                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    log = (lambda _: None) if args.quiet else print
+    kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
+              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log}
+    try:
+        if args.name == "all":
+            studies.run_all(out, **kwargs)
+        else:
+            studies.run_study(args.name, out, **kwargs)
+    except ValueError as error:
+        if type(error) is ValueError:  # a bad argument, not a bug deeper down
+            raise _UserError(str(error)) from None
+        raise
+    if not args.quiet:
+        print(f"report: {out / 'report.html'}")
+    return 0
+
+
 class _UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
@@ -263,6 +305,34 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                                    "report.html from the run folders alone (no training).")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=cmd_report)
+
+    from bnlab.studies import STUDIES
+    from bnlab.studies.common import SCALES
+
+    listing = "\n".join(f"  {name}  {title}" for name, title in STUDIES.items())
+    scales = "\n".join(f"  {name:<6} {s.description}" for name, s in SCALES.items())
+    p = sub.add_parser(
+        "study", help="answer one of the post's five questions (or all) by experiment",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs a study into its own folder (runs/, summary.json, figures, "
+                    "section.md, report.md, report.html); 'all' runs the five and writes one "
+                    "report answering them from the measured data.",
+        epilog=f"studies:\n{listing}\n  all Q1-Q5 and one report\n\npresets:\n{scales}",
+    )
+    p.add_argument("name", choices=[*STUDIES, "all"], metavar="{q1,q2,q3,q4,q5,all}")
+    p.add_argument("--preset", default="quick", choices=list(SCALES),
+                   help="quick (default) or paper")
+    p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
+    p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--out", help="the study folder (default runs/study-NAME-PRESET-TIME); "
+                                 "never overwritten")
+    p.add_argument("--resume", action="store_true",
+                   help="continue in an existing --out folder, reusing every finished run")
+    p.add_argument("--render", metavar="DIR",
+                   help="only redraw the report of an existing study folder (no training)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_study)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,259 @@
+"""What every study shares: its scale, its folder, its runs, its figures and its section.
+
+A study is a module with ``NAME`` ("q1"), ``TITLE``, and two functions:
+
+    run(ctx: StudyContext) -> dict      trains and measures, writes summary.json and figures
+    render(study_dir: Path) -> str      its Markdown section, drawn from summary.json alone
+
+so a report can be redrawn without training again (``bnlab study ... --resume`` reuses every
+finished run). Every number a section states is read from the study's ``summary.json``.
+
+    >>> from bnlab.studies.common import SCALES, mean_std
+    >>> SCALES["quick"].seeds
+    2
+    >>> mean_std([0.5, 0.7])["mean"]
+    0.6
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab import data as bdata
+from bnlab.train import RunResult, TrainConfig, train
+
+__all__ = [
+    "SCALES",
+    "StudyContext",
+    "StudyScale",
+    "fmt_pm",
+    "markdown_to_html",
+    "mean_std",
+    "read_summary",
+    "save_figure",
+    "write_summary",
+]
+
+
+@dataclass(frozen=True)
+class StudyScale:
+    """How big the studies' experiments are. Each study derives its runs from these.
+
+    ``width``, ``epochs``, ``subset`` (training images, None = all) and ``batch_size`` are
+    the defaults of a study's training runs; ``seeds`` is how many seeds each point gets;
+    ``budget_s`` is what the whole ``bnlab study all`` should take on the reference machine
+    (a 2-core CPU for quick), which each study divides among its runs.
+    """
+
+    name: str
+    width: float
+    epochs: int
+    subset: int | None
+    batch_size: int
+    lr: float
+    seeds: int
+    budget_s: float
+    description: str
+
+
+SCALES: dict[str, StudyScale] = {
+    "quick": StudyScale(
+        "quick", width=0.25, epochs=6, subset=2000, batch_size=64, lr=2e-3, seeds=2,
+        budget_s=1500.0,
+        description="a 2-core CPU in under 30 minutes for all five studies: All-CNN-C at width "
+        "0.25, 2,000 training images of whatever data is found (the embedded sample "
+        "offline), 6 epochs, batch 64, 2 seeds",
+    ),
+    "paper": StudyScale(
+        "paper", width=1.0, epochs=30, subset=None, batch_size=128, lr=1e-3, seeds=3,
+        budget_s=12 * 3600.0,
+        description="a GPU: All-CNN-C at full width on full CIFAR-10, 30 epochs, batch 128, "
+        "3 seeds",
+    ),
+}
+
+
+@dataclass
+class StudyContext:
+    """One study's place and means: its folder, scale, seeds, data and log.
+
+    ``train_run(name, config)`` trains one run into ``<out>/runs/<name>`` (reusing it when
+    it finished before, so ``--resume`` costs nothing); ``dataset`` is loaded once and
+    shared by every run of the study.
+    """
+
+    out: Path
+    scale: StudyScale
+    seeds: int
+    data_dir: str | None = None
+    device: str = "auto"
+    quiet: bool = False
+    log: Callable[[str], None] = print
+    dataset: bdata.CIFAR10 | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def load_data(self) -> bdata.CIFAR10:
+        if self.dataset is None:
+            self.dataset = bdata.load_cifar10(self.data_dir)
+        return self.dataset
+
+    def config(self, **fields: Any) -> TrainConfig:
+        """A validated config at this scale; ``fields`` override the scale's defaults."""
+        base = {"width": self.scale.width, "epochs": self.scale.epochs,
+                "subset": self.scale.subset, "batch_size": self.scale.batch_size,
+                "lr": self.scale.lr, "lr_schedule": "cosine", "augment": True,
+                "device": self.device, "data_dir": self.data_dir}
+        return TrainConfig(**{**base, **fields}).validate()
+
+    def train_run(self, name: str, config: TrainConfig, **kwargs: Any) -> RunResult:
+        """Train (or reuse, when finished) ``<out>/runs/<name>``."""
+        run_dir = self.out / "runs" / name
+        self.log(f"[{self.out.name}] {name}")
+        return train(config, run_dir, dataset=self.load_data(), resume=run_dir.exists(),
+                     progress=not self.quiet, log=(lambda _: None) if self.quiet else self.log,
+                     **kwargs)
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds))
+
+
+# ---- numbers -----------------------------------------------------------------------------
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), n, min, max of finite values."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0, "min": None, "max": None}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "n": len(xs), "min": min(xs), "max": max(xs)}
+
+
+def fmt_pm(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
+    """``0.612 ± 0.013`` from a :func:`mean_std` dict (``n/a`` when empty)."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+# ---- files -------------------------------------------------------------------------------
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _clean(dataclasses.asdict(value))
+    return value
+
+
+def write_summary(study_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``summary.json`` (NaN and inf as null), atomically."""
+    path = Path(study_dir) / "summary.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_summary(study_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(study_dir) / "summary.json").read_text())
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG (dpi 110) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---- Markdown → self-contained HTML -------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
+line-height:1.45;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}img{max-width:100%}
+figure{margin:1em 0}figcaption{font-size:.92em;color:#444}code{background:#f5f5f5;padding:0 .2em}
+h1,h2,h3{line-height:1.2}.contradicts{color:#a00}"""
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"(?<![*\w])\*([^*]+)\*(?!\w)", r"<em>\1</em>", text)
+
+
+def markdown_to_html(markdown: str, base_dir: Path, title: str) -> str:
+    """The small Markdown the studies write (headings, paragraphs, lists, pipe tables,
+    ``![caption](file.png)`` figures, emphasis, code) as one self-contained HTML page:
+    figures inlined as base64 data URIs, CSS inline, nothing loaded from elsewhere."""
+    out: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+            continue
+        if m := re.match(r"^(#{1,4}) (.*)$", line):
+            level = len(m.group(1))
+            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+            i += 1
+        elif m := re.match(r"^!\[(.*)\]\((.*)\)\s*$", line):
+            caption, src = m.group(1), m.group(2)
+            png = (Path(base_dir) / src).read_bytes()
+            data = base64.b64encode(png).decode("ascii")
+            out.append(f'<figure><img alt="{html.escape(caption)}" '
+                       f'src="data:image/png;base64,{data}"><figcaption>{_inline(caption)}'
+                       "</figcaption></figure>")
+            i += 1
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                    rows.append(cells)
+                i += 1
+            head = "".join(f"<th>{_inline(c)}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>"
+                           for r in rows[1:])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif re.match(r"^\s*[-*] ", line):
+            items = []
+            while i < len(lines) and re.match(r"^\s*[-*] ", lines[i]):
+                item = re.sub(r"^\s*[-*] ", "", lines[i])
+                items.append(f"<li>{_inline(item)}</li>")
+                i += 1
+            out.append(f"<ul>{''.join(items)}</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not re.match(
+                    r"^(#{1,4} |!\[|\||\s*[-*] )", lines[i]):
+                para.append(lines[i])
+                i += 1
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+    body = "\n".join(out)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            f"{body}\n</body></html>\n")
