@@ -361,6 +361,8 @@ def update_running_stats(
     var: Tensor,
     num_per_channel: int,
     momentum: float,
+    *,
+    unbiased: bool = True,
 ) -> None:
     r"""Update the running averages in place, in PyTorch's convention.
 
@@ -370,23 +372,38 @@ def update_running_stats(
         running_mean <- (1 - momentum) * running_mean + momentum * mu
         running_var  <- (1 - momentum) * running_var  + momentum * var * m / (m - 1)
 
-    The running variance takes the unbiased batch variance (Bessel's correction), while
-    the normalization itself uses the biased one, exactly as ``torch.nn.BatchNorm*d``.
+    By default the running variance takes the unbiased batch variance (Bessel's
+    correction), while the normalization itself uses the biased one, exactly as
+    ``torch.nn.BatchNorm*d``. ``unbiased=False`` averages the biased ``var`` itself (no
+    factor ``m / (m - 1)``), as the post's hand-written per-activation BN does (case c,
+    whose ``tf.nn.moments`` variance is biased).
+
+    >>> rm, rv = torch.zeros(1), torch.zeros(1)
+    >>> update_running_stats(rm, rv, torch.tensor([2.0]), torch.tensor([1.0]), 2, 0.5,
+    ...                      unbiased=False)
+    >>> rm.item(), rv.item()
+    (1.0, 0.5)
     """
     m = num_per_channel
-    unbiased = var * (m / (m - 1)) if m > 1 else var
+    new_var = var * (m / (m - 1)) if unbiased and m > 1 else var
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(new_var.to(running_var.dtype), alpha=momentum)
 
 
 def bias_corrected_running_stats(
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: int, momentum: float | None
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: int,
+    momentum: float | None,
+    *,
+    initial_var: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     r"""Running statistics with the weight of their initial values removed (the post's Q5).
 
     After t updates with ``alpha = momentum`` from the initial values ``r_0`` (0 for the
-    mean, 1 for the variance), the running average is
+    mean, ``initial_var`` for the variance: PyTorch's 1, the post's 0), the running
+    average is
     ``r_t = (1 - alpha)^t r_0 + sum_k alpha (1 - alpha)^(t-k) s_k``: the batch statistics
     ``s_k`` carry a total weight of only ``1 - (1 - alpha)^t``. The bias-corrected
     average divides that weight out (as Adam does for its moments)::
@@ -409,7 +426,7 @@ def bias_corrected_running_stats(
     if old_weight >= 1.0:
         return running_mean, running_var
     mean = running_mean / (1.0 - old_weight)
-    var = (running_var - old_weight) / (1.0 - old_weight)
+    var = (running_var - old_weight * initial_var) / (1.0 - old_weight)
     return mean, var
 
 

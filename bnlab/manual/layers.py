@@ -44,12 +44,15 @@ from torch import Tensor
 from bnlab import functional as F
 
 __all__ = [
+    "ELU",
+    "AvgPool2d",
     "BatchNorm2d",
     "Conv2d",
     "Dropout",
     "Flatten",
     "GlobalAvgPool2d",
     "Layer",
+    "PerActivationBatchNorm",
     "ReLU",
     "conv_default_init_",
     "dropout_mask",
@@ -224,6 +227,10 @@ class Conv2d(Layer):
     ``dweight`` and ``dx`` are computed by ``aten.convolution_backward`` (the same
     kernels autograd uses, channels_last aware); ``dbias`` is a sum over (N, H, W).
 
+    The parameters get PyTorch's default initialization (:func:`conv_default_init_`,
+    drawn from ``generator``); ``init=False`` leaves them uninitialized (``torch.empty``)
+    and draws nothing, for a caller that fills them itself (the post net's N(0, 0.05²)).
+
     >>> conv = Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
     >>> conv.forward(torch.randn(2, 3, 8, 8), training=True).shape
     torch.Size([2, 8, 4, 4])
@@ -241,6 +248,7 @@ class Conv2d(Layer):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
@@ -261,7 +269,8 @@ class Conv2d(Layer):
         self.params["weight"] = torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
         if bias:
             self.params["bias"] = torch.empty(out_channels, **factory)
-        conv_default_init_(self.params["weight"], self.params.get("bias"), generator)
+        if init:
+            conv_default_init_(self.params["weight"], self.params.get("bias"), generator)
         self._x: Tensor | None = None
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
@@ -314,9 +323,10 @@ class _BatchNorm(Layer):
 
     with sums over the m values of one feature. The feature axis is axis 1 of
     :meth:`_features` (x); a subclass chooses the view: per channel for (N, C, H, W)
-    (:class:`BatchNorm2d`: the view is ``x`` itself), or per activation by overriding
-    :meth:`_features` to return ``x.reshape(N, C * H * W)``, with ``num_features = C*H*W``
-    (the post's case c); :meth:`backward` reshapes ``dx`` back to the input's shape.
+    (:class:`BatchNorm2d`: the view is ``x`` itself), or per activation
+    (:class:`PerActivationBatchNorm`: ``x.reshape(N, C * H * W)``, with
+    ``num_features = C*H*W``, the post's case c); :meth:`backward` reshapes ``dx`` back to
+    the input's shape.
 
     Momentum, buffers and modes exactly as ``torch.nn.BatchNorm*d`` (and ``bnlab.nn``):
     in training mode ``num_batches_tracked += 1`` and the running averages move by
@@ -328,6 +338,12 @@ class _BatchNorm(Layer):
     ``BatchNorm2d(..., bias=False)``). ``bias_correction=True`` divides out the initial
     values' weight from the running averages in evaluation mode (the post's Q5; see
     :func:`bnlab.functional.bias_corrected_running_stats`).
+
+    Two keywords reproduce the post's BN layers, which differ from PyTorch's defaults:
+    ``running_var_init`` is the initial running variance (PyTorch 1; the post's
+    TensorFlow code 0), and ``unbiased_running_var=False`` averages the *biased* batch
+    variance into the running variance (the post's hand-written BN) instead of the
+    unbiased one (PyTorch, and TensorFlow's fused BN).
     """
 
     def __init__(
@@ -340,6 +356,8 @@ class _BatchNorm(Layer):
         *,
         bias: bool = True,
         bias_correction: bool = False,
+        running_var_init: float = 1.0,
+        unbiased_running_var: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -352,6 +370,8 @@ class _BatchNorm(Layer):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.bias_correction = bias_correction
+        self.running_var_init = running_var_init
+        self.unbiased_running_var = unbiased_running_var
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.params["weight"] = torch.ones(num_features, **factory)
@@ -359,7 +379,7 @@ class _BatchNorm(Layer):
                 self.params["bias"] = torch.zeros(num_features, **factory)
         if track_running_stats:
             self.buffers["running_mean"] = torch.zeros(num_features, **factory)
-            self.buffers["running_var"] = torch.ones(num_features, **factory)
+            self.buffers["running_var"] = torch.full((num_features,), running_var_init, **factory)
             self.buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=device)
         self._cache: tuple[Tensor, F.BatchNormSaved, torch.Size] | None = None
 
@@ -392,7 +412,8 @@ class _BatchNorm(Layer):
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if not use_batch_stats and self.bias_correction:
             running_mean, running_var = F.bias_corrected_running_stats(
-                running_mean, running_var, int(buffers["num_batches_tracked"]), self.momentum
+                running_mean, running_var, int(buffers["num_batches_tracked"]), self.momentum,
+                initial_var=self.running_var_init,
             )
         saved = F.batch_norm_prepare(
             xf, running_mean, running_var, training=use_batch_stats, eps=self.eps
@@ -400,7 +421,7 @@ class _BatchNorm(Layer):
         if training and self.track_running_stats:
             F.update_running_stats(
                 buffers["running_mean"], buffers["running_var"], saved.mean, saved.var,
-                xf.numel() // xf.shape[1], factor,
+                xf.numel() // xf.shape[1], factor, unbiased=self.unbiased_running_var,
             )
         y = F.batch_norm_normalize(xf, saved, self.params.get("weight"), self.params.get("bias"))
         self._cache = (xf, saved, x.shape)
@@ -431,6 +452,10 @@ class _BatchNorm(Layer):
         )
         if self.affine and "bias" not in self.params:
             text += ", bias=False"
+        if self.running_var_init != 1.0:
+            text += f", running_var_init={self.running_var_init}"
+        if not self.unbiased_running_var:
+            text += ", unbiased_running_var=False"
         return text + (", bias_correction=True" if self.bias_correction else "")
 
 
@@ -449,6 +474,67 @@ class BatchNorm2d(_BatchNorm):
 
     def _check_input(self, x: Tensor) -> None:
         _check_4d(x, "BatchNorm2d")
+
+
+class PerActivationBatchNorm(_BatchNorm):
+    r"""Batch normalization per activation: every (c, h, w) position is its own feature.
+
+    The statistics are taken over the batch axis only, ``m = N`` values per feature, as
+    in the post's hand-written BN of case c (``tf.nn.moments(x, axes=0)``)::
+
+        x : (N, C, H, W)  viewed as  (N, C*H*W)   (NCHW flattening order; a channels_last
+                                                   input is copied into that order)
+        mu, var, gamma, beta, running_mean, running_var : (C*H*W,)
+        x_hat = (x - mu) / sqrt(var + eps)        y = gamma * x_hat + beta
+
+    The backward is :class:`_BatchNorm`'s with sums over the batch axis only. The output
+    and ``dx`` are contiguous (N, C, H, W). The post's layer is
+    ``PerActivationBatchNorm(C, H, W, eps=1e-8, bias=False, running_var_init=0.0,
+    unbiased_running_var=False)`` (its gamma has TensorFlow's (H, W, C) order; ours is
+    (C, H, W) flattened).
+
+    >>> bn = PerActivationBatchNorm(2, 3, 3, bias=False)
+    >>> y = bn.forward(torch.randn(4, 2, 3, 3), training=True)
+    >>> dx = bn.backward(torch.randn_like(y))
+    >>> bn.params["weight"].shape, tuple(dx.shape)
+    (torch.Size([18]), (4, 2, 3, 3))
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if min(channels, height, width) <= 0:
+            raise ValueError(
+                f"PerActivationBatchNorm needs positive sizes, got channels={channels}, "
+                f"height={height}, width={width}"
+            )
+        super().__init__(
+            channels * height * width, eps, momentum, affine, track_running_stats, **kwargs
+        )
+        self.feature_shape = (channels, height, width)
+
+    def _features(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)  # a copy in NCHW order when x is channels_last
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.feature_shape:
+            c, h, w = self.feature_shape
+            raise ValueError(
+                f"PerActivationBatchNorm: expected input of shape (N, {c}, {h}, {w}), got "
+                f"{tuple(x.shape)}; build the layer for the (C, H, W) it normalizes"
+            )
+
+    def extra_repr(self) -> str:
+        c, h, w = self.feature_shape
+        return f"{c}, {h}, {w}, " + super().extra_repr().split(", ", 1)[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,6 +597,62 @@ class ReLU(Layer):
 
     def extra_repr(self) -> str:
         return "inplace=True" if self.inplace else ""
+
+
+class ELU(Layer):
+    r"""Exponential linear unit (Clevert et al. 2016) with a hand-written backward.
+
+    Forward and its derivative::
+
+        y  = x                    for x > 0          dy/dx = 1
+        y  = alpha (exp(x) - 1)   for x <= 0         dy/dx = alpha exp(x) = y + alpha
+
+    so ``dx = dy * positive_slope`` where ``x > 0`` and ``dx = dy * (y + alpha)`` where
+    ``x <= 0``; ``positive_slope`` is 1 for the true derivative. ``positive_slope=2.0``
+    reproduces the post's case c, whose hand-written derivative evaluates to
+    ``[x > 0] + (elu([x <= 0] x) + 1)`` = 2 for x > 0 (and ``y + 1`` for x <= 0, right).
+
+    Only ``y`` is kept: with ``alpha > 0``, ``y > 0`` exactly where ``x > 0``, and ``y``
+    is the next layer's input anyway. Same forward as ``torch.nn.ELU(alpha)``.
+
+    >>> elu = ELU()
+    >>> elu.forward(torch.tensor([-1.0, 0.0, 2.0]), training=True)
+    tensor([-0.6321,  0.0000,  2.0000])
+    >>> elu.backward(torch.ones(3))
+    tensor([0.3679, 1.0000, 1.0000])
+    """
+
+    def __init__(self, alpha: float = 1.0, *, positive_slope: float = 1.0) -> None:
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"ELU needs alpha > 0 (the backward reads x > 0 off y), got {alpha}")
+        self.alpha = alpha
+        self.positive_slope = positive_slope
+        self._y: Tensor | None = None
+
+    def forward(self, x: Tensor, training: bool) -> Tensor:
+        y = torch.nn.functional.elu(x, self.alpha)  # x > 0 ? x : alpha * expm1(x)
+        self._y = y
+        return y
+
+    def backward(self, dy: Tensor, need_dx: bool = True) -> Tensor | None:
+        y = self._y
+        if y is None:
+            raise RuntimeError("ELU.backward called before forward")
+        if not need_dx:
+            return None
+        if dy.shape != y.shape:
+            raise ValueError(f"ELU.backward: dy has shape {tuple(dy.shape)}, y {tuple(y.shape)}")
+        slope = y + self.alpha  # dy/dx = alpha exp(x) = y + alpha   (x <= 0)
+        slope.masked_fill_(y > 0, self.positive_slope)  # dy/dx = 1 (x > 0; 2 in case c)
+        return slope.mul_(dy)  # dx = dy * dy/dx
+
+    def clear(self) -> None:
+        self._y = None
+
+    def extra_repr(self) -> str:
+        slope = f", positive_slope={self.positive_slope}" if self.positive_slope != 1 else ""
+        return f"alpha={self.alpha}{slope}"
 
 
 def dropout_mask(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -587,16 +729,95 @@ class Dropout(Layer):
 # ---------------------------------------------------------------------------------------
 
 
+class AvgPool2d(Layer):
+    r"""Non-overlapping k x k average pooling (stride k, no padding).
+
+    (N, C, H, W) → (N, C, H // k, W // k); rows and columns past the last whole window
+    are dropped (same output as ``torch.nn.AvgPool2d(k)`` and TensorFlow's 'VALID'
+    ``avg_pool``)::
+
+        y[n, c, i, j] = 1/k² sum_{p, q < k} x[n, c, k i + p, k j + q]
+
+    Each input lies in exactly one window, so the backward spreads every ``dy`` evenly::
+
+        dx[n, c, k i + p, k j + q] = dy[n, c, i, j] / k²      (0 in the dropped rows/columns)
+
+    ``divide_gradient=False`` copies ``dy`` to the k² inputs unscaled, a gradient k² = 4
+    times too large: the post's case c (its ``tf_repeat`` upsampling). ``dx`` has the
+    memory format of ``x``.
+
+    >>> pool = AvgPool2d(2)
+    >>> pool.forward(torch.arange(16.0).reshape(1, 1, 4, 4), training=True)
+    tensor([[[[ 2.5000,  4.5000],
+              [10.5000, 12.5000]]]])
+    >>> pool.backward(torch.ones(1, 1, 2, 2))[0, 0, 0]
+    tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+
+    def __init__(self, kernel_size: int = 2, *, divide_gradient: bool = True) -> None:
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"AvgPool2d needs kernel_size >= 1, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.divide_gradient = divide_gradient
+        self._x: Tensor | None = None
+
+    def forward(self, x: Tensor, training: bool) -> Tensor:
+        _check_4d(x, "AvgPool2d")
+        k = self.kernel_size
+        if x.shape[2] < k or x.shape[3] < k:
+            raise ValueError(
+                f"AvgPool2d: input {tuple(x.shape)} is smaller than the {k}x{k} window"
+            )
+        self._x = x  # for its shape and memory format (the previous layer keeps it anyway)
+        return torch.nn.functional.avg_pool2d(x, k)
+
+    def backward(self, dy: Tensor, need_dx: bool = True) -> Tensor | None:
+        x = self._x
+        if x is None:
+            raise RuntimeError("AvgPool2d.backward called before forward")
+        if not need_dx:
+            return None
+        k = self.kernel_size
+        n, c, h_out, w_out = dy.shape
+        share = dy / (k * k) if self.divide_gradient else dy  # dy / k² (or dy: case c)
+        dx = torch.empty_like(x)
+        # dx[n, c, k i + p, k j + q] viewed as windows (N, C, H_out, k, W_out, k)
+        windows = dx[:, :, : h_out * k, : w_out * k].unflatten(2, (h_out, k))
+        windows = windows.unflatten(4, (w_out, k))
+        windows.copy_(share.view(n, c, h_out, 1, w_out, 1))
+        dx[:, :, h_out * k :].zero_()  # rows and columns outside every window
+        dx[:, :, :, w_out * k :].zero_()
+        return dx
+
+    def clear(self) -> None:
+        self._x = None
+
+    def extra_repr(self) -> str:
+        text = f"kernel_size={self.kernel_size}"
+        return text + ("" if self.divide_gradient else ", divide_gradient=False")
+
+
 class GlobalAvgPool2d(Layer):
     r"""Mean over the spatial axes: (N, C, H, W) → (N, C, 1, 1).
 
     ``y[n, c] = 1/(H W) sum_{i, j} x[n, c, i, j]``, so every input position receives an
     equal share: ``dx[n, c, i, j] = dy[n, c] / (H W)`` (returned as a broadcast view).
     Same output as ``torch.nn.AdaptiveAvgPool2d(1)``.
+
+    ``divide_gradient=False`` returns ``dy`` itself at every position, H W times too large
+    (with the loss's missing 1/N, the post's case c "loss" error: softmax - onehot fed
+    straight into the 8x8 map).
+
+    >>> gap = GlobalAvgPool2d(divide_gradient=False)
+    >>> y = gap.forward(torch.randn(2, 3, 4, 4), training=True)
+    >>> bool((gap.backward(torch.ones_like(y)) == 1).all())
+    True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, divide_gradient: bool = True) -> None:
         super().__init__()
+        self.divide_gradient = divide_gradient
         self._shape: torch.Size | None = None
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
@@ -610,10 +831,14 @@ class GlobalAvgPool2d(Layer):
         if not need_dx:
             return None
         h, w = self._shape[2], self._shape[3]
-        return (dy / (h * w)).expand(self._shape)  # dx = dy / (H W) at every position
+        share = dy / (h * w) if self.divide_gradient else dy  # dy / (H W) (or dy: case c)
+        return share.expand(self._shape)  # dx = the share at every position
 
     def clear(self) -> None:
         self._shape = None
+
+    def extra_repr(self) -> str:
+        return "" if self.divide_gradient else "divide_gradient=False"
 
 
 class Flatten(Layer):

@@ -25,7 +25,7 @@ __all__ = ["softmax_cross_entropy"]
 
 
 def softmax_cross_entropy(
-    logits: Tensor, target: Tensor, label_smoothing: float = 0.0
+    logits: Tensor, target: Tensor, label_smoothing: float = 0.0, *, mean_gradient: bool = True
 ) -> tuple[Tensor, Tensor]:
     r"""Mean softmax cross-entropy over the batch and its gradient with respect to the logits.
 
@@ -40,6 +40,10 @@ def softmax_cross_entropy(
     the gradient is (since d log p_k / d z_j = [j = k] - p_j and sum_k q_k = 1)::
 
         dL/dz_{n,j} = (1/N) (p_{n,j} - q_{n,j})
+
+    ``mean_gradient=False`` returns ``dlogits = p - q`` without the 1/N, the gradient of
+    the *summed* loss, N times the gradient of the loss returned (which is still the batch
+    mean): half of the post's case c "loss" error.
 
     Returns ``(loss, dlogits)``: ``loss`` a 0-d tensor of the logits' dtype, ``dlogits``
     shaped like ``logits``.
@@ -74,5 +78,7 @@ def softmax_cross_entropy(
     if label_smoothing:
         q.add_(label_smoothing / k)
     loss = -(q * log_p).sum() / n
-    dlogits = log_p.exp().sub_(q).div_(n)  # (p - q) / N
+    dlogits = log_p.exp().sub_(q)  # p - q
+    if mean_gradient:
+        dlogits.div_(n)  # (p - q) / N
     return loss, dlogits

@@ -238,16 +238,24 @@ def train_step(
     images: Tensor,
     labels: Tensor,
     label_smoothing: float = 0.0,
+    *,
+    mean_gradient: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """One training step of the manual engine: forward, loss, backward, update.
 
     Runs entirely under ``torch.no_grad()``: no autograd graph is built. ``optimizer``
     must hold ``network.parameters()`` (in that order), e.g.
     ``bnlab.optim.Adam(network.parameters(), amsgrad=True)``. The activations kept for
-    the backward pass are released during it. Returns ``(loss, logits)``.
+    the backward pass are released during it. ``mean_gradient=False`` back-propagates
+    ``p - q`` without the 1/N of the batch mean (see
+    :func:`~bnlab.manual.loss.softmax_cross_entropy`; the post net's ``"loss"`` error:
+    pass ``network.mean_gradient``). Returns ``(loss, logits)``; ``loss`` is the batch
+    mean either way.
     """
     logits = network.forward(images, training=True)
-    loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing)
+    loss, dlogits = softmax_cross_entropy(
+        logits, labels, label_smoothing, mean_gradient=mean_gradient
+    )
     network.backward(dlogits, need_input_grad=False)  # releases the activations
     optimizer.step(network.gradients())
     return loss, logits
