@@ -6,6 +6,7 @@ One idea per module:
 - :mod:`bnlab.manual.loss`    — softmax cross-entropy and its gradient
 - :mod:`bnlab.manual.network` — ``Sequential`` of named layers, ``train_step``
 - :mod:`bnlab.manual.allcnn`  — All-CNN-C, built from the plan the autograd twin shares
+- :mod:`bnlab.manual.postnet` — the blog post's network, with case c's gradient errors
 - :mod:`bnlab.manual.check`   — the whole-network comparison against autograd
 
 Usage::
@@ -23,20 +24,27 @@ Usage::
 
 from bnlab.manual.allcnn import MIN_INPUT_SIZE, LayerSpec, all_cnn_c, all_cnn_c_plan
 from bnlab.manual.layers import (
+    ELU,
+    AvgPool2d,
     BatchNorm2d,
     Conv2d,
     Dropout,
     Flatten,
     GlobalAvgPool2d,
     Layer,
+    PerActivationBatchNorm,
     ReLU,
     dropout_mask,
 )
 from bnlab.manual.loss import softmax_cross_entropy
 from bnlab.manual.network import Sequential, train_step
+from bnlab.manual.postnet import GRADIENT_ERRORS, post_init_, post_net, post_net_plan
 
 __all__ = [
+    "ELU",
+    "GRADIENT_ERRORS",
     "MIN_INPUT_SIZE",
+    "AvgPool2d",
     "BatchNorm2d",
     "Conv2d",
     "Dropout",
@@ -44,11 +52,15 @@ __all__ = [
     "GlobalAvgPool2d",
     "Layer",
     "LayerSpec",
+    "PerActivationBatchNorm",
     "ReLU",
     "Sequential",
     "all_cnn_c",
     "all_cnn_c_plan",
     "dropout_mask",
+    "post_init_",
+    "post_net",
+    "post_net_plan",
     "softmax_cross_entropy",
     "train_step",
 ]

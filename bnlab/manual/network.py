@@ -46,7 +46,12 @@ class Sequential:
 
     ``layers`` is a list of ``(name, layer)`` pairs or a mapping name → layer. The network
     starts in training mode (like ``torch.nn.Module``); :meth:`train` / :meth:`eval` switch.
+
+    ``mean_gradient`` (True unless a builder says otherwise: the post net with its
+    ``"loss"`` error) tells a trainer what to pass to :func:`train_step`.
     """
+
+    mean_gradient: bool = True
 
     def __init__(self, layers: Iterable[tuple[str, Layer]] | Mapping[str, Layer]) -> None:
         pairs = list(layers.items()) if isinstance(layers, Mapping) else list(layers)
