@@ -16,6 +16,20 @@ combines them into a :class:`~bnlab.train.TrainConfig`.
 ``b-manual`` has the same math as ``b`` on the manual engine, so from the same seed (same
 initial weights, same batches) it follows b's trajectory up to float rounding.
 
+The ``post`` and ``post-quick`` presets run the post's network and recipe as its code ran
+them (``../post/README.md``; :mod:`bnlab.manual.postnet`, :mod:`bnlab.post_recipe`). There
+case ``c`` is the post's case c *as it ran*, and a ladder walks from b to c one difference
+at a time:
+
+| step       | = the step above plus                                         |
+|------------|---------------------------------------------------------------|
+| b          | (TF autodiff → autograd; per-channel scale-only BN; Adam β2 0.9) |
+| b-manual   | the manual engine and bnlab's BN (hand-written vs framework)  |
+| b-act      | per-activation BN (statistics over the batch axis only)       |
+| b-act-rule | the post's optimizer rule (whole-tensor-sum AMSGrad, no bias correction) |
+| c          | the three gradient errors (ELU' = 2, pool not /4, loss not /N, /64) |
+| c-fixed    | c with true gradients and standard AMSGrad (per-activation BN kept) |
+
     >>> cfg = case_config("b", "quick", seed=0)
     >>> cfg.engine, cfg.norm, cfg.optimizer
     ('autograd', 'torch', 'adam')
@@ -28,7 +42,8 @@ from dataclasses import dataclass
 
 from bnlab.train import ConfigError, TrainConfig
 
-__all__ = ["CASES", "PRESETS", "Case", "Preset", "case_config"]
+__all__ = ["CASES", "LADDER", "POST_CASES", "PRESETS", "Case", "Preset", "case_config",
+           "case_definition"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,29 @@ CASES: dict[str, Case] = {
     "b-manual": Case("b-manual: bnlab BN, manual backprop, Adam (b's math)",
                      {"engine": "manual", "norm": "bnlab", "optimizer": "adam",
                       "optimizer_impl": "bnlab"}),
+    # the ladder from b to c of the post presets (per-activation BN is the post net's)
+    "b-act": Case("b-act: b-manual + per-activation BN (post net)",
+                  {"engine": "manual", "norm": "bnlab", "optimizer": "adam",
+                   "optimizer_impl": "bnlab", "arch": "post", "bn_kind": "activation"}),
+    "b-act-rule": Case("b-act-rule: b-act + the post's AMSGrad rule (post net)",
+                       {"engine": "manual", "norm": "bnlab", "optimizer": "amsgrad",
+                        "optimizer_impl": "bnlab", "amsgrad_rule": "post", "arch": "post",
+                        "bn_kind": "activation"}),
+    "c-fixed": Case("c-fixed: per-activation BN, true gradients, standard AMSGrad (post net)",
+                    {"engine": "manual", "norm": "bnlab", "optimizer": "amsgrad",
+                     "optimizer_impl": "bnlab", "amsgrad_rule": "torch", "arch": "post",
+                     "bn_kind": "activation"}),
 }
+
+# What a case means under the post presets, where it differs from the table above.
+POST_CASES: dict[str, Case] = {
+    "a": Case("a: no BN, autograd, Adam (the post's a)", CASES["a"].fields),
+    "b": Case("b: per-channel scale-only BN, autograd, Adam (the post's b)", CASES["b"].fields),
+    "c": Case("c: the post's case c as it ran (per-activation BN, its AMSGrad rule, "
+              "its three gradient errors)",
+              {**CASES["b-act-rule"].fields, "gradient_errors": ("elu", "pool", "loss")}),
+}
+LADDER = ("b", "b-manual", "b-act", "b-act-rule", "c")
 
 
 @dataclass(frozen=True)
@@ -65,6 +102,15 @@ class Preset:
     fields: dict
 
 
+# The post's recipe (../post/README.md, "What all three cases share"); the post net's BN
+# flavours fix eps 1e-8 and the running averages' start (bnlab.manual.postnet).
+POST_RECIPE = {"arch": "post", "recipe": "post", "batch_size": 50, "lr": 3e-4,
+               "lr_schedule": "inverse", "betas": (0.9, 0.9), "bn_momentum": 0.1,
+               "eval_batch_size": 50, "augment": False, "dropout": False}
+# post-quick: what fits 15 minutes of a 2-core CPU for a, b and c (measured; see README)
+POST_QUICK_SCALE = {"width": 0.25, "epochs": 6}
+POST_QUICK_NOTE = "width 0.25, 6 epochs instead of 1.0 and 21"
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "a 2-core CPU in about 10 minutes for a, b, c: width 0.5, 15 epochs, batch 32, Adam "
@@ -73,6 +119,18 @@ PRESETS: dict[str, Preset] = {
         ("a", "b", "c"), 1,
         {"width": 0.5, "epochs": 15, "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine",
          "augment": True},
+    ),
+    "post": Preset(
+        "a GPU: the post as its code ran (its network, 25+25 augmented batches, per-batch "
+        "standardisation, Adam β2 0.9, lr 3e-4/(1+0.001 epoch)), full width, full CIFAR-10, "
+        "21 epochs, 3 seeds, the ladder b → c and c-fixed",
+        ("a", "b", "c", "c-fixed", "b-manual", "b-act", "b-act-rule"), 3,
+        {**POST_RECIPE, "width": 1.0, "epochs": 21},
+    ),
+    "post-quick": Preset(
+        "a 2-core CPU in under 15 minutes: the post's recipe for a, b, c on the CIFAR-10 "
+        f"sample, at reduced scale: {POST_QUICK_NOTE}",
+        ("a", "b", "c"), 1, {**POST_RECIPE, **POST_QUICK_SCALE},
     ),
     "paper": Preset(
         "a GPU: full width, full CIFAR-10, 30 epochs, batch 128, Adam lr 1e-3 with a cosine "
@@ -84,13 +142,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def case_config(case: str, preset: str = "quick", seed: int = 0, **overrides) -> TrainConfig:
-    """The validated config of ``case`` at ``preset`` scale; ``overrides`` win over both."""
+def is_post_preset(preset: str) -> bool:
+    return preset.startswith("post")
+
+
+def case_definition(case: str, preset: str) -> Case:
+    """The case's label and fields under ``preset`` (the post presets redefine a, b, c)."""
     if case not in CASES:
         raise ConfigError(f"unknown case {case!r}: choose from {', '.join(CASES)}")
+    if is_post_preset(preset):
+        return POST_CASES.get(case, CASES[case])
+    if CASES[case].fields.get("arch") == "post":
+        raise ConfigError(f"case {case!r} is a step of the post's ladder: use --preset post "
+                          f"or post-quick")
+    return CASES[case]
+
+
+def case_config(case: str, preset: str = "quick", seed: int = 0, **overrides) -> TrainConfig:
+    """The validated config of ``case`` at ``preset`` scale; ``overrides`` win over both."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    fields = {**PRESETS[preset].fields, **CASES[case].fields,
+    definition = case_definition(case, preset)
+    fields = {**PRESETS[preset].fields, **definition.fields,
               **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(fields) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:

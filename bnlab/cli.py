@@ -285,7 +285,8 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cases", help="comma-separated cases (default: the preset's)")
     p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the preset's)")
-    p.add_argument("--preset", default="quick", help="quick (default) or paper; see below")
+    p.add_argument("--preset", default="quick",
+                   help="quick (default), paper, post or post-quick; see below")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--subset", type=int, help="train on N images (the same N for every run)")
     p.add_argument("--width", type=float, help="override the preset's width multiplier")

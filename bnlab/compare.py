@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnlab import data as bdata
-from bnlab.cases import CASES, PRESETS, case_config
+from bnlab.cases import CASES, PRESETS, case_config, case_definition
 from bnlab.train import (
     ConfigError,
     DivergenceError,
@@ -49,7 +49,7 @@ class ComparisonPlan:
     def to_json(self) -> dict:
         return {
             "cases": self.cases, "seeds": self.seeds, "preset": self.preset,
-            "case_labels": {c: CASES[c].label for c in self.cases},
+            "case_labels": {c: case_definition(c, self.preset).label for c in self.cases},
             "data": self.configs_data(), "command": self.command,
             "configs": {c: {str(s): cfg.to_json() for s, cfg in by_seed.items()}
                         for c, by_seed in self.configs.items()},
@@ -157,7 +157,7 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
         for seed in plan.seeds:
             cfg = plan.configs[case][seed]
             run_dir = plan.out / case / f"seed{seed}"
-            log(f"\n== {CASES[case].label} — seed {seed}")
+            log(f"\n== {case_definition(case, plan.preset).label} — seed {seed}")
             try:
                 train(cfg, run_dir, dataset=dataset, resume=run_dir.exists(),
                       progress=not quiet, log=log)

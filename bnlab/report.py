@@ -913,6 +913,21 @@ src="data:image/png;base64,{image}"><figcaption>{e(_caption(summary))}</figcapti
 """
 
 
+def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, labels,
+                      markdown: str, page: str) -> tuple[str, str]:
+    """The post presets' section (bnlab.post_report), in summary.json and both reports."""
+    from bnlab.post_report import post_section, post_summary, write_post_figures
+    from bnlab.studies.common import markdown_body
+
+    summary["post"] = _clean_json(post_summary(runs_by_case, summary["full_cifar10"]))
+    _write_text(folder / "summary.json",
+                json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_post_figures(folder, runs_by_case, summary["data"], labels)
+    section = post_section(summary["post"], summary["data"])
+    body = markdown_body(section, folder)
+    return markdown + "\n" + section, page.replace("</body></html>", body + "\n</body></html>")
+
+
 def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``summary.json``, ``curves.png``, ``report.md`` and ``report.html`` into a
     comparison folder, from its run folders alone; returns their paths.
@@ -933,10 +948,15 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
         curves_title(compared, summary["data"], n_seeds),
         labels=labels,
     )
+    markdown_text = render_markdown(summary, curves.name)
+    page_text = render_html(summary, curves.read_bytes())
+    if str(summary.get("preset") or "").startswith("post"):
+        markdown_text, page_text = _add_post_section(folder, summary, runs_by_case, labels,
+                                                     markdown_text, page_text)
     markdown = folder / "report.md"
-    _write_text(markdown, render_markdown(summary, curves.name))
+    _write_text(markdown, markdown_text)
     page = folder / "report.html"
-    _write_text(page, render_html(summary, curves.read_bytes()))
+    _write_text(page, page_text)
     return {
         "summary": folder / "summary.json",
         "curves": curves,

@@ -40,6 +40,7 @@ __all__ = [
     "StudyContext",
     "StudyScale",
     "fmt_pm",
+    "markdown_body",
     "markdown_to_html",
     "mean_std",
     "read_summary",
@@ -207,7 +208,20 @@ def _inline(text: str) -> str:
 def markdown_to_html(markdown: str, base_dir: Path, title: str) -> str:
     """The small Markdown the studies write (headings, paragraphs, lists, pipe tables,
     ``![caption](file.png)`` figures, emphasis, code) as one self-contained HTML page:
-    figures inlined as base64 data URIs, CSS inline, nothing loaded from elsewhere."""
+    figures inlined as base64 data URIs, CSS inline, nothing loaded from elsewhere.
+
+        >>> page = markdown_to_html("# Q1\n\nBN **helps**.", Path("."), "t")
+        >>> "<h1>Q1</h1>" in page and "<strong>helps</strong>" in page
+        True
+    """
+    body = markdown_body(markdown, base_dir)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            f"{body}\n</body></html>\n")
+
+
+def markdown_body(markdown: str, base_dir: Path) -> str:
+    """The HTML body of :func:`markdown_to_html` (no page around it)."""
     out: list[str] = []
     lines = markdown.splitlines()
     i = 0
@@ -253,7 +267,4 @@ def markdown_to_html(markdown: str, base_dir: Path, title: str) -> str:
                 para.append(lines[i])
                 i += 1
             out.append(f"<p>{_inline(' '.join(para))}</p>")
-    body = "\n".join(out)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-            f"{body}\n</body></html>\n")
+    return "\n".join(out)
