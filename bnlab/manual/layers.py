@@ -509,7 +509,13 @@ class PerActivationBatchNorm(_BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        **kwargs: Any,
+        *,
+        bias: bool = True,
+        bias_correction: bool = False,
+        running_var_init: float = 1.0,
+        unbiased_running_var: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if min(channels, height, width) <= 0:
             raise ValueError(
@@ -517,7 +523,9 @@ class PerActivationBatchNorm(_BatchNorm):
                 f"height={height}, width={width}"
             )
         super().__init__(
-            channels * height * width, eps, momentum, affine, track_running_stats, **kwargs
+            channels * height * width, eps, momentum, affine, track_running_stats,
+            bias=bias, bias_correction=bias_correction, running_var_init=running_var_init,
+            unbiased_running_var=unbiased_running_var, device=device, dtype=dtype,
         )
         self.feature_shape = (channels, height, width)
 
