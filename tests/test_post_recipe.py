@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ from bnlab.post_recipe import (
 from bnlab.postlog import LOGGED_FINAL, load_logged_metrics
 
 SHARED_METRICS = Path(__file__).resolve().parents[1].parent / "shared/post/logged-metrics.csv"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Single-threaded: these tensors are tiny, and on a busy shared machine a thread pool's
+    barrier can stall for longer than the work takes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_dataset(num_train: int = 20, num_test: int = 7, seed: int = 0) -> CIFAR10:
@@ -239,6 +250,8 @@ def test_standardize_per_pixel_matches_reference_and_guards_constant_pixels() ->
     x = torch.rand(50, 3, 4, 4, dtype=torch.float64) * 255
     expected = (x - x.mean(0)) / (x.std(0, correction=0) + STANDARDIZE_EPS)
     assert torch.allclose(standardize_per_pixel(x), expected, rtol=0, atol=1e-12)
+    wide = (x - x.mean(0)) / (x.std(0, correction=0) + 10.0)  # eps is added to the std
+    assert torch.allclose(standardize_per_pixel(x, eps=10.0), wide, rtol=0, atol=1e-12)
     z32 = standardize_per_pixel(x.float())
     assert z32.dtype == torch.float32 and (z32.double() - expected).abs().max() < 1e-5
     z16 = standardize_per_pixel(x.half())
@@ -388,6 +401,15 @@ def test_translation_moves_the_centre_of_mass_by_the_expected_pixels() -> None:
         cx, cy = centre_of_mass(out[0, 0])
         print(f"translate ({tx}, {ty}): centre moved to ({cx:.3f}, {cy:.3f}) px")
         assert abs(cx - 32 * tx) < 0.5 and abs(cy - 32 * ty) < 0.5
+
+
+def test_outside_the_frame_is_black() -> None:
+    """imgaug's mode="constant", cval=0: what moves in from outside is 0, not an edge copy."""
+    x = torch.full((1, 3, 32, 32), 255.0)
+    out = post_affine(x, *params(translate=(0.25, 0.0)), apply=only(TRANSLATE))[0]
+    assert out[:, :, :8].eq(0).all() and out[:, :, 8:].eq(255).all()
+    small = post_affine(x, *params(scale=(0.5, 0.5)), apply=only(SCALE))[0]
+    assert small[:, 0, 0].eq(0).all() and small[:, 15, 15].eq(255).all()
 
 
 def test_scale_per_axis_stretches_the_content() -> None:
