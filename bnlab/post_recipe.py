@@ -40,10 +40,11 @@ Where the post's code leaves room, this module decides as follows.
   standard deviation, ``ddof=0``) with no epsilon, for the training batches and the test
   set alike. :func:`standardize_per_pixel` computes ``(x - mean) / (std + eps)`` with the
   population std and ``eps = STANDARDIZE_EPS = 1e-8``: in float32 ``std + 1e-8 == std``
-  for every std above about 0.2 pixel units, so on real batches this is the post's formula
-  to the last bit, while a pixel that is constant over the batch gives a finite value
-  (0 when the mean is exact) instead of the post's NaN. ``eps=0`` reproduces the post
-  exactly, NaN included.
+  for every std of 0.25 pixel units or more (real batches of 50: about 48 to 80), so this is the
+  post's formula, while a pixel that is constant over the batch gives a finite value (0
+  when the mean is exact) instead of the post's NaN. ``eps=0`` is the post's formula
+  exactly, NaN included. (sqrt(var + eps) would differ as little; std + eps is the
+  post's own expression with a guard added.)
 * Scale and translation per axis, independently. The post passes dicts
   (``scale={"x": (0.8, 1.2), "y": (0.8, 1.2)}``, likewise ``translate_percent``), for which
   imgaug samples x and y independently; so the scale is anisotropic, as in the post.
