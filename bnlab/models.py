@@ -189,6 +189,11 @@ class ScaleOnlyBatchNorm(nn.Module):
     variance averaged is the unbiased batch variance (``unbiased_running_var=True``, as
     PyTorch and TensorFlow's fused BN) or the biased one.
 
+    ``bias_correction=True`` (an attribute a trainer may also set later) normalizes in
+    evaluation mode with the running averages' initial values divided out (the post's
+    Q5; :func:`bnlab.functional.bias_corrected_running_stats` with ``initial_var =
+    running_var_init``), as the manual engine's BN layers do.
+
     Parameter ``weight``; buffers ``running_mean``, ``running_var``,
     ``num_batches_tracked``: the ``state_dict`` of the manual engine's BN layers.
 
@@ -206,6 +211,7 @@ class ScaleOnlyBatchNorm(nn.Module):
         engine: str = "torch",
         running_var_init: float = 0.0,
         unbiased_running_var: bool = True,
+        bias_correction: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -218,6 +224,7 @@ class ScaleOnlyBatchNorm(nn.Module):
         self.engine = engine
         self.running_var_init = running_var_init
         self.unbiased_running_var = unbiased_running_var
+        self.bias_correction = bias_correction
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         self.register_buffer("running_mean", torch.empty(num_features, **factory))
@@ -260,11 +267,21 @@ class ScaleOnlyBatchNorm(nn.Module):
         y = self._normalize_torch(xf) if self.engine == "torch" else self._normalize_bnlab(xf)
         return y.reshape(x.shape) if y.shape != x.shape else y
 
+    def _running_stats(self) -> tuple[Tensor, Tensor]:
+        """The statistics evaluation mode normalizes with (bias-corrected if asked)."""
+        if not self.bias_correction:
+            return self.running_mean, self.running_var
+        return bF.bias_corrected_running_stats(
+            self.running_mean, self.running_var, int(self.num_batches_tracked), self.momentum,
+            initial_var=self.running_var_init,
+        )
+
     def _normalize_torch(self, xf: Tensor) -> Tensor:
         functional = nn.functional
         if not self.training:
+            running_mean, running_var = self._running_stats()
             return functional.batch_norm(
-                xf, self.running_mean, self.running_var, self.weight, None, False, 0.0, self.eps
+                xf, running_mean, running_var, self.weight, None, False, 0.0, self.eps
             )
         if self.unbiased_running_var:  # torch updates the buffers with the unbiased variance
             return functional.batch_norm(
@@ -279,9 +296,11 @@ class ScaleOnlyBatchNorm(nn.Module):
         return functional.batch_norm(xf, None, None, self.weight, None, True, 0.0, self.eps)
 
     def _normalize_bnlab(self, xf: Tensor) -> Tensor:
+        running_mean, running_var = (
+            (self.running_mean, self.running_var) if self.training else self._running_stats()
+        )
         saved = bF.batch_norm_prepare(
-            xf.detach(), self.running_mean, self.running_var, training=self.training,
-            eps=self.eps,
+            xf.detach(), running_mean, running_var, training=self.training, eps=self.eps
         )
         if self.training:
             bF.update_running_stats(
@@ -295,7 +314,7 @@ class ScaleOnlyBatchNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"engine={self.engine!r}, running_var_init={self.running_var_init}, "
             f"unbiased_running_var={self.unbiased_running_var}"
-        )
+        ) + (", bias_correction=True" if self.bias_correction else "")
 
 
 class PerActivationScaleOnlyBatchNorm(ScaleOnlyBatchNorm):
@@ -322,6 +341,7 @@ class PerActivationScaleOnlyBatchNorm(ScaleOnlyBatchNorm):
         engine: str = "torch",
         running_var_init: float = 0.0,
         unbiased_running_var: bool = False,
+        bias_correction: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -333,7 +353,7 @@ class PerActivationScaleOnlyBatchNorm(ScaleOnlyBatchNorm):
         super().__init__(
             channels * height * width, eps, momentum, engine=engine,
             running_var_init=running_var_init, unbiased_running_var=unbiased_running_var,
-            device=device, dtype=dtype,
+            bias_correction=bias_correction, device=device, dtype=dtype,
         )
         self.feature_shape = (channels, height, width)
 

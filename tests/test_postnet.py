@@ -371,6 +371,25 @@ def test_post_bn_flavours_match_a_float64_reference(flavour, impl, channels_last
 
 
 @pytest.mark.parametrize("impl", ["manual", "torch", "bnlab"])
+@pytest.mark.parametrize("flavour", ["channel", "activation"])
+def test_post_bn_bias_correction_divides_out_the_zero_start(flavour, impl):
+    """After one step from 0, the bias-corrected running statistics are the batch's own.
+
+    Set as an attribute after construction, as the trainer does.
+    """
+    torch.manual_seed(9)
+    bn = post_bn(flavour, impl)
+    bn.bias_correction = True
+    x = torch.randn(5, 24, 8, 8, dtype=F64) * 2 + 1
+    run_bn(bn, x, True)
+    xf = x if flavour == "channel" else x.reshape(5, -1)
+    dims, shape = ((0, 2, 3), (1, -1, 1, 1)) if flavour == "channel" else ((0,), (-1,))
+    var = xf.var(dims, correction=1 if flavour == "channel" else 0)  # what was averaged
+    y_ref = (xf - xf.mean(dims).reshape(shape)) / (var.reshape(shape) + EPS).sqrt()
+    check("bias-corrected eval output", run_bn(bn, x, False), y_ref.reshape(x.shape))
+
+
+@pytest.mark.parametrize("impl", ["manual", "torch", "bnlab"])
 def test_per_activation_bn_is_batchnorm1d_on_flattened_features(impl):
     """torch.nn.BatchNorm1d(C*H*W) with bias 0 and running var from 0 (its own is unbiased)."""
     torch.manual_seed(8)
