@@ -263,10 +263,8 @@ class Model:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         smoothing = self.config.label_smoothing
         if self.config.engine == "manual":
-            if self.mean_gradient:
-                return train_step(self.network, self.optimizer, x, y, smoothing)
             return train_step(self.network, self.optimizer, x, y, smoothing,
-                              mean_gradient=False)
+                              mean_gradient=self.mean_gradient)
         self.module.train()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             logits = _at_least_float32(self.forward(x))
