@@ -287,8 +287,10 @@ def standardize_per_pixel(images: torch.Tensor, eps: float = STANDARDIZE_EPS) ->
         )
     compute = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     x = images.to(compute)
-    std, mean = torch.std_mean(x, dim=0, correction=0)
-    return ((x - mean) / (std + eps)).to(images.dtype)
+    # two passes with plain reductions: torch.std_mean over dim 0 is ~10x slower on CPU
+    centred = x - x.mean(0)
+    std = centred.square().mean(0).sqrt_()
+    return centred.div_(std.add_(eps)).to(images.dtype)
 
 
 def _test_set_statistics(
