@@ -75,7 +75,8 @@ def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = Fals
     ladder = []
     present = [step for step in LADDER if step in runs_by_case]
     for lower, upper in itertools.pairwise(present):
-        ladder.append({"step": upper, "from": lower,
+        between = LADDER[LADDER.index(lower) + 1:LADDER.index(upper) + 1]
+        ladder.append({"step": upper, "from": lower, "adds": list(between),
                        "change": _paired(runs_by_case[upper], runs_by_case[lower])})
     fixed = None
     if "c-fixed" in runs_by_case and "c" in runs_by_case:
@@ -211,8 +212,11 @@ def post_section(post: Mapping[str, Any], data: str) -> str:
         what = {"b-manual": "manual engine + bnlab's BN", "b-act": "per-activation BN",
                 "b-act-rule": "the post's AMSGrad rule", "c": "the three gradient errors"}
         for step in post["ladder"]:
-            lines.append(f"| {step['step']} | {what.get(step['step'], step['step'])} | "
-                         f"{_pm(step['change'], True)} |")
+            adds = step.get("adds") or [step["step"]]
+            change = " + ".join(what.get(a, a) for a in adds)
+            if len(adds) > 1:  # steps in between were not run: this row lumps them together
+                change = f"{change} (from {step['from']}: {len(adds)} steps at once)"
+            lines.append(f"| {step['step']} | {change} | {_pm(step['change'], True)} |")
     if post.get("c_fixed"):
         lines += ["", f"c-fixed − c (true gradients and standard AMSGrad, same per-activation BN):"
                   f" {_pm(post['c_fixed']['c_fixed_minus_c'], True)} points."]

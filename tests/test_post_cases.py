@@ -121,10 +121,12 @@ def test_post_summary_verdicts_and_paired_ladder():
     assert steps["b-manual"]["change"]["mean"] == pytest.approx(0.001)
     assert steps["b-manual"]["change"]["std"] == pytest.approx(0.0, abs=1e-12)
     assert steps["c"]["change"]["values"] == pytest.approx([-0.022, -0.028, -0.018])
+    assert steps["c"]["adds"] == ["b-act", "b-act-rule", "c"]  # lumped: say so
     diff = post["b_vs_a"]["bnlab_b_minus_a"]
     assert diff["values"] == pytest.approx([0.001, 0.003, -0.003])
     text = post_section(post, "test data")
     assert "cannot separate b from a" in text and "88.83" in text
+    assert "3 steps at once" in text
 
 
 def test_per_activation_bn_is_refused_on_all_cnn_c():
