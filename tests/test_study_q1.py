@@ -1,0 +1,225 @@
+"""Q1 (is BN a regularizer?): the measurements on cases with known answers, then the whole
+study end to end on tiny generated data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab.data import load_cifar10_dir
+from bnlab.models import Dropout
+from bnlab.studies import common, q1, run_study
+from bnlab.train import TrainConfig, prepare_dataset, train
+from tests.cifar_fixtures import write_cifar10_folder
+
+TINY_SCALE = common.StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8,
+                               lr=1e-3, seeds=1, budget_s=60.0, description="tests")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_folder(root, per_batch=8, test=12)  # 40 training, 12 test images
+    return load_cifar10_dir(root)
+
+
+# ---- the grouped forward is what separate BN batches give -------------------------------
+
+@pytest.mark.parametrize("bn_class", [nn.BatchNorm2d, bnn.BatchNorm2d], ids=["torch", "bnlab"])
+def test_grouped_forward_equals_separate_batches(bn_class):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), bn_class(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                        bn_class(4), nn.Flatten()).double()
+    with torch.no_grad():
+        for layer in net:
+            if isinstance(layer, bn_class):  # non-trivial gamma and beta
+                layer.weight.uniform_(0.5, 2.0)
+                layer.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        grouped = q1.grouped_train_forward(net, x, group_size=4)
+    after = {k: v.clone() for k, v in net.state_dict().items()}
+    for key in before:  # running statistics (and everything else) untouched
+        assert torch.equal(before[key], after[key]), key
+    net.train()
+    with torch.no_grad():
+        separate = torch.cat([net(x[i:i + 4]) for i in range(0, 12, 4)])
+    error = (grouped - separate).abs().max().item()
+    print(f"grouped vs separate forwards: max abs error {error:.2e}")
+    assert error < 1e-12
+
+
+def test_grouped_forward_refuses_a_ragged_split():
+    with pytest.raises(ValueError, match="groups of 4"):
+        q1.grouped_train_forward(nn.Sequential(nn.BatchNorm2d(2)), torch.randn(6, 2, 2, 2), 4)
+
+
+# ---- the noise measure on known answers ----------------------------------------------------
+
+def test_bn_noise_of_one_layer_follows_theory():
+    """y = (x - mu_B) / sigma_B on N(0, 1) inputs: var over batch compositions
+    ~ (1 + x^2 / 2) / B, so the relative std is sqrt(1.5 / B) and the log-log slope -1/2."""
+    net = nn.Sequential(nn.BatchNorm2d(10, affine=False), nn.Flatten())
+    x = torch.randn(2048, 10, 1, 1, generator=torch.Generator().manual_seed(1))
+    sizes = [8, 16, 32, 64]
+    rel = []
+    for b in sizes:
+        samples = q1.noise_samples(net, x, b, 4, torch.Generator().manual_seed(b))
+        assert samples.shape == (4, 2048, 10)
+        rel.append(q1.logit_spread(samples, center=False)["relative_std"])
+    print("relative std", [f"{r:.3f}" for r in rel], "theory",
+          [f"{math.sqrt(1.5 / b):.3f}" for b in sizes])
+    for b, r in zip(sizes[1:], rel[1:], strict=True):  # the expansion holds for larger B
+        assert r == pytest.approx(math.sqrt(1.5 / b), rel=0.1)
+    assert q1.fit_slope(sizes, rel) == pytest.approx(-0.5, abs=0.1)
+    assert torch.equal(net[0].running_mean, torch.zeros(10))  # never updated
+    assert int(net[0].num_batches_tracked) == 0
+
+
+def test_a_network_without_bn_or_dropout_has_no_noise():
+    net = nn.Sequential(nn.Linear(5, 10))
+    x = torch.randn(64, 5)
+    spread = q1.logit_spread(q1.noise_samples(net, x, 8, 3, torch.Generator().manual_seed(0)))
+    assert spread["relative_std"] == 0.0
+    assert spread["disagreement"] == 0.0
+
+
+def test_dropout_noise_is_one_for_half_dropout():
+    """Inverted dropout with p = 1/2 on ones: 0 or 2, mean 1, std 1."""
+    net = nn.Sequential(Dropout(0.5, generator=torch.Generator().manual_seed(0)))
+    samples = q1.noise_samples(net, torch.ones(1000, 10), 8, 4, torch.Generator().manual_seed(0))
+    assert q1.logit_spread(samples, center=False)["relative_std"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_logit_spread_recovers_known_noise():
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(500, 10, generator=g) * 3.0
+    noise = 0.3 * torch.randn(6, 500, 10, generator=g)
+    spread = q1.logit_spread(signal + noise, center=False)
+    rms = signal.pow(2).mean().sqrt().item()
+    assert spread["relative_std"] == pytest.approx(0.3 / rms, rel=0.05)
+    assert 0.0 < spread["disagreement"] < 0.2
+    shifted = signal + noise + torch.randn(6, 500, 1, generator=g) * 100.0  # softmax-invariant
+    assert q1.logit_spread(shifted)["relative_std"] == pytest.approx(
+        q1.logit_spread(signal + noise)["relative_std"], rel=1e-6)
+    with pytest.raises(ValueError, match="draws >= 2"):
+        q1.logit_spread(signal[None])
+
+
+def test_fit_slope_and_compare_means():
+    assert q1.fit_slope([1, 10, 100], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
+    assert q1.fit_slope([4], [1.0]) is None
+    a = {"mean": 0.30, "std": 0.01, "n": 3}
+    b = {"mean": 0.20, "std": 0.02, "n": 3}
+    assert q1.compare_means(a, b)["direction"] == "above"
+    assert q1.compare_means(b, a)["direction"] == "below"
+    assert q1.compare_means(a, {**b, "mean": 0.29})["direction"] == "within spread"
+    assert q1.compare_means({**a, "n": 1, "std": 0.0}, b)["direction"] == "one seed"
+    assert q1.verdict_phrase("supported") == "The data support it."
+    assert q1.verdict_phrase("inconclusive") == "Inconclusive at this scale."
+
+
+def test_gap_curves():
+    rows = [{"epoch": 1, "train_acc": 0.5, "test_acc": 0.4, "train_loss": 1.2, "test_loss": 1.5},
+            {"epoch": 2, "train_acc": 0.7, "test_acc": 0.5, "train_loss": 0.8, "test_loss": 1.4}]
+    curves = q1.gap_curves(rows)
+    assert curves["epoch"] == [1, 2]
+    assert curves["acc_gap"] == pytest.approx([0.1, 0.2])
+    assert curves["loss_gap"] == pytest.approx([0.3, 0.6])
+
+
+def test_eval_mode_train_accuracy_is_the_test_accuracy_when_test_is_train(tiny_data, tmp_path):
+    """With the training images as the test set and no augmentation, the run's own last
+    test evaluation is an eval-mode pass over its training images: the two must agree."""
+    same = dataclasses.replace(tiny_data, test_images=tiny_data.train_images,
+                               test_labels=tiny_data.train_labels)
+    config = TrainConfig(norm="torch", dropout=True, width=0.125, epochs=2, batch_size=8,
+                         augment=False, device="cpu", lr=3e-3)
+    result = train(config, tmp_path / "run", dataset=same, progress=False, log=lambda _: None)
+    measured = q1.evaluate_on_train_set(result.run_dir, prepare_dataset(config, torch.device(
+        "cpu"), same))
+    final = result.metrics[-1]
+    assert measured["train_acc_eval"] == pytest.approx(final["test_acc"], abs=1e-12)
+    assert measured["train_loss_eval"] == pytest.approx(final["test_loss"], rel=1e-5)
+
+
+# ---- the study end to end ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q1") / "study"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(common.SCALES, "tiny", TINY_SCALE)
+        summary = run_study("q1", out, preset="tiny", device="cpu", quiet=True,
+                            log=lambda _: None, dataset=tiny_data)
+    return out, summary
+
+
+def test_study_writes_its_files(study, tiny_data):
+    out, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    for key in ("data", "preset", "seeds", "settings", "configs", "noise", "verdicts",
+                "comparisons", "post_claim", "figures", "wall_time_s"):
+        assert key in stored, key
+    assert stored["data"] == tiny_data.source and stored["preset"] == "tiny"
+    assert stored["seeds"] == 1
+    assert set(stored["configs"]) == {"none", "dropout", "bn", "bn_dropout"}
+    for config in stored["configs"].values():
+        assert [r["status"] for r in config["runs"]] == ["finished"]
+        assert (out / "runs" / next(k for k, c in stored["configs"].items() if c is config)
+                / "seed0" / "checkpoint.pt").is_file()
+    noise = stored["noise"]
+    assert noise["batch_sizes"] == [4, 8, 16, 32]  # 64.. exceed the 40 images
+    assert noise["skipped_batch_sizes"] == [64, 128, 256] and noise["notes"]
+    assert noise["pool_images"] == 40
+    for name in stored["figures"].values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stored["verdicts"]["gap"] == "inconclusive"  # one seed: no spread to judge by
+    for name in ("section.md", "report.md", "report.html"):
+        assert (out / name).is_file()
+
+
+def test_section_is_drawn_from_the_summary(study):
+    out, _ = study
+    section = (out / "section.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert section.startswith("## " + q1.TITLE) and "Q1" in section.splitlines()[0]
+    figures = re.findall(r"^!\[(.+)\]\((.+)\)$", section, flags=re.M)
+    assert {src for _, src in figures} == set(summary["figures"].values())
+    for caption, src in figures:
+        assert (out / src).is_file() and len(caption) > 40
+    bn = summary["configs"]["bn"]["final"]
+    assert q1._pct(bn["test_acc"]) in section
+    assert q1._pct(bn["acc_gap_eval"]) in section
+    first = summary["noise"]["bn_trained"]["relative_std"][0]
+    assert common.fmt_pm(first, 3) in section
+    assert any(p in section for p in ("The data support it.", "The data contradict it.",
+                                      "Inconclusive at this scale."))
+    # change a number in summary.json: the section follows it
+    summary["configs"]["bn"]["final"]["test_acc"] = {"mean": 0.98765, "std": 0.01234, "n": 2,
+                                                     "min": 0.97, "max": 1.0}
+    (out / "summary.json").write_text(json.dumps(summary))
+    redrawn = q1.render(out)
+    row = next(line for line in redrawn.splitlines() if line.startswith("| BN, no dropout |"))
+    assert row.split("|")[2].strip() == "98.8 ± 1.2 %"
+
+
+def test_study_resumes_without_training_again(study, tiny_data):
+    out, summary = study
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(common.SCALES, "tiny", TINY_SCALE)
+        again = run_study("q1", out, preset="tiny", device="cpu", quiet=True,
+                          log=lambda _: None, dataset=tiny_data, resume=True)
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
+    assert before == after
+    assert again["configs"]["bn"]["final"]["test_acc"] == \
+        summary["configs"]["bn"]["final"]["test_acc"]
