@@ -1,0 +1,1122 @@
+"""Q3 — What does BN cost? Small batches, the train/test discrepancy, batches that do not
+represent the data, and time.
+
+The post names two drawbacks: BN "took more time to train" ("expected since with batch
+normalization we have two more parameters to optimize"), and, through the moving averages
+used at test time, a model whose mini-batches do not represent the data "could be heavily
+decreased" — which the post then doubts: "I don't think that would be a problem". The
+drawback most often listed beside these, the small-batch failure, is not in the post's text;
+it is measured here too. Four experiments, All-CNN-C, Adam, cosine schedule, ``ctx.seeds``
+seeds each:
+
+Experiment 1, batch size. Final test accuracy at batch sizes B in ``SWEEP_BATCH_SIZES``
+plus the scale's own batch size B0 (a size larger than the training set is skipped and
+noted), with BN (``norm="torch"``) and without. The learning rate follows the square-root
+rule for Adam, anchored at the scale's (lr0, B0):
+
+    lr(B) = lr0 * sqrt(B / B0)
+
+Every size trains the scale's epochs, except that sizes below ``min(FULL_LENGTH_FROM, B0)``
+(batch 2: a thousand steps per epoch on 2,000 images, slow per image on a CPU) train
+``ceil(epochs * B / FULL_LENGTH_FROM)`` epochs; the section and the figure mark them.
+
+Experiment 2, the train/test discrepancy. Each trained BN network of experiment 1 (and of
+experiment 3) is loaded from its checkpoint and tested four ways, differing only in the
+mean and variance each BN layer normalizes with:
+
+    running      eval mode: the exponential moving averages kept during training
+    batch        the statistics of the test batch itself (BN modules in training mode for
+                 the forward only, test batches of the run's own B; running buffers saved
+                 and restored)
+    cumulative   the precise-BN recipe: momentum=None, reset_running_stats(), one pass over
+                 the un-augmented training set in training mode, in equal batches of B0;
+                 this gives the plain average over batches of the batch means (the exact
+                 mean, since the batches are equal) and of the *unbiased batch variances*,
+                 which is the population variance only if a batch's values were independent
+                 (pixels of one image are not; the variance of the batch means is missed)
+    exact        the population statistics of the training set, layer by layer: layer k's
+                 input mean and (biased) variance accumulated in float64 over the whole
+                 training set, with layers 1..k-1 already in eval mode on their exact
+                 statistics — the statistics the eval-mode network actually sees
+
+Experiment 3, batches that do not represent the data. ``batch_order="class_sorted"``: each
+batch holds one class (two where a class ends), with and without BN, against the shuffled
+runs of experiment 1 at B0. Per seed, the drop = acc(shuffled) - acc(class-sorted).
+
+Experiment 4, time. ``epoch_time_s`` (training only, evaluation excluded) and
+``images_per_s`` from ``metrics.jsonl``, pooled over the epochs after the first (warm-up)
+and over seeds, for: autograd without BN, autograd with PyTorch's BN (both from experiment
+1 at B0), autograd with bnlab's hand-derived BN, and the manual engine (bnlab BN, bnlab's
+Adam) with and without BN. Overhead = time(with BN) / time(without BN) - 1, per engine.
+
+A difference counts when the two means differ by more than the sum of their sample
+standard deviations over seeds, with at least two seeds each (:func:`compare_means`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from bnlab import data as bdata
+from bnlab.models import AllCNNC
+from bnlab.studies.common import (
+    StudyContext,
+    StudyScale,
+    fmt_pm,
+    mean_std,
+    read_summary,
+    save_figure,
+    write_summary,
+)
+from bnlab.train import (
+    DivergenceError,
+    Model,
+    RunResult,
+    TrainConfig,
+    prepare_dataset,
+    resolve_device,
+)
+
+__all__ = [
+    "NAME",
+    "TITLE",
+    "SweepPoint",
+    "accuracy",
+    "bn_modules",
+    "compare_means",
+    "epoch_time_stats",
+    "measure_discrepancy",
+    "preserved_bn_state",
+    "recompute_cumulative",
+    "recompute_exact",
+    "render",
+    "run",
+    "sqrt_scaled_lr",
+    "stats_mismatch",
+    "sweep_plan",
+    "verdict",
+]
+
+NAME = "q3"
+TITLE = "Q3 — What does BN cost?"
+
+SWEEP_BATCH_SIZES = (2, 8, 32, 256)  # plus the scale's batch size
+FULL_LENGTH_FROM = 8                 # smaller batches train ceil(epochs * B / 8) epochs
+EXACT_CHUNK = 250                    # images per forward of the exact-statistics passes
+NORMS = (("torch", "BN"), ("none", "no BN"))
+STAT_KINDS = (  # (key, legend label) of the train/test discrepancy
+    ("running", "running averages (eval mode)"),
+    ("batch", "test-batch statistics"),
+    ("cumulative", "recomputed: cumulative average"),
+    ("exact", "recomputed: exact, layer by layer"),
+)
+VERDICT_TEXT = {"supported": "The data support it.",
+                "contradicted": "The data contradict it.",
+                "inconclusive": "Inconclusive at this scale."}
+CLAIMS = {
+    "time": ("the post", "with BN the network \"took more time to train\", which the post "
+             "expects \"since with batch normalization we have two more parameters to "
+             "optimize\"."),
+    "unrepresentative": ("the post", "a mini-batch that does not represent the whole data "
+                         "could hurt a BN network through the moving averages used at test "
+                         "time, but \"I don't think that would be a problem\"."),
+    "small_batch": ("not in the post's text; the drawback most often listed beside its two",
+                    "BN fails at small batch sizes: at the smallest batch a network with BN "
+                    "does worse than one without."),
+    "train_test": ("the post, its reason for caution: \"we are going to use the saved "
+                   "moving exponential average in testing time\"",
+                   "the moving averages used at test time are not the statistics the network "
+                   "needs, and that costs accuracy — most at small batch sizes."),
+}
+
+
+# ---- the plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One batch size of experiment 1: how long it trains and at which learning rate."""
+
+    batch_size: int
+    epochs: int
+    lr: float
+    reduced: bool  # trains fewer epochs than the scale's
+
+
+def sqrt_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> float:
+    """The square-root rule for Adam: ``base_lr * sqrt(batch_size / base_batch_size)``.
+
+    >>> sqrt_scaled_lr(2e-3, 256, 64)
+    0.004
+    """
+    return base_lr * math.sqrt(batch_size / base_batch_size)
+
+
+def sweep_plan(scale: StudyScale, num_train: int) -> tuple[list[SweepPoint], list[int]]:
+    """The batch sizes of experiment 1 at ``scale`` on ``num_train`` images, and those skipped.
+
+    Sizes: ``SWEEP_BATCH_SIZES`` and the scale's own, ascending; a size above ``num_train``
+    is skipped. A size below ``min(FULL_LENGTH_FROM, scale.batch_size)`` trains
+    ``ceil(epochs * B / FULL_LENGTH_FROM)`` epochs (at least 1), the others the scale's.
+
+    >>> from bnlab.studies.common import SCALES
+    >>> points, skipped = sweep_plan(SCALES["quick"], 2000)
+    >>> [(p.batch_size, p.epochs) for p in points], skipped
+    ([(2, 2), (8, 6), (32, 6), (64, 6), (256, 6)], [])
+    """
+    sizes = sorted(set(SWEEP_BATCH_SIZES) | {scale.batch_size})
+    full_from = min(FULL_LENGTH_FROM, scale.batch_size)
+    points, skipped = [], []
+    for b in sizes:
+        if b > num_train:
+            skipped.append(b)
+            continue
+        epochs = scale.epochs if b >= full_from else \
+            max(1, math.ceil(scale.epochs * b / FULL_LENGTH_FROM))
+        points.append(SweepPoint(b, epochs, sqrt_scaled_lr(scale.lr, b, scale.batch_size),
+                                 epochs < scale.epochs))
+    return points, skipped
+
+
+# ---- verdicts ------------------------------------------------------------------------------
+
+def compare_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Is mean(a) above, below or within the seed spread of mean(b)?
+
+    ``a``, ``b``: :func:`~bnlab.studies.common.mean_std` dicts. The difference counts when
+    it exceeds the sum of the two sample standard deviations (the ±1 std error bars do not
+    overlap) and both have at least two values. Returns ``difference`` (a - b), ``spread``
+    (std_a + std_b) and ``direction``: "above", "below", "within spread" or "one seed".
+
+    >>> compare_means({"mean": 0.5, "std": 0.01, "n": 2}, {"mean": 0.4, "std": 0.02, "n": 2})
+    {'difference': 0.09999999999999998, 'spread': 0.03, 'direction': 'above'}
+    """
+    if a.get("mean") is None or b.get("mean") is None:
+        return {"difference": None, "spread": None, "direction": "one seed"}
+    difference = a["mean"] - b["mean"]
+    spread = a["std"] + b["std"]
+    if min(a["n"], b["n"]) < 2:
+        direction = "one seed"
+    elif abs(difference) > spread:
+        direction = "above" if difference > 0 else "below"
+    else:
+        direction = "within spread"
+    return {"difference": difference, "spread": spread, "direction": direction}
+
+
+def verdict(direction: str, expected: str) -> str:
+    """"supported" when ``direction`` is the ``expected`` one ("above"/"below"),
+    "contradicted" when it is the opposite, else (within the spread, or one seed)
+    "inconclusive".
+
+    >>> verdict("above", "above"), verdict("below", "above"), verdict("one seed", "above")
+    ('supported', 'contradicted', 'inconclusive')
+    """
+    opposite = {"above": "below", "below": "above"}
+    if direction == expected:
+        return "supported"
+    if direction == opposite.get(expected):
+        return "contradicted"
+    return "inconclusive"
+
+
+# ---- measurements on a trained network ----------------------------------------------------
+
+def bn_modules(module: nn.Module) -> list[_NormBase]:
+    """The BN layers of ``module`` in forward order (``torch.nn`` and ``bnlab.nn`` alike)."""
+    return [m for m in module.modules() if isinstance(m, _NormBase)]
+
+
+@contextlib.contextmanager
+def preserved_bn_state(module: nn.Module) -> Iterator[None]:
+    """Restore every BN buffer (running mean/var, batch count), momentum, and every
+    module's train/eval mode on exit, whatever ran inside."""
+    modes = [(m, m.training) for m in module.modules()]
+    saved = [(m, m.momentum, {name: b.clone() for name, b in m.named_buffers(recurse=False)})
+             for m in bn_modules(module)]
+    try:
+        yield
+    finally:
+        for m, momentum, buffers in saved:
+            m.momentum = momentum
+            for name, value in buffers.items():
+                getattr(m, name).copy_(value)
+        for m, training in modes:
+            m.training = training
+
+
+@torch.no_grad()
+def accuracy(module: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+             statistics: str = "running") -> float:
+    """Fraction of correct predictions over ``batches`` of (images, labels).
+
+    ``statistics="running"``: eval mode, BN normalizes with its running averages.
+    ``statistics="batch"``: every other module in eval mode, the BN modules in training
+    mode, so each batch is normalized with its own mean and biased variance; the running
+    buffers this updates are restored afterwards (:func:`preserved_bn_state`).
+    """
+    if statistics not in ("running", "batch"):
+        raise ValueError(f"statistics must be 'running' or 'batch', got {statistics!r}")
+    correct = total = 0
+    with preserved_bn_state(module):
+        module.eval()
+        if statistics == "batch":
+            for m in bn_modules(module):
+                m.train()
+        for x, y in batches:
+            correct += int((module(x).argmax(1) == y).sum())
+            total += y.shape[0]
+    if total == 0:
+        raise ValueError("accuracy of no images: the batches were empty")
+    return correct / total
+
+
+@torch.no_grad()
+def recompute_cumulative(module: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    """Replace the running statistics by their cumulative average over ``batches``.
+
+    PyTorch's own recipe: ``momentum=None`` (then ``running = running + (x - running) / n``
+    after the n-th batch) and ``reset_running_stats()`` on every BN module, one forward per
+    batch with the BN modules in training mode (the rest in eval mode), no gradients.
+    Afterwards ``running_mean`` = the mean of the batch means (the exact mean when the
+    batches are equal in size) and ``running_var`` = the mean of the *unbiased* batch
+    variances. Momenta and modes are restored; returns the number of batches.
+    """
+    layers = bn_modules(module)
+    modes = [(m, m.training) for m in module.modules()]
+    momenta = [m.momentum for m in layers]
+    count = 0
+    try:
+        module.eval()
+        for m in layers:
+            m.momentum = None
+            m.reset_running_stats()
+            m.train()
+        for x, _ in batches:
+            module(x)
+            count += 1
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return count
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations (M2) in float64, merged chunk
+    by chunk with Chan, Golub & LeVeque's update:
+
+        delta = mean_b - mean_a,  n = n_a + n_b
+        mean  = mean_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        """``x``: (N, C, *S); every value of channel c is one sample of channel c."""
+        dims = [d for d in range(x.dim()) if d != 1]
+        x = x.double()
+        n_b = x.numel() // x.shape[1]
+        mean_b = x.mean(dim=dims)
+        m2_b = (x - mean_b.view(1, -1, *[1] * (x.dim() - 2))).square().sum(dim=dims)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.n * n_b / n)
+        self.n = n
+
+    def mean_var(self) -> tuple[Tensor, Tensor]:
+        """The mean and the biased (population) variance, (C,) float64."""
+        if self.mean is None:
+            raise ValueError("no values were seen")
+        return self.mean, self.m2 / self.n
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the layer of interest has seen its input."""
+
+
+@torch.no_grad()
+def recompute_exact(module: nn.Module,
+                    batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> int:
+    """Set each BN layer's running mean/variance to the exact population statistics of its
+    input over ``batches()`` (called once per BN layer), layer by layer.
+
+    For layer k = 1..L: layers 1..k-1 are in eval mode on their (already exact) statistics,
+    a forward pre-hook on layer k accumulates its input's per-channel mean and biased
+    variance in float64 (:class:`_Moments`; any batch sizes) and stops the forward there.
+    Then ``running_var`` is the variance of the values the eval-mode network gives layer k,
+    over the whole set. ``num_batches_tracked`` is left as it was; modes are restored.
+    Returns the number of BN layers set.
+    """
+    layers = bn_modules(module)
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        for layer in layers:
+            moments = _Moments()
+
+            def hook(_module: nn.Module, args: tuple[Tensor, ...],
+                     moments: _Moments = moments) -> None:
+                moments.add(args[0])
+                raise _Stop
+
+            handle = layer.register_forward_pre_hook(hook)
+            try:
+                for x, _ in batches():
+                    with contextlib.suppress(_Stop):
+                        module(x)
+            finally:
+                handle.remove()
+            mean, var = moments.mean_var()
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return len(layers)
+
+
+def stats_mismatch(reference: nn.Module, other: nn.Module) -> dict[str, float]:
+    """How far ``other``'s running statistics are from ``reference``'s, averaged over all
+    channels of all BN layers: ``mean_shift`` = mean |mu_o - mu_r| / sqrt(var_r + eps)
+    (in standard deviations) and ``log_var_ratio`` = mean |ln((var_o + eps)/(var_r + eps))|."""
+    shifts, ratios = [], []
+    for r, o in zip(bn_modules(reference), bn_modules(other), strict=True):
+        var_r = r.running_var.double() + r.eps
+        var_o = o.running_var.double() + o.eps
+        shifts.append(((o.running_mean.double() - r.running_mean.double()).abs()
+                       / var_r.sqrt()).flatten())
+        ratios.append((var_o / var_r).log().abs().flatten())
+    if not shifts:
+        return {"mean_shift": math.nan, "log_var_ratio": math.nan}
+    return {"mean_shift": float(torch.cat(shifts).mean()),
+            "log_var_ratio": float(torch.cat(ratios).mean())}
+
+
+def epoch_time_stats(runs: Sequence[Sequence[dict[str, Any]]], key: str = "epoch_time_s"
+                     ) -> dict[str, Any]:
+    """``mean_std`` of ``key`` over the epochs after the first of every run, pooled.
+
+    The first epoch carries the warm-up (allocator, kernel selection) and is left out; a
+    run of one epoch has nothing else, so when no run has a second epoch every epoch is
+    used. ``skipped_first`` says which.
+
+    >>> stats = epoch_time_stats([[{"epoch": 1, "epoch_time_s": 9.0},
+    ...                             {"epoch": 2, "epoch_time_s": 2.0}],
+    ...                           [{"epoch": 1, "epoch_time_s": 8.0},
+    ...                            {"epoch": 2, "epoch_time_s": 4.0}]])
+    >>> stats["mean"], stats["n"], stats["skipped_first"]
+    (3.0, 2, True)
+    """
+    later = [m[key] for run in runs for m in run if m["epoch"] > 1]
+    if later:
+        return {**mean_std(later), "skipped_first": True}
+    return {**mean_std([m[key] for run in runs for m in run]), "skipped_first": False}
+
+
+# ---- running the experiments --------------------------------------------------------------
+
+def _train(ctx: StudyContext, name: str, config: TrainConfig) -> RunResult:
+    """``ctx.train_run``, where a diverged run is returned (status "diverged"), not raised."""
+    try:
+        return ctx.train_run(name, config)
+    except DivergenceError as error:
+        ctx.log(f"[{ctx.out.name}] {name} diverged: {error}")
+        return ctx.train_run(name, config)  # the stored result.json of the diverged run
+
+
+def _finished(result: RunResult) -> bool:
+    return result.status == "finished" and bool(result.metrics)
+
+
+def _run_entry(seed: int, result: RunResult) -> dict[str, Any]:
+    return {"seed": seed, "status": result.status,
+            "test_acc": result.final_test_acc if _finished(result) else None,
+            "train_acc": result.metrics[-1]["train_acc"] if _finished(result) else None}
+
+
+def _final_stats(entries: Sequence[dict[str, Any]], key: str = "test_acc") -> dict[str, Any]:
+    return mean_std([e[key] for e in entries if e[key] is not None])
+
+
+def _curves(results: Sequence[RunResult]) -> dict[str, Any]:
+    """Per epoch mean ± std over the finished runs of train and test accuracy."""
+    done = [r.metrics for r in results if _finished(r)]
+    if not done:
+        return {"epoch": [], "train_acc": {"mean": [], "std": []},
+                "test_acc": {"mean": [], "std": []}}
+    epochs = min(len(m) for m in done)
+    out: dict[str, Any] = {"epoch": list(range(1, epochs + 1))}
+    for key in ("train_acc", "test_acc"):
+        stats = [mean_std([m[e][key] for m in done]) for e in range(epochs)]
+        out[key] = {"mean": [s["mean"] for s in stats], "std": [s["std"] for s in stats]}
+    return out
+
+
+def _load_module(run_dir: Path, device: torch.device) -> nn.Module:
+    """The trained ``nn.Module`` of an autograd run, from its ``checkpoint.pt``."""
+    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location=device, weights_only=True)
+    config = TrainConfig.from_json(state["config"])
+    model = Model(config, device)
+    model.load_state_dict(state)
+    return model.module
+
+
+def _train_set_batches(dataset: bdata.CIFAR10, size: int, channels_last: bool,
+                       drop_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training images in stored order, un-augmented, normalized, in batches of ``size``."""
+    n = dataset.num_train
+    stop = n - n % size if drop_last else n
+    for start in range(0, stop, size):
+        yield (bdata.normalize(dataset.train_images[start:start + size],
+                               channels_last=channels_last),
+               dataset.train_labels[start:start + size])
+
+
+def measure_discrepancy(run_dir: Path, config: TrainConfig, dataset: bdata.CIFAR10,
+                        recompute_batch: int) -> dict[str, Any]:
+    """Test accuracy of one trained BN run under the four kinds of statistics (module
+    docstring, experiment 2), and how far its running averages are from the exact ones."""
+    device = resolve_device(config.device)
+    data = prepare_dataset(config, device, dataset)
+    module = _load_module(run_dir, device)
+    cl = config.channels_last
+
+    def test(size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        return bdata.test_batches(data, size, channels_last=cl)
+
+    result = {"running": accuracy(module, test(config.eval_batch_size)),
+              "batch": accuracy(module, test(config.batch_size), "batch")}
+    cumulative = copy.deepcopy(module)
+    recompute_cumulative(cumulative, _train_set_batches(data, recompute_batch, cl, True))
+    result["cumulative"] = accuracy(cumulative, test(config.eval_batch_size))
+    exact = copy.deepcopy(module)
+    recompute_exact(exact, lambda: _train_set_batches(data, EXACT_CHUNK, cl, False))
+    result["exact"] = accuracy(exact, test(config.eval_batch_size))
+    result["running_vs_exact"] = stats_mismatch(exact, module)
+    return result
+
+
+def _parameter_counts(width: float) -> dict[str, int]:
+    """Parameters of All-CNN-C at ``width`` with and without BN, and BN's gamma and beta."""
+    with_bn, without = AllCNNC(norm="torch", width=width), AllCNNC(norm="none", width=width)
+    bn = sum(p.numel() for m in bn_modules(with_bn) for p in m.parameters())
+    return {"with_bn": sum(p.numel() for p in with_bn.parameters()),
+            "without_bn": sum(p.numel() for p in without.parameters()),
+            "bn_gamma_beta": bn}
+
+
+def _sweep(ctx: StudyContext, points: Sequence[SweepPoint]) -> tuple[list[dict], dict]:
+    """Experiment 1; returns the summary points and the RunResults by (B, norm)."""
+    out, results = [], {}
+    for point in points:
+        entry: dict[str, Any] = {"batch_size": point.batch_size, "epochs": point.epochs,
+                                 "lr": point.lr, "reduced": point.reduced}
+        for norm, _ in NORMS:
+            runs = []
+            for seed in ctx.seed_list():
+                config = ctx.config(norm=norm, batch_size=point.batch_size, lr=point.lr,
+                                    epochs=point.epochs, seed=seed,
+                                    case=f"bs{point.batch_size}-{norm}")
+                result = _train(ctx, f"bs{point.batch_size}-{norm}-seed{seed}", config)
+                results[(point.batch_size, norm)] = [*results.get((point.batch_size, norm), []),
+                                                     (seed, config, result)]
+                runs.append(_run_entry(seed, result))
+            entry[norm] = {"test_acc": _final_stats(runs), "runs": runs,
+                           "diverged": sum(r["status"] != "finished" for r in runs)}
+        entry["bn_vs_none"] = compare_means(entry["torch"]["test_acc"],
+                                            entry["none"]["test_acc"])
+        out.append(entry)
+    return out, results
+
+
+def run(ctx: StudyContext) -> dict:
+    """Train and measure the four experiments; write the figures and ``summary.json``."""
+    import time
+
+    dataset = ctx.load_data()
+    scale = ctx.scale
+    num_train = min(scale.subset or dataset.num_train, dataset.num_train)
+    points, skipped = sweep_plan(scale, num_train)
+    if scale.batch_size > num_train:
+        raise ValueError(f"the scale's batch size {scale.batch_size} is larger than the "
+                         f"{num_train} training images: use a smaller batch or more data")
+    clock: dict[str, float] = {}
+
+    started = time.perf_counter()
+    sweep, results = _sweep(ctx, points)
+    clock["batch_size_s"] = time.perf_counter() - started
+
+    # Experiment 3: class-sorted batches at the scale's batch size.
+    started = time.perf_counter()
+    base = next(p for p in points if p.batch_size == scale.batch_size)
+    sorted_block: dict[str, Any] = {"batch_size": base.batch_size, "epochs": base.epochs,
+                                    "lr": base.lr, "configs": {}}
+    sorted_results: dict[str, list] = {}
+    for norm, label in NORMS:
+        shuffled = results[(base.batch_size, norm)]
+        sorted_runs = []
+        for seed in ctx.seed_list():
+            config = ctx.config(norm=norm, batch_order="class_sorted", seed=seed,
+                                case=f"sorted-{norm}")
+            sorted_runs.append((seed, config, _train(ctx, f"sorted-{norm}-seed{seed}", config)))
+        sorted_results[norm] = sorted_runs
+        for order, runs in (("shuffled", shuffled), ("class_sorted", sorted_runs)):
+            entries = [_run_entry(seed, r) for seed, _, r in runs]
+            sorted_block["configs"][f"{norm}_{order}"] = {
+                "label": f"{label}, {order.replace('_', '-')} batches", "norm": norm,
+                "order": order, "test_acc": _final_stats(entries),
+                "train_acc": _final_stats(entries, "train_acc"), "runs": entries,
+                "curves": _curves([r for _, _, r in runs])}
+        by_seed = {e["seed"]: e["test_acc"] for e in
+                   sorted_block["configs"][f"{norm}_shuffled"]["runs"]}
+        drops = [by_seed[e["seed"]] - e["test_acc"] for e in
+                 sorted_block["configs"][f"{norm}_class_sorted"]["runs"]
+                 if e["test_acc"] is not None and by_seed.get(e["seed"]) is not None]
+        sorted_block[f"drop_{norm}"] = mean_std(drops)
+    sorted_block["drop_bn_vs_none"] = compare_means(sorted_block["drop_torch"],
+                                                    sorted_block["drop_none"])
+    clock["class_sorted_s"] = time.perf_counter() - started
+
+    # Experiment 2: the train/test discrepancy of every trained BN network.
+    started = time.perf_counter()
+    recompute_batch = scale.batch_size
+    groups = []
+    targets = [(f"batch {p.batch_size}", "shuffled", p.batch_size,
+                results[(p.batch_size, "torch")]) for p in points]
+    targets.append((f"batch {base.batch_size}, class-sorted", "class_sorted", base.batch_size,
+                    sorted_results["torch"]))
+    for label, order, batch_size, runs in targets:
+        per_seed = []
+        for seed, config, result in runs:
+            if not _finished(result):
+                continue
+            ctx.log(f"[{ctx.out.name}] train/test statistics of {result.run_dir.name}")
+            per_seed.append({"seed": seed, **measure_discrepancy(
+                result.run_dir, config, dataset, recompute_batch)})
+        group: dict[str, Any] = {"label": label, "order": order, "batch_size": batch_size,
+                                 "seeds": per_seed}
+        for key, _ in STAT_KINDS:
+            group[key] = mean_std([s[key] for s in per_seed])
+        for key in ("mean_shift", "log_var_ratio"):
+            group[key] = mean_std([s["running_vs_exact"][key] for s in per_seed])
+        group["exact_vs_running"] = compare_means(group["exact"], group["running"])
+        group["batch_vs_running"] = compare_means(group["batch"], group["running"])
+        groups.append(group)
+    discrepancy = {"recompute_batch_size": recompute_batch, "exact_chunk": EXACT_CHUNK,
+                   "groups": groups}
+    clock["discrepancy_s"] = time.perf_counter() - started
+
+    # Experiment 4: time per epoch.
+    started = time.perf_counter()
+    time_epochs = max(2, scale.epochs // 2)
+    time_configs = [
+        ("autograd_none", "autograd, no BN", None),
+        ("autograd_torch", "autograd, PyTorch BN", None),
+        ("autograd_bnlab", "autograd, bnlab BN", {"engine": "autograd", "norm": "bnlab"}),
+        ("manual_none", "manual engine, no BN",
+         {"engine": "manual", "norm": "none", "optimizer_impl": "bnlab"}),
+        ("manual_bnlab", "manual engine, bnlab BN",
+         {"engine": "manual", "norm": "bnlab", "optimizer_impl": "bnlab"}),
+    ]
+    timing: dict[str, Any] = {"dedicated_epochs": time_epochs, "configs": {}}
+    for key, label, fields in time_configs:
+        if fields is None:  # the shuffled runs of experiment 1 at the scale's batch size
+            norm = key.split("_")[1]
+            runs = [r for _, _, r in results[(base.batch_size, norm)]]
+            epochs = base.epochs
+        else:
+            runs = [_train(ctx, f"time-{key}-seed{seed}",
+                           ctx.config(epochs=time_epochs, seed=seed, case=f"time-{key}",
+                                      **fields))
+                    for seed in ctx.seed_list()]
+            epochs = time_epochs
+        metrics = [r.metrics for r in runs if _finished(r)]
+        timing["configs"][key] = {"label": label, "epochs": epochs,
+                                  "epoch_time_s": epoch_time_stats(metrics),
+                                  "images_per_s": epoch_time_stats(metrics, "images_per_s")}
+    t = timing["configs"]
+    for bn_key, none_key in (("autograd_torch", "autograd_none"),
+                             ("autograd_bnlab", "autograd_none"),
+                             ("manual_bnlab", "manual_none")):
+        a, b = t[bn_key]["epoch_time_s"], t[none_key]["epoch_time_s"]
+        t[bn_key]["overhead"] = (a["mean"] / b["mean"] - 1.0) if a["mean"] and b["mean"] \
+            else None
+        t[bn_key]["vs_none"] = compare_means(a, b)
+    timing["parameters"] = _parameter_counts(scale.width)
+    params = timing["parameters"]
+    timing["bn_parameter_fraction"] = params["bn_gamma_beta"] / params["with_bn"]
+    clock["time_s"] = time.perf_counter() - started
+
+    smallest = sweep[0]
+    smallest_group = groups[0]
+    largest_group = groups[len(points) - 1]
+    claims = {
+        "time": {**_claim("time"), "comparison": t["autograd_torch"]["vs_none"],
+                 "verdict": verdict(t["autograd_torch"]["vs_none"]["direction"], "above")},
+        "unrepresentative": {
+            **_claim("unrepresentative"), "comparison": sorted_block["drop_bn_vs_none"],
+            # "not a problem": BN loses less than the network without BN; more contradicts
+            "verdict": verdict(sorted_block["drop_bn_vs_none"]["direction"], "below")},
+        "small_batch": {**_claim("small_batch"), "batch_size": smallest["batch_size"],
+                        "comparison": smallest["bn_vs_none"],
+                        "verdict": verdict(smallest["bn_vs_none"]["direction"], "below")},
+        "train_test": {**_claim("train_test"), "batch_size": smallest_group["batch_size"],
+                       "comparison": smallest_group["exact_vs_running"],
+                       "largest_batch_size": largest_group["batch_size"],
+                       "largest_comparison": largest_group["exact_vs_running"],
+                       "verdict": verdict(smallest_group["exact_vs_running"]["direction"],
+                                          "above")},
+    }
+
+    summary: dict[str, Any] = {
+        "study": NAME,
+        "title": TITLE,
+        "data": dataset.source,
+        "preset": scale.name,
+        "seeds": ctx.seeds,
+        "settings": {"width": scale.width, "epochs": scale.epochs, "train_images": num_train,
+                     "test_images": dataset.num_test, "batch_size": scale.batch_size,
+                     "lr": scale.lr, "lr_schedule": "cosine", "optimizer": "Adam",
+                     "augment": True, "full_length_from": min(FULL_LENGTH_FROM,
+                                                              scale.batch_size)},
+        "batch_size": {"lr_rule": "sqrt", "points": sweep, "skipped": skipped},
+        "discrepancy": discrepancy,
+        "class_sorted": sorted_block,
+        "time": timing,
+        "claims": claims,
+        "stage_time_s": clock,
+        "figures": {"batch_size": "q3_batch_size.png", "discrepancy": "q3_train_test.png",
+                    "class_sorted": "q3_class_sorted.png", "time": "q3_time.png"},
+    }
+    _plot_batch_size(summary, ctx.out / summary["figures"]["batch_size"])
+    _plot_discrepancy(summary, ctx.out / summary["figures"]["discrepancy"])
+    _plot_class_sorted(summary, ctx.out / summary["figures"]["class_sorted"])
+    _plot_time(summary, ctx.out / summary["figures"]["time"])
+    write_summary(ctx.out, summary)
+    return read_summary(ctx.out)
+
+
+def _claim(key: str) -> dict[str, str]:
+    source, text = CLAIMS[key]
+    return {"source": source, "claim": text}
+
+
+# ---- figures ------------------------------------------------------------------------------
+
+def _short_data(description: str) -> str:
+    """The data set's name for a figure title, without paths and notices."""
+    return description.split(";")[0].split(" — ")[0].split(" from ")[0].strip()
+
+
+def _setting_text(summary: dict[str, Any]) -> str:
+    st = summary["settings"]
+    return (f"All-CNN-C ×{st['width']:g}, {st['train_images']} train images of the "
+            f"{_short_data(summary['data'])}; mean ± std over {summary['seeds']} seed(s)")
+
+
+def _colors() -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    tab10 = colormaps["tab10"]
+    return {"torch": tab10(0), "none": tab10(1)}
+
+
+def _plot_batch_size(summary: dict[str, Any], path: Path) -> None:
+    """Final test accuracy vs batch size (log x), BN and no BN, ±1 std error bars; points
+    trained for fewer epochs are drawn hollow and labelled with their epochs."""
+    import matplotlib.pyplot as plt
+
+    points = summary["batch_size"]["points"]
+    colors = _colors()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    for norm, label in NORMS:
+        xs, means, stds = [], [], []
+        for p in points:
+            stat = p[norm]["test_acc"]
+            if stat["mean"] is None:
+                continue
+            xs.append(p["batch_size"])
+            means.append(stat["mean"])
+            stds.append(stat["std"])
+        ax.errorbar(xs, means, yerr=stds, color=colors[norm], marker="o", ms=6, capsize=4,
+                    lw=1.8, label=label)
+        for p in points:
+            stat = p[norm]["test_acc"]
+            if p["reduced"] and stat["mean"] is not None:
+                ax.plot([p["batch_size"]], [stat["mean"]], "o", ms=9, mfc="white",
+                        mec=colors[norm], mew=2)
+                ax.annotate(f"{p['epochs']} epoch(s)", (p["batch_size"], stat["mean"]),
+                            textcoords="offset points", xytext=(8, -4), fontsize=8,
+                            color=colors[norm])
+    ax.axhline(0.1, color="0.5", lw=0.8, ls=":", label="chance (10 classes)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p["batch_size"] for p in points], [str(p["batch_size"]) for p in points])
+    ax.set_xlabel("batch size (images per step, log scale)")
+    ax.set_ylabel("final test accuracy (fraction)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Test accuracy vs batch size, with and without BN (Adam, lr ∝ √batch)\n"
+                 f"{_setting_text(summary)}", fontsize=9)
+    save_figure(fig, path)
+
+
+def _plot_discrepancy(summary: dict[str, Any], path: Path) -> None:
+    """Grouped bars: per trained BN network, test accuracy under the four statistics."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    groups = summary["discrepancy"]["groups"]
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.6 * len(groups) + 2), 4.8),
+                           layout="constrained")
+    width = 0.8 / len(STAT_KINDS)
+    palette = colormaps["Set2"]
+    for k, (key, label) in enumerate(STAT_KINDS):
+        xs = [i + (k - (len(STAT_KINDS) - 1) / 2) * width for i in range(len(groups))]
+        means = [g[key]["mean"] if g[key]["mean"] is not None else 0.0 for g in groups]
+        stds = [g[key]["std"] or 0.0 for g in groups]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, color=palette(k), label=label)
+    ax.axhline(0.1, color="0.5", lw=0.8, ls=":", label="chance")
+    ax.set_xticks(range(len(groups)), [g["label"].replace(", ", ",\n") for g in groups])
+    ax.set_xlabel("trained BN network (its training batch size and batch order)")
+    ax.set_ylabel("test accuracy (fraction)")
+    ax.set_ylim(0, 1)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=2, loc="upper left")
+    ax.set_title(f"Train/test discrepancy: the statistics BN normalizes with at test time\n"
+                 f"{_setting_text(summary)}", fontsize=9)
+    save_figure(fig, path)
+
+
+def _plot_class_sorted(summary: dict[str, Any], path: Path) -> None:
+    """Train (training mode) and test accuracy per epoch: BN / no BN x shuffled / sorted."""
+    import matplotlib.pyplot as plt
+
+    block = summary["class_sorted"]
+    colors = _colors()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained", sharey=True)
+    for config in block["configs"].values():
+        curves = config["curves"]
+        if not curves["epoch"]:
+            continue
+        style = "-" if config["order"] == "shuffled" else "--"
+        for ax, key in zip(axes, ("train_acc", "test_acc"), strict=True):
+            mean, std = curves[key]["mean"], curves[key]["std"]
+            ax.plot(curves["epoch"], mean, style, color=colors[config["norm"]], marker="o",
+                    ms=3, lw=1.8, label=config["label"])
+            ax.fill_between(curves["epoch"], [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)],
+                            color=colors[config["norm"]], alpha=0.15, lw=0)
+    titles = ("train accuracy (training mode, augmented, during the epoch)",
+              "test accuracy (eval mode)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("accuracy (fraction)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Batches that do not represent the data: class-sorted vs shuffled, batch "
+                 f"{block['batch_size']}\n{_setting_text(summary)}", fontsize=9)
+    save_figure(fig, path)
+
+
+def _plot_time(summary: dict[str, Any], path: Path) -> None:
+    """Bars of training seconds per epoch (± std over later epochs and seeds)."""
+    import matplotlib.pyplot as plt
+
+    configs = summary["time"]["configs"]
+    colors = _colors()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
+    keys = list(configs)
+    means = [configs[k]["epoch_time_s"]["mean"] or 0.0 for k in keys]
+    stds = [configs[k]["epoch_time_s"]["std"] or 0.0 for k in keys]
+    bar_colors = [colors["none"] if k.endswith("none") else colors["torch"] for k in keys]
+    ax.bar(range(len(keys)), means, yerr=stds, capsize=4, color=bar_colors)
+    for i, k in enumerate(keys):
+        overhead = configs[k].get("overhead")
+        if overhead is not None:
+            ax.annotate(f"{overhead * 100:+.0f} %", (i, means[i] + stds[i]),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.bar([0], [0], color=colors["none"], label="no BN")
+    ax.bar([0], [0], color=colors["torch"], label="with BN (label: time vs no BN, same engine)")
+    ax.set_xticks(range(len(keys)), [configs[k]["label"].replace(", ", ",\n") for k in keys],
+                  fontsize=8)
+    ax.set_ylabel("training time per epoch (s)")
+    ax.set_xlabel("engine and normalization")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    st = summary["settings"]
+    which = "epochs after the first" if \
+        configs["autograd_none"]["epoch_time_s"].get("skipped_first", True) else "all epochs"
+    ax.set_title(f"Cost of BN per epoch: {st['train_images']} images, batch {st['batch_size']}, "
+                 f"evaluation excluded; {which}, {summary['seeds']} seed(s)", fontsize=9)
+    save_figure(fig, path)
+
+
+# ---- the section --------------------------------------------------------------------------
+
+def _pct(stat: dict[str, Any] | None, digits: int = 1) -> str:
+    """``61.2 ± 1.3 %`` from a mean_std dict of fractions."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{fmt_pm(stat, digits, 100.0)} %"
+
+
+def _points(value: float | None, digits: int = 1) -> str:
+    """A difference of fractions in percentage points, signed."""
+    return "n/a" if value is None else f"{value * 100:+.{digits}f} points"
+
+
+def _direction(cmp_: dict[str, Any], unit: Callable[[float | None], str] = _points) -> str:
+    d = cmp_["direction"]
+    if d == "one seed":
+        return f"difference {unit(cmp_['difference'])}, one seed: no spread to judge it by"
+    if d == "within spread":
+        return (f"difference {unit(cmp_['difference'])}, within the seed spread "
+                f"{unit(cmp_['spread']).lstrip('+')}")
+    return (f"difference {unit(cmp_['difference'])}, beyond the seed spread "
+            f"{unit(cmp_['spread']).lstrip('+')}")
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f} s"
+
+
+def render(study_dir: Path) -> str:
+    """The Q3 section, drawn from ``summary.json`` alone."""
+    s = read_summary(study_dir)
+    st, bs, disc, srt, tm = (s["settings"], s["batch_size"], s["discrepancy"],
+                             s["class_sorted"], s["time"])
+    n = s["seeds"]
+    points = bs["points"]
+    reduced = [p for p in points if p["reduced"]]
+    lines = [
+        f"## {TITLE}",
+        "",
+        f"Data: **{s['data']}**; preset `{s['preset']}`, {n} seed(s) per configuration. "
+        f"All-CNN-C at width {st['width']:g}, {st['train_images']} training images, "
+        f"{st['test_images']} test images, {st['optimizer']} with a {st['lr_schedule']} "
+        f"schedule, augmentation {'on' if st['augment'] else 'off'}, {st['epochs']} epoch(s) at "
+        f"batch {st['batch_size']} and lr {st['lr']:g} unless said otherwise. Numbers are "
+        "mean ± sample std over seeds; a difference counts when it exceeds the sum of the two "
+        "standard deviations (the error bars do not overlap), and needs two seeds.",
+        "",
+        "**Answer.** " + _answer(s),
+        "",
+        "### Small batches",
+        "",
+        f"Final test accuracy at each batch size, with BN (PyTorch's layer) and without, at a "
+        f"fixed number of epochs. The learning rate follows the square-root rule for Adam, "
+        f"lr = {st['lr']:g} × √(batch / {st['batch_size']}).",
+    ]
+    if reduced:
+        lines[-1] += (" Batch sizes below " + str(st["full_length_from"]) + " are slow per "
+                      "image on a CPU and train fewer epochs (" +
+                      ", ".join(f"batch {p['batch_size']}: {p['epochs']}" for p in reduced) +
+                      "); the figure draws them hollow. The BN/no-BN comparison at each size "
+                      "is like for like.")
+    if bs["skipped"]:
+        lines[-1] += (f" Skipped, larger than the {st['train_images']} training images: "
+                      f"batch {', '.join(str(b) for b in bs['skipped'])}.")
+    lines += [
+        "",
+        "| batch | epochs | lr | test acc, BN | test acc, no BN | BN − no BN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        diverged = "".join(f" ({p[norm]['diverged']} diverged)" for norm in ("torch", "none")
+                           if p[norm]["diverged"])
+        lines.append(f"| {p['batch_size']} | {p['epochs']} | {p['lr']:.2g} | "
+                     f"{_pct(p['torch']['test_acc'])} | {_pct(p['none']['test_acc'])} | "
+                     f"{_direction(p['bn_vs_none'])}{diverged} |")
+    lines += [
+        "",
+        f"![Final test accuracy (fraction) vs batch size (images per step, log scale), with BN "
+        f"and without; error bars ± 1 std over {n} seed(s); hollow points trained fewer "
+        f"epochs]({s['figures']['batch_size']})",
+        "",
+        "### Train/test discrepancy",
+        "",
+        "In training, BN normalizes each batch with that batch's own mean and variance; at "
+        "test time, with running averages kept during training. Each trained BN network "
+        "above was tested four ways: with the running averages (eval mode); with the "
+        "statistics of each test batch (BN in training mode for the forward only, test "
+        "batches of the network's own training batch size, running buffers restored); with "
+        "the statistics recomputed after training by PyTorch's recipe (momentum=None, "
+        "reset_running_stats(), a pass over the un-augmented training set in training mode, "
+        f"in equal batches of {disc['recompute_batch_size']}: the average over batches of "
+        "the batch means, which is the exact mean because the batches are equal, and of the "
+        "unbiased batch variances, which misses the variance *between* batch means); and "
+        "with the exact population statistics, computed layer by layer (each layer's input "
+        "mean and variance over the whole training set, in float64, with the layers before "
+        "it already in eval mode on their exact statistics).",
+        "",
+        "| network | running averages | test-batch stats | recomputed, cumulative | "
+        "recomputed, exact | running vs exact: mean shift (std) | running vs exact: abs. ln var "
+        "ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g in disc["groups"]:
+        lines.append(f"| {g['label']} | {_pct(g['running'])} | {_pct(g['batch'])} | "
+                     f"{_pct(g['cumulative'])} | {_pct(g['exact'])} | "
+                     f"{fmt_pm(g['mean_shift'], 3)} | {fmt_pm(g['log_var_ratio'], 3)} |")
+    small, large = disc["groups"][0], disc["groups"][len(points) - 1]
+    lines += [
+        "",
+        f"At batch {small['batch_size']}, exact statistics against the running averages: "
+        f"{_direction(small['exact_vs_running'])}; test-batch statistics against them: "
+        f"{_direction(small['batch_vs_running'])}. At batch {large['batch_size']}: "
+        f"{_direction(large['exact_vs_running'])} and "
+        f"{_direction(large['batch_vs_running'])}. The last two columns say how far the "
+        "running averages are from the exact statistics, averaged over channels and layers.",
+        "",
+        f"![Test accuracy (fraction) of each trained BN network under four kinds of "
+        f"normalization statistics: running averages, test-batch statistics, recomputed "
+        f"cumulative average, exact layer-by-layer population statistics; error bars ± 1 std "
+        f"over {n} seed(s)]({s['figures']['discrepancy']})",
+        "",
+        "### Batches that do not represent the data",
+        "",
+        f"`batch_order=\"class_sorted\"`: the training images sorted by class, cut into "
+        f"batches of {srt['batch_size']} (one class each, two where a class ends), batches "
+        f"in random order; {srt['epochs']} epoch(s) at lr {srt['lr']:g}, against the shuffled "
+        "runs above.",
+        "",
+        "| configuration | final test acc | final train acc (training mode) |",
+        "|---|---|---|",
+    ]
+    for config in srt["configs"].values():
+        lines.append(f"| {config['label']} | {_pct(config['test_acc'])} | "
+                     f"{_pct(config['train_acc'])} |")
+    sorted_bn = next(g for g in disc["groups"] if g["order"] == "class_sorted")
+    lines += [
+        "",
+        f"Test accuracy lost to class-sorted batches (per seed, shuffled − sorted): "
+        f"{_pct(srt['drop_torch'])} with BN, {_pct(srt['drop_none'])} without "
+        f"({_direction(srt['drop_bn_vs_none'])}). The class-sorted BN network scores "
+        f"{_pct(sorted_bn['running'])} with its running averages, "
+        f"{_pct(sorted_bn['exact'])} with exact statistics and {_pct(sorted_bn['batch'])} "
+        "with (shuffled) test-batch statistics.",
+        "",
+        f"![Train accuracy (training mode, left) and test accuracy (eval mode, right) as "
+        f"fractions vs epoch, with and without BN, shuffled (solid) and class-sorted "
+        f"(dashed) batches; bands ± 1 std over {n} seed(s)]({s['figures']['class_sorted']})",
+        "",
+        "### Time",
+        "",
+        f"Training seconds per epoch (evaluation excluded) at batch {st['batch_size']}, from "
+        "`metrics.jsonl`, over the epochs after the first and over seeds. The autograd runs "
+        f"without BN and with PyTorch's BN are those of the batch-size sweep; the others "
+        f"are dedicated runs of {tm['dedicated_epochs']} epoch(s).",
+        "",
+        "| engine, normalization | s per epoch | images per s | time vs no BN |",
+        "|---|---|---|---|",
+    ]
+    for config in tm["configs"].values():
+        overhead = config.get("overhead")
+        lines.append(f"| {config['label']} | {fmt_pm(config['epoch_time_s'], 2)} | "
+                     f"{fmt_pm(config['images_per_s'], 0)} | "
+                     f"{'—' if overhead is None else f'{overhead * 100:+.0f} %'} |")
+    if not tm["configs"]["autograd_none"]["epoch_time_s"].get("skipped_first", True):
+        lines += ["", "These runs had one epoch only, so the first epoch is included."]
+    params = tm["parameters"]
+    lines += [
+        "",
+        f"BN's γ and β are {params['bn_gamma_beta']} of the {params['with_bn']} parameters "
+        f"({tm['bn_parameter_fraction'] * 100:.2f} %); the network without BN has "
+        f"{params['without_bn']} (its convolutions keep the biases BN's β replaces).",
+        "",
+        f"![Training time per epoch in seconds for each engine and normalization, error bars "
+        f"± 1 std over later epochs and {n} seed(s); labels give the time relative to the "
+        f"same engine without BN]({s['figures']['time']})",
+        "",
+        "### The post's claims against the data",
+        "",
+    ]
+    lines += _claim_lines(s)
+    lines += ["", "Recurrent networks, another drawback often listed for BN, are not measured "
+              "here: All-CNN-C has no recurrence."]
+    return "\n".join(lines) + "\n"
+
+
+def _answer(s: dict[str, Any]) -> str:
+    """The one-paragraph answer, from the summary's numbers."""
+    points, tm, srt = s["batch_size"]["points"], s["time"]["configs"], s["class_sorted"]
+    small, base = points[0], next(p for p in points if p["batch_size"] ==
+                                  s["settings"]["batch_size"])
+    g_small = s["discrepancy"]["groups"][0]
+    overhead = tm["autograd_torch"].get("overhead")
+    parts = [
+        f"at batch {base['batch_size']} BN reaches {_pct(base['torch']['test_acc'])} test "
+        f"accuracy against {_pct(base['none']['test_acc'])} without; at batch "
+        f"{small['batch_size']}, {_pct(small['torch']['test_acc'])} against "
+        f"{_pct(small['none']['test_acc'])}.",
+        f"The BN network trained at batch {g_small['batch_size']} scores "
+        f"{_pct(g_small['running'])} with its running averages and "
+        f"{_pct(g_small['exact'])} with exact training-set statistics.",
+        f"Class-sorted batches cost BN {_pct(srt['drop_torch'])} of test accuracy and the "
+        f"network without BN {_pct(srt['drop_none'])}.",
+    ]
+    if overhead is not None:
+        parts.append(f"An epoch with PyTorch's BN takes {overhead * 100:+.0f} % of the time "
+                     f"of one without ({fmt_pm(tm['autograd_torch']['epoch_time_s'], 2)} s "
+                     f"vs {fmt_pm(tm['autograd_none']['epoch_time_s'], 2)} s).")
+    return "Measured: " + " ".join(parts)
+
+
+def _claim_lines(s: dict[str, Any]) -> list[str]:
+    claims, tm = s["claims"], s["time"]
+    t = tm["configs"]
+    out = []
+    c = claims["time"]
+    overhead = t["autograd_torch"].get("overhead")
+    extra = ""
+    if overhead is not None:
+        extra = (f" Per epoch: {fmt_pm(t['autograd_torch']['epoch_time_s'], 2)} s with BN, "
+                 f"{fmt_pm(t['autograd_none']['epoch_time_s'], 2)} s without "
+                 f"({_direction(c['comparison'], _seconds)}). γ and β are "
+                 f"{tm['bn_parameter_fraction'] * 100:.2f} % of the parameters; the epoch "
+                 f"takes {overhead * 100:+.0f} % of the time.")
+        if c["verdict"] == "supported" and overhead > 10 * tm["bn_parameter_fraction"]:
+            extra += (" So the time goes to normalizing every activation, forward and "
+                      "backward, not to optimizing two more parameters per layer.")
+    out.append(f"- **Time** ({c['source']}): {c['claim']}{extra} "
+               f"**{VERDICT_TEXT[c['verdict']]}**")
+    c = claims["unrepresentative"]
+    srt = s["class_sorted"]
+    out.append(f"- **Batches that do not represent the data** ({c['source']}): {c['claim']} "
+               f"Class-sorted batches cost {_pct(srt['drop_torch'])} of test accuracy with "
+               f"BN and {_pct(srt['drop_none'])} without "
+               f"({_direction(c['comparison'])}); the post's claim holds if BN loses no more "
+               f"than the network without BN. **{VERDICT_TEXT[c['verdict']]}**")
+    c = claims["small_batch"]
+    small = s["batch_size"]["points"][0]
+    out.append(f"- **Small batches** ({c['source']}): {c['claim']} At batch "
+               f"{c['batch_size']}: {_pct(small['torch']['test_acc'])} with BN, "
+               f"{_pct(small['none']['test_acc'])} without ({_direction(c['comparison'])})."
+               f" **{VERDICT_TEXT[c['verdict']]}**")
+    c = claims["train_test"]
+    out.append(f"- **Train/test discrepancy** ({c['source']}): {c['claim']} Exact "
+               f"statistics against the running averages at batch {c['batch_size']}: "
+               f"{_direction(c['comparison'])}; at batch {c['largest_batch_size']}: "
+               f"{_direction(c['largest_comparison'])}. **{VERDICT_TEXT[c['verdict']]}**")
+    return out

@@ -1,0 +1,283 @@
+"""Q3 (what BN costs): the measurements on cases with a known answer, and the study end to end
+on tiny generated data."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab.train
+from bnlab.data import load_cifar10_dir
+from bnlab.studies import SCALES, q3, run_study
+from bnlab.studies.common import StudyScale
+from tests.cifar_fixtures import write_cifar10_folder
+
+# ---- the plan ------------------------------------------------------------------------------
+
+TINY = StudyScale("tiny-q3", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3,
+                  seeds=2, budget_s=60.0, description="tests: 40 generated images")
+
+
+@pytest.mark.parametrize(("scale", "num_train", "expected", "skipped"), [
+    (SCALES["quick"], 2000, [(2, 2), (8, 6), (32, 6), (64, 6), (256, 6)], []),
+    (SCALES["paper"], 50000, [(2, 8), (8, 30), (32, 30), (128, 30), (256, 30)], []),
+    (TINY, 40, [(2, 1), (8, 1), (32, 1)], [256]),
+])
+def test_sweep_plan_clamps_and_shortens_small_batches(scale, num_train, expected, skipped):
+    points, left_out = q3.sweep_plan(scale, num_train)
+    assert [(p.batch_size, p.epochs) for p in points] == expected
+    assert left_out == skipped
+    base = next(p for p in points if p.batch_size == scale.batch_size)
+    assert base.lr == scale.lr and base.epochs == scale.epochs and not base.reduced
+    for p in points:  # lr = lr0 sqrt(B / B0)
+        assert p.lr == pytest.approx(scale.lr * (p.batch_size / scale.batch_size) ** 0.5)
+
+
+# ---- verdicts ------------------------------------------------------------------------------
+
+def stat(mean, std, n=2):
+    return {"mean": mean, "std": std, "n": n}
+
+
+@pytest.mark.parametrize(("a", "b", "direction"), [
+    (stat(0.5, 0.01), stat(0.4, 0.02), "above"),
+    (stat(0.4, 0.01), stat(0.5, 0.02), "below"),
+    (stat(0.5, 0.06), stat(0.4, 0.05), "within spread"),
+    (stat(0.9, 0.0, n=1), stat(0.1, 0.0), "one seed"),
+    ({"mean": None, "std": None, "n": 0}, stat(0.1, 0.0), "one seed"),
+])
+def test_compare_means(a, b, direction):
+    assert q3.compare_means(a, b)["direction"] == direction
+
+
+@pytest.mark.parametrize(("direction", "expected", "result"), [
+    ("above", "above", "supported"),
+    ("below", "above", "contradicted"),
+    ("within spread", "above", "inconclusive"),
+    ("below", "below", "supported"),
+    ("above", "below", "contradicted"),
+    ("one seed", "below", "inconclusive"),
+])
+def test_verdict(direction, expected, result):
+    assert q3.verdict(direction, expected) == result
+
+
+def test_epoch_time_leaves_out_the_first_epoch():
+    runs = [[{"epoch": 1, "t": 50.0}, {"epoch": 2, "t": 2.0}, {"epoch": 3, "t": 4.0}],
+            [{"epoch": 1, "t": 60.0}, {"epoch": 2, "t": 6.0}]]
+    stats = q3.epoch_time_stats(runs, "t")
+    print(stats)
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(4.0)
+    assert stats["std"] == pytest.approx(2.0) and stats["skipped_first"]
+    one_epoch = q3.epoch_time_stats([[{"epoch": 1, "t": 5.0}]], "t")
+    assert one_epoch["mean"] == 5.0 and not one_epoch["skipped_first"]
+
+
+# ---- the statistics BN normalizes with ------------------------------------------------------
+
+def float64_batches(x: torch.Tensor, size: int):
+    return [(x[i:i + size], torch.zeros(len(x[i:i + size]), dtype=torch.long))
+            for i in range(0, len(x), size)]
+
+
+def two_bn_net() -> nn.Sequential:
+    """BN → fixed 1x1 convolution mixing channels → BN, in float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([2.0, 0.5, 1.0]))
+        net[0].bias.copy_(torch.tensor([1.0, -1.0, 0.0]))
+    return net
+
+
+def test_recompute_exact_is_the_population_statistics_layer_by_layer():
+    g = torch.Generator().manual_seed(1)
+    # channels with different means and scales; batches with different offsets, so that
+    # statistics of batches differ from those of the whole set
+    x = torch.randn(50, 3, 4, 4, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 3.0, 0.2], dtype=torch.float64).view(1, 3, 1, 1) + 5.0
+    x += torch.arange(50, dtype=torch.float64).view(50, 1, 1, 1) / 10
+    net = two_bn_net()
+    assert q3.recompute_exact(net, lambda: float64_batches(x, 7)) == 2
+    # reference: layer 1 from the data, layer 2 from layer 1's eval-mode output
+    mean1, var1 = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    with torch.no_grad():
+        h = net[1]((x - mean1.view(1, 3, 1, 1)) / (var1.view(1, 3, 1, 1) + 1e-5).sqrt()
+                   * net[0].weight.view(1, 3, 1, 1) + net[0].bias.view(1, 3, 1, 1))
+    mean2, var2 = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+    for got, want in ((net[0].running_mean, mean1), (net[0].running_var, var1),
+                      (net[2].running_mean, mean2), (net[2].running_var, var2)):
+        print(got.tolist(), want.tolist(), float((got - want).abs().max()))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(m.training for m in net.modules())  # the modes it had (training) restored
+
+
+def test_recompute_cumulative_averages_batch_means_and_unbiased_variances():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 3, 4, 4, generator=g, dtype=torch.float64)
+    x += torch.arange(40, dtype=torch.float64).view(40, 1, 1, 1) / 4  # batch means differ
+    bn = nn.Sequential(nn.BatchNorm2d(3, momentum=0.1).double())
+    assert q3.recompute_cumulative(bn, float64_batches(x, 10)) == 4
+    chunks = x.split(10)
+    want_mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    want_var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in chunks]).mean(0)
+    torch.testing.assert_close(bn[0].running_mean, want_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn[0].running_var, want_var, rtol=1e-12, atol=1e-12)
+    assert bn[0].momentum == 0.1  # restored
+    # the mean is exact (equal batches); the variance misses the spread of batch means
+    torch.testing.assert_close(want_mean, x.mean((0, 2, 3)))
+    population = x.var((0, 2, 3), unbiased=False)
+    print("cumulative", want_var.tolist(), "population", population.tolist())
+    assert (want_var < 0.5 * population).all()
+
+
+def toy_classifier(num_classes: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """BN → global average pool: the logits are the normalized channel means. An image of
+    class k has +3 on channel k, so with the right statistics argmax finds k."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(64) % num_classes
+    x = torch.randn(64, num_classes, 4, 4, generator=g)
+    x[torch.arange(64), labels] += 3.0
+    net = nn.Sequential(nn.BatchNorm2d(num_classes, affine=False), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten())
+    return net, x, labels
+
+
+def test_accuracy_running_vs_batch_statistics_and_recomputed():
+    net, x, y = toy_classifier()
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    q3.recompute_exact(net, lambda: batches)
+    right = q3.accuracy(net, batches)
+    bn = net[0]
+    bn.running_mean[0] = -100.0  # wrong running statistics: channel 0 wins every image
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    wrong = q3.accuracy(net, batches)
+    with_batch = q3.accuracy(net, batches, "batch")
+    print(f"running (right) {right:.3f}  running (wrong) {wrong:.3f}  batch {with_batch:.3f}")
+    assert right > 0.95 and with_batch > 0.95
+    assert wrong == pytest.approx(0.25)  # only class 0 is right
+    for key, value in bn.state_dict().items():  # the batch-statistics pass touched nothing
+        torch.testing.assert_close(value, before[key])
+    assert bn.training  # the mode it had
+    q3.recompute_exact(net, lambda: batches)
+    assert q3.accuracy(net, batches) == right  # recomputing repairs it
+    mismatch = q3.stats_mismatch(net, net)
+    assert mismatch == {"mean_shift": 0.0, "log_var_ratio": 0.0}
+
+
+def test_accuracy_refuses_unknown_statistics():
+    net, x, y = toy_classifier()
+    with pytest.raises(ValueError, match="statistics"):
+        q3.accuracy(net, [(x, y)], "population")
+
+
+# ---- end to end ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tiny_study_env():
+    """SCALES with TINY; no per-run curves.png (drawn by ``train``, ~1 s each, not what is
+    tested here); one thread, since tiny tensors gain nothing from two and on a busy
+    machine OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(SCALES, TINY.name, TINY)
+        mp.setattr(bnlab.train, "_plot_run", lambda run_dir: None)
+        torch.set_num_threads(1)
+        try:
+            yield mp
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The study at the TINY scale (22 runs on 40 images), once for the tests below."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_folder(root, per_batch=8, test=12)  # 40 training, 12 test images
+    dataset = load_cifar10_dir(root)
+    out = tmp_path_factory.mktemp("q3") / "study"
+    with tiny_study_env():
+        summary = run_study("q3", out, preset=TINY.name, device="cpu", quiet=True,
+                            log=lambda _: None, dataset=dataset)
+    return out, summary, dataset
+
+
+def test_study_writes_summary_figures_and_section(study):
+    out, _, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    for key in ("data", "preset", "seeds", "settings", "batch_size", "discrepancy",
+                "class_sorted", "time", "claims", "figures"):
+        assert key in stored, key
+    assert stored["preset"] == TINY.name and stored["seeds"] == TINY.seeds
+    assert "generated" not in stored["data"] and stored["data"]
+    assert [p["batch_size"] for p in stored["batch_size"]["points"]] == [2, 8, 32]
+    assert stored["batch_size"]["skipped"] == [256]
+    for claim in stored["claims"].values():
+        assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
+    section = (out / "section.md").read_text()
+    assert section.startswith(f"## {q3.TITLE}") and "Q3" in section.splitlines()[0]
+    figures = re.findall(r"^!\[[^\]]+\]\(([^)]+)\)$", section, flags=re.M)
+    assert sorted(figures) == sorted(stored["figures"].values())
+    for name in figures:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.html").is_file()
+    assert section.count("**The data support it.**") + section.count(
+        "**The data contradict it.**") + section.count("**Inconclusive at this scale.**") == 4
+
+
+def test_section_numbers_come_from_the_summary(study):
+    out, _, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    section = q3.render(out)
+    assert section == (out / "section.md").read_text()  # redrawn from the files alone
+    base = next(p for p in stored["batch_size"]["points"] if p["batch_size"] == 8)
+    acc = base["torch"]["test_acc"]
+    assert f"{acc['mean'] * 100:.1f} ± {acc['std'] * 100:.1f} %" in section
+    exact = stored["discrepancy"]["groups"][0]["exact"]
+    assert f"{exact['mean'] * 100:.1f} ± {exact['std'] * 100:.1f} %" in section
+    time = stored["time"]["configs"]["autograd_torch"]["epoch_time_s"]
+    assert f"{time['mean']:.2f} ± {time['std']:.2f}" in section
+    assert f"{stored['time']['bn_parameter_fraction'] * 100:.2f} %" in section
+    # the verdict in the text is the one in the summary
+    verdict = stored["claims"]["time"]["verdict"]
+    line = next(x for x in section.splitlines() if x.startswith("- **Time**"))
+    assert q3.VERDICT_TEXT[verdict] in line
+
+
+def test_study_discrepancy_is_measured_on_every_bn_network(study):
+    out, _, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    groups = stored["discrepancy"]["groups"]
+    assert [g["order"] for g in groups] == ["shuffled"] * 3 + ["class_sorted"]
+    points = {p["batch_size"]: p for p in stored["batch_size"]["points"]}
+    for g in groups[:3]:
+        # eval mode with running averages is what training measured as test accuracy
+        assert g["running"]["mean"] == pytest.approx(points[g["batch_size"]]["torch"]
+                                                     ["test_acc"]["mean"])
+        for key, _ in q3.STAT_KINDS:
+            assert g[key]["n"] == TINY.seeds
+
+
+def test_resume_trains_nothing_again(study):
+    """A second run of the study over its folder reuses every finished run."""
+    out, summary, dataset = study
+    calls = []
+    real = bnlab.train.train
+
+    def counting(config, run_dir, **kwargs):
+        calls.append(run_dir)
+        assert (run_dir / "result.json").is_file(), f"{run_dir} would be trained"
+        return real(config, run_dir, **kwargs)
+
+    with tiny_study_env() as mp:
+        mp.setattr("bnlab.studies.common.train", counting)
+        again = run_study("q3", out, preset=TINY.name, device="cpu", quiet=True,
+                          log=lambda _: None, dataset=dataset, resume=True)
+    assert len(calls) == 22
+    assert again["batch_size"]["points"] == summary["batch_size"]["points"]
+    assert again["discrepancy"]["groups"] == summary["discrepancy"]["groups"]
