@@ -37,6 +37,7 @@ import copy
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -384,8 +385,9 @@ def run(ctx: StudyContext) -> dict:
 
 
 def _statistics(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per norm and layer, over seeds: the percentile drift and the gradient shift averaged
-    over the run's measurements; "all" averages the layers of each seed first."""
+    """Per norm and layer, over seeds: the percentile drift, and the gradient shift as the
+    median of the run's measurements (robust to the large first steps from the initial
+    weights); "all" averages the layers of each seed first."""
     drift: dict[str, dict[str, Any]] = {}
     shift: dict[str, dict[str, Any]] = {}
     for norm, c in curves.items():
@@ -395,7 +397,7 @@ def _statistics(curves: dict[str, dict[str, Any]]) -> dict[str, Any]:
         drift[norm]["all"] = mean_std(_layer_means(per_seed_drift))
         shift[norm] = {}
         for measure in ("rel_diff", "cosine"):
-            per_seed = {i: [sum(s) / len(s) for s in c[measure][i]] for i in c[measure]}
+            per_seed = {i: [statistics.median(s) for s in c[measure][i]] for i in c[measure]}
             stats = {i: mean_std(v) for i, v in per_seed.items()}
             stats["all"] = mean_std(_layer_means(per_seed))
             shift[norm][measure] = stats
@@ -426,6 +428,8 @@ def _verdicts(summary: dict[str, Any]) -> dict[str, str]:
     return {
         "drift_comparison": drift,
         "gradient_comparison": grad,
+        "cosine_comparison": compare(summary["shift"]["torch"]["cosine"]["all"],
+                                     summary["shift"]["none"]["cosine"]["all"]),
         "post_distribution": to_post.get(drift, "inconclusive"),
         "post_gradient": to_post.get(grad, "inconclusive"),
         "santurkar": to_santurkar.get(grad, "inconclusive"),
@@ -435,15 +439,16 @@ def _verdicts(summary: dict[str, Any]) -> dict[str, str]:
 # ---- figures -----------------------------------------------------------------------------
 
 def _band(ax, steps: Sequence[int], runs: Sequence[Sequence[float]], color, label: str,
-          style: str = "-") -> None:
-    """Mean over seeds as a line, mean ± std as a band (no band for one seed)."""
+          style: str = "-", band: str = "std") -> None:
+    """Mean over seeds as a line; a band of mean ± std (``band="std"``) or of the range over
+    seeds (``"range"``, for log axes); no band for one seed."""
     t = torch.tensor(runs, dtype=torch.float64)
     mean = t.mean(0)
     ax.plot(steps, mean.tolist(), style, color=color, lw=1.5, label=label)
     if t.shape[0] > 1:
-        std = t.std(0)
-        ax.fill_between(steps, (mean - std).tolist(), (mean + std).tolist(), color=color,
-                        alpha=0.2, lw=0)
+        low, high = ((t.min(0).values, t.max(0).values) if band == "range"
+                     else (mean - t.std(0), mean + t.std(0)))
+        ax.fill_between(steps, low.tolist(), high.tolist(), color=color, alpha=0.2, lw=0)
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
@@ -484,7 +489,8 @@ def _plot_shift(summary: dict[str, Any], path: Path) -> None:
     for col, i in enumerate(layers):
         for k, (norm, label) in enumerate(summary["norms"].items()):
             c = summary["curves"][norm]
-            _band(axes[0][col], c["shift_steps"], c["rel_diff"][str(i)], f"C{k}", label)
+            _band(axes[0][col], c["shift_steps"], c["rel_diff"][str(i)], f"C{k}", label,
+                  band="range")
             _band(axes[1][col], c["shift_steps"], c["cosine"][str(i)], f"C{k}", label)
         axes[0][col].set_yscale("log")
         axes[0][col].set_ylabel("||G - G'|| / ||G|| (ratio, log scale)")
@@ -497,7 +503,8 @@ def _plot_shift(summary: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=8)
     fig.suptitle("Q4: Santurkar et al.'s internal covariate shift, no BN vs BN: the change of "
                  "a layer's weight gradient when the layers before it take their optimizer "
-                 f"step (mean ± std over {summary['seeds']} seeds)", fontsize=10)
+                 f"step (mean over {summary['seeds']} seeds; band: range over seeds (top), "
+                 "± std (bottom))", fontsize=10)
     save_figure(fig, path)
 
 
@@ -564,7 +571,8 @@ def render(study_dir: Path) -> str:
         f"{s['batch_size']} training images: G is the gradient of conv*i*'s weights; the "
         "optimizer's own step (Adam, from a deep copy of its state, so exactly the update "
         "it would make) is applied to layers 1..*i*-1 only; G' is the same gradient after "
-        "that step. Santurkar et al.'s "
+        "that step. Each run is summarized by the median over its measurements (the first "
+        "steps from the initial weights are much larger than the rest). Santurkar et al.'s "
         "finding: BN does not reduce internal covariate shift in this sense, and their BN "
         "networks often showed more of it.",
         "",
@@ -580,18 +588,21 @@ def render(study_dir: Path) -> str:
             f" | {fmt_pm(sh_none['cosine'][i], 4)} | {fmt_pm(sh_bn['cosine'][i], 4)} |")
     lines += [
         "",
-        f"Averaged over the run and the layers, ‖G−G'‖/‖G‖ is "
+        f"Averaged over the layers (median over the run), ‖G−G'‖/‖G‖ is "
         f"{fmt_pm(sh_none['rel_diff']['all'], 4)} without BN and "
         f"{fmt_pm(sh_bn['rel_diff']['all'], 4)} with BN: "
-        f"{_comparison_words(v['gradient_comparison'])}. Against Santurkar et al.'s finding: "
+        f"{_comparison_words(v['gradient_comparison'])}; cos(G, G') is "
+        f"{fmt_pm(sh_none['cosine']['all'], 4)} without BN and "
+        f"{fmt_pm(sh_bn['cosine']['all'], 4)} with BN: "
+        f"{_comparison_words(v['cosine_comparison'])}. Against Santurkar et al.'s finding: "
         f"{_VERDICT_TEXT[v['santurkar']]}. Against the post's claim, in this sense: "
         f"{_VERDICT_TEXT[v['post_gradient']]}.",
         "",
         f"![Santurkar et al.'s internal covariate shift of "
         f"{', '.join(f'conv{i}' for i in layers)} vs training "
         "step, without and with BN; top: relative change of the weight gradient "
-        "‖G−G'‖/‖G‖ (ratio, log scale), bottom: cosine of G and G'; bands: ± std over "
-        "seeds](q4_gradient_shift.png)",
+        "‖G−G'‖/‖G‖ (ratio, log scale; band: range over seeds), bottom: cosine of G and G' "
+        "(band: ± std over seeds)](q4_gradient_shift.png)",
         "",
         f"**Answer.** Internal covariate shift is the change in a layer's input distribution "
         f"as earlier layers learn. Whether BN reduces it depends on what is measured: the "
