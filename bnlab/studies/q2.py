@@ -448,7 +448,7 @@ def render(study_dir: Path) -> str:
         "",
         f"One epoch of training takes {fmt_pm(per_epoch['torch']['epoch_time_s'], 2)} s with "
         f"BN and {fmt_pm(per_epoch['none']['epoch_time_s'], 2)} s without (mean ± std over "
-        "epochs and seeds), so an epoch saved is not a second saved one for one.",
+        "epochs and seeds), so fewer epochs are not fewer seconds one for one.",
         "",
         f"![Test accuracy (fraction) of All-CNN-C with and without BN: left against the epoch, "
         f"right against cumulative training seconds; mean ± std bands over {n} seed(s); dotted "
