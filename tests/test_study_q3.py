@@ -24,8 +24,8 @@ TINY = StudyScale("tiny-q3", width=0.125, epochs=1, subset=None, batch_size=8, l
 
 
 @pytest.mark.parametrize(("scale", "num_train", "expected", "skipped"), [
-    (SCALES["quick"], 2000, [(2, 2), (8, 6), (32, 6), (64, 6), (256, 6)], []),
-    (SCALES["paper"], 50000, [(2, 8), (8, 30), (32, 30), (128, 30), (256, 30)], []),
+    (SCALES["quick"], 2000, [(2, 1), (8, 3), (32, 3), (64, 3), (256, 3)], []),
+    (SCALES["paper"], 50000, [(2, 4), (8, 15), (32, 15), (128, 15), (256, 15)], []),
     (TINY, 40, [(2, 1), (8, 1), (32, 1)], [256]),
 ])
 def test_sweep_plan_clamps_and_shortens_small_batches(scale, num_train, expected, skipped):
@@ -33,7 +33,7 @@ def test_sweep_plan_clamps_and_shortens_small_batches(scale, num_train, expected
     assert [(p.batch_size, p.epochs) for p in points] == expected
     assert left_out == skipped
     base = next(p for p in points if p.batch_size == scale.batch_size)
-    assert base.lr == scale.lr and base.epochs == scale.epochs and not base.reduced
+    assert base.lr == scale.lr and base.epochs == q3.study_epochs(scale) and not base.reduced
     for p in points:  # lr = lr0 sqrt(B / B0)
         assert p.lr == pytest.approx(scale.lr * (p.batch_size / scale.batch_size) ** 0.5)
 

@@ -16,9 +16,11 @@ rule for Adam, anchored at the scale's (lr0, B0):
 
     lr(B) = lr0 * sqrt(B / B0)
 
-Every size trains the scale's epochs, except that sizes below ``min(FULL_LENGTH_FROM, B0)``
-(batch 2: a thousand steps per epoch on 2,000 images, slow per image on a CPU) train
-``ceil(epochs * B / FULL_LENGTH_FROM)`` epochs; the section and the figure mark them.
+Every run of this study trains E = ``study_epochs(scale)`` = half the scale's epochs (at
+least 1), so that the study fits its share of the quick budget; sizes below
+``min(FULL_LENGTH_FROM, B0)`` (batch 2: a thousand steps per epoch on 2,000 images, slow per
+image on a CPU) train ``ceil(E * B / FULL_LENGTH_FROM)`` epochs; the section and the figure
+mark them.
 
 Experiment 2, the train/test discrepancy. Each trained BN network of experiment 1 (and of
 experiment 3) is loaded from its checkpoint and tested four ways, differing only in the
@@ -103,6 +105,7 @@ __all__ = [
     "run",
     "sqrt_scaled_lr",
     "stats_mismatch",
+    "study_epochs",
     "sweep_plan",
     "verdict",
 ]
@@ -161,29 +164,40 @@ def sqrt_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> flo
     return base_lr * math.sqrt(batch_size / base_batch_size)
 
 
+def study_epochs(scale: StudyScale) -> int:
+    """The run length of this study: half the scale's epochs, at least 1.
+
+    >>> from bnlab.studies.common import SCALES
+    >>> study_epochs(SCALES["quick"]), study_epochs(SCALES["paper"])
+    (3, 15)
+    """
+    return max(1, scale.epochs // 2)
+
+
 def sweep_plan(scale: StudyScale, num_train: int) -> tuple[list[SweepPoint], list[int]]:
     """The batch sizes of experiment 1 at ``scale`` on ``num_train`` images, and those skipped.
 
     Sizes: ``SWEEP_BATCH_SIZES`` and the scale's own, ascending; a size above ``num_train``
     is skipped. A size below ``min(FULL_LENGTH_FROM, scale.batch_size)`` trains
-    ``ceil(epochs * B / FULL_LENGTH_FROM)`` epochs (at least 1), the others the scale's.
+    ``ceil(E * B / FULL_LENGTH_FROM)`` epochs (at least 1), the others E =
+    :func:`study_epochs`.
 
     >>> from bnlab.studies.common import SCALES
     >>> points, skipped = sweep_plan(SCALES["quick"], 2000)
     >>> [(p.batch_size, p.epochs) for p in points], skipped
-    ([(2, 2), (8, 6), (32, 6), (64, 6), (256, 6)], [])
+    ([(2, 1), (8, 3), (32, 3), (64, 3), (256, 3)], [])
     """
     sizes = sorted(set(SWEEP_BATCH_SIZES) | {scale.batch_size})
     full_from = min(FULL_LENGTH_FROM, scale.batch_size)
+    full = study_epochs(scale)
     points, skipped = [], []
     for b in sizes:
         if b > num_train:
             skipped.append(b)
             continue
-        epochs = scale.epochs if b >= full_from else \
-            max(1, math.ceil(scale.epochs * b / FULL_LENGTH_FROM))
+        epochs = full if b >= full_from else max(1, math.ceil(full * b / FULL_LENGTH_FROM))
         points.append(SweepPoint(b, epochs, sqrt_scaled_lr(scale.lr, b, scale.batch_size),
-                                 epochs < scale.epochs))
+                                 epochs < full))
     return points, skipped
 
 
@@ -568,6 +582,7 @@ def run(ctx: StudyContext) -> dict:
     # Experiment 3: class-sorted batches at the scale's batch size.
     started = time.perf_counter()
     base = next(p for p in points if p.batch_size == scale.batch_size)
+    epochs = study_epochs(scale)
     sorted_block: dict[str, Any] = {"batch_size": base.batch_size, "epochs": base.epochs,
                                     "lr": base.lr, "configs": {}}
     sorted_results: dict[str, list] = {}
@@ -576,7 +591,7 @@ def run(ctx: StudyContext) -> dict:
         sorted_runs = []
         for seed in ctx.seed_list():
             config = ctx.config(norm=norm, batch_order="class_sorted", seed=seed,
-                                case=f"sorted-{norm}")
+                                epochs=base.epochs, case=f"sorted-{norm}")
             sorted_runs.append((seed, config, _train(ctx, f"sorted-{norm}-seed{seed}", config)))
         sorted_results[norm] = sorted_runs
         for order, runs in (("shuffled", shuffled), ("class_sorted", sorted_runs)):
@@ -627,7 +642,7 @@ def run(ctx: StudyContext) -> dict:
 
     # Experiment 4: time per epoch.
     started = time.perf_counter()
-    time_epochs = max(2, scale.epochs // 2)
+    time_epochs = max(2, epochs)
     time_configs = [
         ("autograd_none", "autograd, no BN", None),
         ("autograd_torch", "autograd, PyTorch BN", None),
@@ -693,7 +708,8 @@ def run(ctx: StudyContext) -> dict:
         "data": dataset.source,
         "preset": scale.name,
         "seeds": ctx.seeds,
-        "settings": {"width": scale.width, "epochs": scale.epochs, "train_images": num_train,
+        "settings": {"width": scale.width, "epochs": epochs, "scale_epochs": scale.epochs,
+                     "train_images": num_train,
                      "test_images": dataset.num_test, "batch_size": scale.batch_size,
                      "lr": scale.lr, "lr_schedule": "cosine", "optimizer": "Adam",
                      "augment": True, "full_length_from": min(FULL_LENGTH_FROM,
@@ -915,13 +931,23 @@ def render(study_dir: Path) -> str:
         f"Data: **{s['data']}**; preset `{s['preset']}`, {n} seed(s) per configuration. "
         f"All-CNN-C at width {st['width']:g}, {st['train_images']} training images, "
         f"{st['test_images']} test images, {st['optimizer']} with a {st['lr_schedule']} "
-        f"schedule, augmentation {'on' if st['augment'] else 'off'}, {st['epochs']} epoch(s) at "
-        f"batch {st['batch_size']} and lr {st['lr']:g} unless said otherwise. Numbers are "
+        f"schedule, augmentation {'on' if st['augment'] else 'off'}, {st['epochs']} epoch(s)"
+        + (f" (half the preset's {st['scale_epochs']}, so that the study fits its time "
+           "budget)" if st["epochs"] != st["scale_epochs"] else "")
+        + f" at batch {st['batch_size']} and lr {st['lr']:g} unless said otherwise. Numbers are "
         "mean ± sample std over seeds; a difference counts when it exceeds the sum of the two "
         "standard deviations (the error bars do not overlap), and needs two seeds.",
         "",
         "**Answer.** " + _answer(s),
         "",
+    ]
+    if s.get("wall_time_s") is not None:
+        clock = s["stage_time_s"]
+        lines += [f"Wall time of this study: {s['wall_time_s'] / 60:.1f} min (batch-size "
+                  f"sweep {clock['batch_size_s']:.0f} s, class-sorted runs "
+                  f"{clock['class_sorted_s']:.0f} s, test-time statistics "
+                  f"{clock['discrepancy_s']:.0f} s, timing runs {clock['time_s']:.0f} s).", ""]
+    lines += [
         "### Small batches",
         "",
         f"Final test accuracy at each batch size, with BN (PyTorch's layer) and without, at a "
