@@ -64,6 +64,7 @@ LAYERS: tuple[int, ...] = (2, 5, 8)           # relu2/conv2, relu5/conv5, relu8/
 PERCENTILES: tuple[float, ...] = (15.0, 50.0, 85.0)  # Ioffe & Szegedy's Fig. 1
 NORMS: dict[str, str] = {"none": "no BN", "torch": "BN"}  # TrainConfig.norm -> label
 PROBE_IMAGES = 128          # the fixed probe batch of the percentile measurement
+PERCENTILE_SAMPLE = 16384   # values per channel the percentiles are taken over (fixed ones)
 PERCENTILE_POINTS = 48      # about this many percentile probes per run
 SHIFT_POINTS = 24           # about this many gradient-shift measurements per run
 _PROBE_SEED, _SHIFT_SEED = 4242, 7919
@@ -86,14 +87,22 @@ __all__ = [
 
 # ---- measurements ------------------------------------------------------------------------
 
-def channel_percentiles(x: Tensor, q: Sequence[float] = PERCENTILES) -> list[float]:
+def channel_percentiles(x: Tensor, q: Sequence[float] = PERCENTILES,
+                        max_values: int | None = None) -> list[float]:
     """Percentiles ``q`` (0-100) of each channel of ``x`` (N, C, ...), averaged over channels.
 
     Per channel, over the N * H * W values, with linear interpolation between order
-    statistics (``torch.quantile``'s default), computed by sorting so any size works.
+    statistics (``torch.quantile``'s default), computed by sorting so any size works. With
+    ``max_values``, over that many of the N * H * W positions only, the same ones at every
+    call for a given shape (a seeded choice): sorting all of them dominated the probe's cost.
     """
     channels = x.shape[1]
-    values = x.detach().transpose(0, 1).reshape(channels, -1).float().sort(dim=1).values
+    values = x.detach().transpose(0, 1).reshape(channels, -1)
+    if max_values is not None and values.shape[1] > max_values:
+        g = torch.Generator().manual_seed(values.shape[1])
+        keep = torch.randperm(values.shape[1], generator=g)[:max_values].to(values.device)
+        values = values[:, keep]
+    values = values.float().sort(dim=1).values
     n = values.shape[1]
     out = []
     for percent in q:
@@ -133,9 +142,11 @@ def _bn_training_mode(module: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def relu_input_percentiles(module: nn.Module, images: Tensor, layers: Sequence[int] = LAYERS,
-                           q: Sequence[float] = PERCENTILES) -> dict[str, list[float]]:
+                           q: Sequence[float] = PERCENTILES,
+                           max_values: int | None = PERCENTILE_SAMPLE) -> dict[str, list[float]]:
     """The input of ``relu{i}`` for each i in ``layers`` on ``images``: its channel-averaged
-    percentiles ``q`` (:func:`channel_percentiles`), keyed by ``str(i)``.
+    percentiles ``q`` (:func:`channel_percentiles` over at most ``max_values`` fixed
+    positions per channel), keyed by ``str(i)``.
 
     Read by forward pre-hooks (before the in-place ReLU overwrites its input), with BN in
     training mode and its running buffers restored afterwards (:func:`_bn_training_mode`).
@@ -145,7 +156,8 @@ def relu_input_percentiles(module: nn.Module, images: Tensor, layers: Sequence[i
     for i in layers:
         relu = getattr(module, f"relu{i}")
         handles.append(relu.register_forward_pre_hook(
-            lambda _m, args, key=str(i): found.__setitem__(key, channel_percentiles(args[0], q))))
+            lambda _m, args, key=str(i): found.__setitem__(
+                key, channel_percentiles(args[0], q, max_values))))
     try:
         with _bn_training_mode(module):
             module(images)
@@ -373,6 +385,7 @@ def run(ctx: StudyContext) -> dict:
         "batch_size": batch_size, "lr": ctx.scale.lr, "steps_per_epoch": steps_per_epoch,
         "total_steps": total, "layers": list(LAYERS), "percentiles": list(PERCENTILES),
         "probe_images": min(PROBE_IMAGES, n_train), "percentile_every": pct_every,
+        "percentile_sample": PERCENTILE_SAMPLE,
         "shift_every": shift_every, "norms": NORMS, "notes": notes, "curves": curves,
         "final_test_acc": {norm: mean_std(v) for norm, v in final_acc.items()},
     }
@@ -536,7 +549,8 @@ def render(study_dir: Path) -> str:
         "",
         f"Every {_count(s['percentile_every'], 'step')} a fixed batch of "
         f"{s['probe_images']} training images (not augmented) goes through the network; "
-        f"the {q} percentiles of each channel of a ReLU's input are averaged over "
+        f"the {q} percentiles of each channel of a ReLU's input (over at most "
+        f"{s['percentile_sample']} fixed image positions per channel) are averaged over "
         "channels. BN is in training mode (normalizing with the probe batch's statistics, "
         "as in training) and its running buffers are restored after the probe. *Drift* is "
         "the largest move of a percentile from its value at step 0, in units of the mean "

@@ -295,18 +295,20 @@ class RunningReplay:
     ``s_t = (r_t - (1 - m) r_{t-1}) / m`` (m the run's momentum; the variance is the
     unbiased batch variance, as BN averages it) and updates a running average per momentum
     in ``momenta`` (None: the cumulative average ``r_t = r_{t-1} + (s_t - r_{t-1}) / t``),
-    in float64. Starts from PyTorch's initial buffers (mean 0, var 1).
+    in float64 on ``device`` (the buffers' device: no host synchronisation per step).
+    Starts from PyTorch's initial buffers (mean 0, var 1).
     """
 
     def __init__(self, num_features: Sequence[int], run_momentum: float,
-                 momenta: Sequence[float | None] = MOMENTA) -> None:
+                 momenta: Sequence[float | None] = MOMENTA,
+                 device: torch.device | str = "cpu") -> None:
         if not 0 < run_momentum <= 1:
             raise ValueError(f"the run's momentum must be in (0, 1], got {run_momentum}")
         self.run_momentum = run_momentum
         self.momenta = list(momenta)
         self.steps = 0
-        start = [(torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))
-                 for c in num_features]
+        start = [(torch.zeros(c, dtype=torch.float64, device=device),
+                  torch.ones(c, dtype=torch.float64, device=device)) for c in num_features]
         self.previous: Stats = [(m.clone(), v.clone()) for m, v in start]
         self.averages: dict[str, Stats] = {
             _momentum_key(m): [(a.clone(), b.clone()) for a, b in start] for m in self.momenta}
@@ -314,8 +316,7 @@ class RunningReplay:
     def update(self, buffers: Stats) -> None:
         m = self.run_momentum
         self.steps += 1
-        now = [(mean.detach().double().cpu(), var.detach().double().cpu())
-               for mean, var in buffers]
+        now = [(mean.detach().double(), var.detach().double()) for mean, var in buffers]
         batch = [((r_m - (1 - m) * p_m) / m, (r_v - (1 - m) * p_v) / m)
                  for (r_m, r_v), (p_m, p_v) in zip(now, self.previous, strict=True)]
         for momentum in self.momenta:
@@ -381,13 +382,14 @@ class _Probe:
         global_step = (epoch - 1) * self.steps_per_epoch + step
         if self.replay is None:
             self.replay = RunningReplay([bn.num_features for bn in model.bn_layers()],
-                                        self.config.bn_momentum)
+                                        self.config.bn_momentum, device=model.device)
             if global_step > 1:  # resumed after epoch - 1
                 path = self._state_path(epoch - 1)
                 if not path.exists():
                     raise RuntimeError(f"{path} is missing: the run resumed without the Q5 "
                                        f"replay; delete {self.run_dir} and run the study again")
-                self.replay.load_state_dict(torch.load(path, weights_only=True))
+                self.replay.load_state_dict(torch.load(path, map_location=model.device,
+                                                       weights_only=True))
         self.replay.update(_buffers(model))
         if global_step in self.probe_steps:
             self.log.append(self.measure(model, global_step))
