@@ -604,7 +604,7 @@ def _band(ax, steps: Sequence[int], runs: Sequence[Sequence[float]], color, labe
 
 def _plot_series(s: dict[str, Any], path: Path) -> None:
     e = s["ewa"]
-    fig, axes = _figure(1, 1, (9.0, 5.0))
+    fig, axes = _figure(1, 1, (11.0, 5.0))
     ax = axes[0][0]
     ax.plot(e["curve_steps"], e["one_series"], ".", color="0.6", ms=3,
             label=f"series x_t = {e['mean']:g} + {e['noise']:g} N(0, 1)")
@@ -620,13 +620,13 @@ def _plot_series(s: dict[str, Any], path: Path) -> None:
     ax.set_title("Q5: one noisy series and its exponentially weighted averages v_t "
                  "(from v_0 = 0), raw vs bias-corrected")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
 
 
 def _plot_startup(s: dict[str, Any], path: Path) -> None:
     e = s["ewa"]
-    fig, axes = _figure(1, 1, (9.0, 5.0))
+    fig, axes = _figure(1, 1, (11.0, 5.0))
     ax = axes[0][0]
     for k, (key, b) in enumerate(e["betas"].items()):
         ax.plot(e["curve_steps"], b["error"]["raw"], "-", color=f"C{k}", lw=1.4,
@@ -644,7 +644,7 @@ def _plot_startup(s: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Q5: start-up error of the averages over {e['replicates']} realizations; "
                  "dotted: 1/e and 0.01, circles: computed steps with β^t below them")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
 
 
