@@ -95,7 +95,19 @@ def two_bn_net() -> nn.Sequential:
     return net
 
 
-def test_recompute_exact_is_the_population_statistics_layer_by_layer():
+class Wrapped(nn.Module):
+    """The same network, not an nn.Sequential: recompute_exact must cut forwards by hooks."""
+
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("path", ["segments", "prefixes (cache too small)", "prefixes (module)"])
+def test_recompute_exact_is_the_population_statistics_layer_by_layer(path):
     g = torch.Generator().manual_seed(1)
     # channels with different means and scales; batches with different offsets, so that
     # statistics of batches differ from those of the whole set
@@ -103,7 +115,10 @@ def test_recompute_exact_is_the_population_statistics_layer_by_layer():
         [1.0, 3.0, 0.2], dtype=torch.float64).view(1, 3, 1, 1) + 5.0
     x += torch.arange(50, dtype=torch.float64).view(50, 1, 1, 1) / 10
     net = two_bn_net()
-    assert q3.recompute_exact(net, lambda: float64_batches(x, 7)) == 2
+    target, limit = {"segments": (net, 1 << 30), "prefixes (cache too small)": (net, 1000),
+                     "prefixes (module)": (Wrapped(net), 1 << 30)}[path]
+    assert q3.recompute_exact(target, lambda: float64_batches(x, 7),
+                              cache_limit_bytes=limit) == 2
     # reference: layer 1 from the data, layer 2 from layer 1's eval-mode output
     mean1, var1 = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     with torch.no_grad():
