@@ -57,6 +57,26 @@ def test_lr_range_width(accs, low, high, decades):
     assert r["best_acc"] == max(a for a in accs if a is not None)
 
 
+def test_a_curve_must_be_clearly_above_chance_to_have_usable_learning_rates():
+    lrs = [1e-3, 1e-2, 1e-1]
+    never = q2.lr_range_width(lrs, [0.11, 0.13, 0.12], tolerance=0.05)
+    assert not never["usable"] and never["decades"] is None and never["best_acc"] == 0.13
+    # within 0.05 of the best (0.18) would admit 0.14, but 0.14 is not 0.05 above chance
+    r = q2.lr_range_width(lrs, [0.14, 0.18, 0.16], tolerance=0.05)
+    assert r["usable"] and (r["low"], r["high"]) == (1e-2, 1e-1)
+
+
+def test_compare_ranges():
+    def rng(decades):
+        return {"decades": decades, "usable": decades is not None}
+    assert q2.compare_ranges(rng(1.5), rng(0.75)) == "wider"
+    assert q2.compare_ranges(rng(0.75), rng(1.5)) == "narrower"
+    assert q2.compare_ranges(rng(0.75), rng(0.75)) == "equal"
+    assert q2.compare_ranges(rng(0.0), rng(None)) == "wider"
+    assert q2.compare_ranges(rng(None), rng(0.0)) == "narrower"
+    assert q2.compare_ranges(rng(None), rng(None)) == "neither usable"
+
+
 def test_reach_verdict():
     def entry(reached, runs, epochs):
         return {"reached": reached, "runs": runs,
@@ -140,9 +160,10 @@ def test_section_is_drawn_from_the_summary(study):
     s["convergence"]["final_test_acc"]["torch"] = {"mean": 0.87654, "std": 0.0321, "n": 2,
                                                    "min": 0.85, "max": 0.9}
     s["lr_sweep"]["curves"]["sgd/torch"]["range"].update(
-        {"best_acc": 0.4321, "best_lr": 0.01, "low": 0.01, "high": 0.01, "decades": 0.0})
+        {"best_acc": 0.4321, "best_lr": 0.01, "low": 0.01, "high": 0.01, "decades": 0.0,
+         "usable": True})
     (out / "summary.json").write_text(json.dumps(s))
     redrawn = q2.render(out)
     assert "87.7 ± 3.2 %" in redrawn
-    assert "best 43.2 % at lr 0.01" in redrawn
+    assert "0.01 – 0.01 (0.00 decades; best 43.2 % at 0.01)" in redrawn
     assert math.isfinite(s["settings"]["lr"]) and f"lr {s['settings']['lr']:g}" in redrawn
