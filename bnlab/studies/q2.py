@@ -385,7 +385,7 @@ def _plot_sweep(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sweep = summary["lr_sweep"]
-    fig, ax = plt.subplots(figsize=(8.5, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(10.5, 5), layout="constrained")
     styles = {"adam": "-", "sgd": "--"}
     for curve in sweep["curves"].values():
         lrs = [p["lr"] for p in curve["points"]]
@@ -406,7 +406,7 @@ def _plot_sweep(summary: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("peak learning rate (log scale)")
     ax.set_ylabel("final test accuracy (fraction)")
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     n = len(sweep["seeds"])
     ax.set_title(f"Tolerance to the learning rate: {sweep['epochs']} epoch(s), {n} seed(s) per "
                  f"point{' (mean ± std)' if n > 1 else ''}", fontsize=10)
