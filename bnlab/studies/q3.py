@@ -30,11 +30,12 @@ mean and variance each BN layer normalizes with:
     batch        the statistics of the test batch itself (BN modules in training mode for
                  the forward only, test batches of the run's own B; running buffers saved
                  and restored)
-    cumulative   the precise-BN recipe: momentum=None, reset_running_stats(), one pass over
-                 the un-augmented training set in training mode, in equal batches of B0;
-                 this gives the plain average over batches of the batch means (the exact
-                 mean, since the batches are equal) and of the *unbiased batch variances*,
-                 which is the population variance only if a batch's values were independent
+    cumulative   PyTorch's recipe: momentum=None, reset_running_stats(), one pass over the
+                 un-augmented training set in training mode (so each layer sees inputs
+                 normalized with batch statistics upstream), in equal batches of B0; this
+                 gives the plain average over batches of the batch means (the exact mean,
+                 since the batches are equal) and of the *unbiased batch variances*, which
+                 is the population variance only if a batch's values were independent
                  (pixels of one image are not; the variance of the batch means is missed)
     exact        the population statistics of the training set, layer by layer: layer k's
                  input mean and (biased) variance over the whole training set (chunks merged
@@ -60,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -634,8 +636,6 @@ def _sweep(ctx: StudyContext, points: Sequence[SweepPoint],
 
 def run(ctx: StudyContext) -> dict:
     """Train and measure the four experiments; write the figures and ``summary.json``."""
-    import time
-
     dataset = ctx.load_data()
     scale = ctx.scale
     num_train = min(scale.subset or dataset.num_train, dataset.num_train)
@@ -740,7 +740,9 @@ def run(ctx: StudyContext) -> dict:
         ("manual_bnlab", "manual engine, bnlab BN",
          {"engine": "manual", "norm": "bnlab", "optimizer_impl": "bnlab"}),
     ]
-    timing: dict[str, Any] = {"dedicated_epochs": time_epochs, "configs": {}}
+    timing: dict[str, Any] = {"dedicated_epochs": time_epochs, "configs": {},
+                              "device": str(resolve_device(ctx.device)),
+                              "torch_threads": torch.get_num_threads()}
     for key, label, fields in time_configs:
         if fields is None:  # the shuffled runs of experiment 1 at the scale's batch size
             norm = key.split("_")[1]
@@ -1189,7 +1191,9 @@ def render(study_dir: Path) -> str:
         f"Training seconds per epoch (evaluation excluded) at batch {st['batch_size']}, from "
         "`metrics.jsonl`, over the epochs after the first and over seeds. The autograd runs "
         f"without BN and with PyTorch's BN are those of the batch-size sweep; the others "
-        f"are dedicated runs of {tm['dedicated_epochs']} epoch(s).",
+        f"are dedicated runs of {tm['dedicated_epochs']} epoch(s). Measured on "
+        f"{tm['device']} with {tm['torch_threads']} PyTorch thread(s); on a shared machine "
+        "these times move with its load.",
         "",
         "| engine, normalization | s per epoch | images per s | time vs no BN |",
         "|---|---|---|---|",
