@@ -1076,7 +1076,7 @@ def render(study_dir: Path) -> str:
         "",
     ]
     if s.get("wall_time_s") is not None:
-        clock, ledger = s["stage_time_s"], s["runs"]
+        clock, ledger = s["stage_time_s"], s.get("runs", {"reused": 0, "trained": 0})
         reused = (f" {ledger['reused']} of the {ledger['reused'] + ledger['trained']} runs were "
                   "reused from the folder (resumed), so this covers only the rest."
                   if ledger["reused"] else "")
@@ -1192,8 +1192,8 @@ def render(study_dir: Path) -> str:
         "`metrics.jsonl`, over the epochs after the first and over seeds. The autograd runs "
         f"without BN and with PyTorch's BN are those of the batch-size sweep; the others "
         f"are dedicated runs of {tm['dedicated_epochs']} epoch(s). Measured on "
-        f"{tm['device']} with {tm['torch_threads']} PyTorch thread(s); on a shared machine "
-        "these times move with its load.",
+        f"{tm.get('device', 'an unrecorded device')} with {tm.get('torch_threads', '?')} "
+        "PyTorch thread(s); on a shared machine these times move with its load.",
         "",
         "| engine, normalization | s per epoch | images per s | time vs no BN |",
         "|---|---|---|---|",
