@@ -94,7 +94,7 @@ CONFIGS: tuple[tuple[str, str, bool, str], ...] = (
     ("bn_dropout", "torch", True, "BN + dropout"),
 )
 BATCH_SIZES = (4, 8, 16, 32, 64, 128, 256)  # of the noise measurement, clamped to the pool
-NOISE_DRAWS = 3            # batch compositions (or dropout masks) per image
+NOISE_DRAWS = 2            # batch compositions (or dropout masks) per image and batch size
 NOISE_POOL_CAP = 8192      # images of the training subset the noise is measured on, at most
 THEORY_SLOPE = -0.5        # noise ~ B^(-1/2)
 SLOPE_TOLERANCE = 0.15     # "roughly 1/sqrt(B)": the fitted slope within -0.5 ± this
@@ -705,7 +705,7 @@ def render(study_dir: Path) -> str:
         "",
         f"Theory check: BN's noise should fall roughly like 1/√B, a slope of "
         f"{noise['theory_slope']} on log-log axes. Fitted slope of log(relative std) against "
-        f"log(B): {fmt_pm(slope, 2)} for the trained network, "
+        f"log(B): {fmt_pm(slope, 3)} for the trained network, "
         f"{_num(noise['bn_untrained']['slope'], 2)} for the untrained one — "
         + ("within" if verdicts["slope_within_theory"] else "outside")
         + f" ± {noise['slope_tolerance']} of the theory.",
@@ -726,7 +726,7 @@ def render(study_dir: Path) -> str:
         f"- BN gives a higher test accuracy: {_pct(bn['test_acc'])} vs "
         f"{_pct(none['test_acc'])}. " + verdict_phrase(verdicts["test_acc"]),
         f"- BN adds noise that shrinks with the batch size, like a regularizer whose strength "
-        f"the batch size sets: slope {fmt_pm(slope, 2)}. "
+        f"the batch size sets: slope {fmt_pm(slope, 3)}. "
         + verdict_phrase(verdicts["noise_shrinks"]),
     ]
     return "\n".join(lines) + "\n"
@@ -788,7 +788,7 @@ def _answer(s: dict[str, Any]) -> str:
         f"At this scale {gap} (eval-mode gap "
         f"{_pct(s['configs']['bn']['final']['acc_gap_eval'])} with BN, "
         f"{_pct(s['configs']['none']['final']['acc_gap_eval'])} without), and {noise_text} "
-        f"(slope {fmt_pm(slope, 2)} on log-log axes, {theory} the {noise['theory_slope']} of "
+        f"(slope {fmt_pm(slope, 3)} on log-log axes, {theory} the {noise['theory_slope']} of "
         "1/√B).",
         *_caveats(s),
     ])
