@@ -1,7 +1,8 @@
 """One training run: a frozen config in, one run folder out (both engines, one loop).
 
-    >>> from bnlab.train import TrainConfig, train               # doctest: +SKIP
-    >>> result = train(TrainConfig(case="b", norm="torch", epochs=2), "runs/b-seed0")
+    >>> from bnlab.train import TrainConfig, train
+    >>> config = TrainConfig(case="b", norm="torch", epochs=2)
+    >>> result = train(config, "runs/b-seed0")                   # doctest: +SKIP
 
 The run folder (SPEC.md, "Run folders") holds ``config.json`` (everything needed to rerun),
 ``metrics.jsonl`` (one JSON object per epoch, appended as the epoch ends),
@@ -39,8 +40,10 @@ from bnlab.models import AllCNNC
 __all__ = [
     "ConfigError",
     "DivergenceError",
+    "Model",
     "RunResult",
     "TrainConfig",
+    "load_model",
     "train",
 ]
 
@@ -60,6 +63,10 @@ class ConfigError(ValueError):
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite; the run folder keeps the last good epoch."""
+
+
+# what a run folder's config.json holds beside the TrainConfig: where and with what it ran
+RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
 
 
 @dataclass(frozen=True)
@@ -159,11 +166,17 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, values: dict) -> TrainConfig:
+        """The config of :meth:`to_json`, or of a run folder's ``config.json`` (whose
+        provenance keys, :data:`RUN_INFO_KEYS`, are ignored); unknown keys are an error.
+
+        >>> TrainConfig.from_json({"epochs": 3, "device": "cpu"}).epochs
+        3
+        """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known - set(RUN_INFO_KEYS))
         if unknown:
             raise ConfigError(f"unknown config fields {unknown} (from a newer bnlab?)")
-        values = dict(values)
+        values = {k: v for k, v in values.items() if k in known}
         for name in ("betas", "gradient_errors"):
             if name in values:
                 values[name] = tuple(values[name])
@@ -298,6 +311,25 @@ class Model:
         else:
             self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def load_model(run_dir: str | Path, device: torch.device | str | None = None) -> Model:
+    """The network and optimizer state of a run folder's last checkpoint.
+
+    ``device`` defaults to the one the run's config names ("auto" → CUDA when present).
+
+    >>> model = load_model("runs/compare/b/seed0")          # doctest: +SKIP
+    >>> model.module.eval()(images)                         # doctest: +SKIP
+    """
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint.pt in {run_dir}: not a bnlab run folder, or "
+                                f"its first epoch never finished")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_json(state["config"])
+    model = Model(config, resolve_device(str(device) if device is not None else config.device))
+    model.load_state_dict(state)
+    return model
 
 
 def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:

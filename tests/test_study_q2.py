@@ -153,7 +153,7 @@ def test_section_is_drawn_from_the_summary(study):
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40
     final = s["convergence"]["final_test_acc"]
-    assert q2._pct(final["torch"]) in section and q2._pct(final["none"]) in section
+    assert common.fmt_pct(final["torch"]) in section and common.fmt_pct(final["none"]) in section
     assert " ×" in section  # diverged points are marked
     assert any(p in section for p in ("The data support it.", "The data contradict it.",
                                       "Inconclusive at this scale."))

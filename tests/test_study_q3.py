@@ -38,35 +38,6 @@ def test_sweep_plan_clamps_and_shortens_small_batches(scale, num_train, expected
         assert p.lr == pytest.approx(scale.lr * (p.batch_size / scale.batch_size) ** 0.5)
 
 
-# ---- verdicts ------------------------------------------------------------------------------
-
-def stat(mean, std, n=2):
-    return {"mean": mean, "std": std, "n": n}
-
-
-@pytest.mark.parametrize(("a", "b", "direction"), [
-    (stat(0.5, 0.01), stat(0.4, 0.02), "above"),
-    (stat(0.4, 0.01), stat(0.5, 0.02), "below"),
-    (stat(0.5, 0.06), stat(0.4, 0.05), "within spread"),
-    (stat(0.9, 0.0, n=1), stat(0.1, 0.0), "one seed"),
-    ({"mean": None, "std": None, "n": 0}, stat(0.1, 0.0), "one seed"),
-])
-def test_compare_means(a, b, direction):
-    assert q3.compare_means(a, b)["direction"] == direction
-
-
-@pytest.mark.parametrize(("direction", "expected", "result"), [
-    ("above", "above", "supported"),
-    ("below", "above", "contradicted"),
-    ("within spread", "above", "inconclusive"),
-    ("below", "below", "supported"),
-    ("above", "below", "contradicted"),
-    ("one seed", "below", "inconclusive"),
-])
-def test_verdict(direction, expected, result):
-    assert q3.verdict(direction, expected) == result
-
-
 def test_epoch_time_leaves_out_the_first_epoch():
     runs = [[{"epoch": 1, "t": 50.0}, {"epoch": 2, "t": 2.0}, {"epoch": 3, "t": 4.0}],
             [{"epoch": 1, "t": 60.0}, {"epoch": 2, "t": 6.0}]]

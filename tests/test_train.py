@@ -82,9 +82,18 @@ def test_run_folder(case, tiny_data, tmp_path):
     assert all(0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["train_loss"]) for r in rows)
     saved = json.loads((run / "config.json").read_text())
     assert saved["data"] == tiny_data.source and saved["case"] == case
+    assert T.TrainConfig.from_json(saved) == cfg  # the run folder's config reads back
     assert json.loads((run / "result.json").read_text())["status"] == "finished"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert len(state["metrics"]) == 2
+    loaded = T.load_model(run, "cpu").state_dict()["model"]
+    assert loaded.keys() == state["model"].keys()
+    assert all(torch.equal(loaded[k], state["model"][k]) for k in loaded)
+
+
+def test_load_model_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint\.pt"):
+        T.load_model(tmp_path)
 
 
 def test_batch_larger_than_the_data_is_refused(tiny_data, tmp_path):

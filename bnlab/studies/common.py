@@ -18,6 +18,7 @@ finished run). Every number a section states is read from the study's ``summary.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
 import json
@@ -31,20 +32,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from bnlab import data as bdata
 from bnlab.train import RunResult, TrainConfig, train
 
 __all__ = [
     "SCALES",
+    "ProbeLog",
     "StudyContext",
     "StudyScale",
+    "bn_modules",
+    "compare_means",
+    "fmt_pct",
     "fmt_pm",
     "markdown_body",
     "markdown_to_html",
+    "mean_band",
     "mean_std",
+    "new_figure",
+    "plural",
     "read_summary",
     "save_figure",
+    "verdict",
+    "verdict_phrase",
     "write_summary",
 ]
 
@@ -149,6 +161,82 @@ def fmt_pm(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+
+def fmt_pct(stat: dict[str, Any] | None, digits: int = 1) -> str:
+    """``61.2 ± 1.3 %`` from a :func:`mean_std` dict of fractions (``n/a`` when empty).
+
+    >>> fmt_pct(mean_std([0.60, 0.62]))
+    '61.0 ± 1.4 %'
+    """
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{fmt_pm(stat, digits, 100.0)} %"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 seed``, ``2 seeds``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+# ---- verdicts ------------------------------------------------------------------------------
+
+def compare_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Is mean(a) above, below or within the seed spread of mean(b)?
+
+    ``a``, ``b``: :func:`mean_std` dicts. The difference counts when it exceeds the sum of
+    the two sample standard deviations (the ±1 std error bars do not overlap) and both have
+    at least two values (with one seed there is no spread to compare with). Returns
+    ``difference`` (a - b), ``spread`` (std_a + std_b) and ``direction``: ``"above"``,
+    ``"below"``, ``"within spread"`` or ``"one seed"`` (also when a mean is missing).
+
+    >>> compare_means({"mean": 0.5, "std": 0.01, "n": 2}, {"mean": 0.4, "std": 0.02, "n": 2})
+    {'difference': 0.09999999999999998, 'spread': 0.03, 'direction': 'above'}
+    """
+    if not a or not b or a.get("mean") is None or b.get("mean") is None:
+        return {"difference": None, "spread": None, "direction": "one seed"}
+    difference = a["mean"] - b["mean"]
+    spread = a["std"] + b["std"]
+    if min(a["n"], b["n"]) < 2:
+        direction = "one seed"
+    elif abs(difference) > spread:
+        direction = "above" if difference > 0 else "below"
+    else:
+        direction = "within spread"
+    return {"difference": difference, "spread": spread, "direction": direction}
+
+
+def verdict(direction: str, expected: str) -> str:
+    """"supported" when ``direction`` (of :func:`compare_means`) is the ``expected`` one
+    ("above"/"below"), "contradicted" when it is the opposite, else (within the spread, or
+    one seed) "inconclusive".
+
+    >>> verdict("above", "above"), verdict("below", "above"), verdict("one seed", "above")
+    ('supported', 'contradicted', 'inconclusive')
+    """
+    opposite = {"above": "below", "below": "above"}
+    if direction == expected:
+        return "supported"
+    if direction == opposite.get(expected):
+        return "contradicted"
+    return "inconclusive"
+
+
+def verdict_phrase(code: str) -> str:
+    """The section's sentence for a :func:`verdict` code.
+
+    >>> verdict_phrase("contradicted")
+    'The data contradict it.'
+    """
+    return {"supported": "The data support it.",
+            "contradicted": "The data contradict it."}.get(code, "Inconclusive at this scale.")
+
+
+
+# ---- networks ----------------------------------------------------------------------------
+
+def bn_modules(module: nn.Module) -> list[_NormBase]:
+    """The BN layers of ``module`` in forward order (``torch.nn`` and ``bnlab.nn`` alike)."""
+    return [m for m in module.modules() if isinstance(m, _NormBase)]
+
 # ---- files -------------------------------------------------------------------------------
 
 def _clean(value: Any) -> Any:
@@ -188,6 +276,59 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+
+class ProbeLog:
+    """Measurements taken during one training run: one JSON object per line, keyed by
+    ``step``. A resumed run replays the steps after its last checkpoint, so the last line
+    of a step wins when read.
+
+    >>> log = ProbeLog(Path(tmp) / "probe.jsonl")            # doctest: +SKIP
+    >>> log.append({"step": 3, "error": 0.1}); log.read()    # doctest: +SKIP
+    {3: {'step': 3, 'error': 0.1}}
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> dict[int, dict[str, Any]]:
+        records: dict[int, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if line.strip():
+                        record = json.loads(line)
+                        records[int(record["step"])] = record
+        return dict(sorted(records.items()))
+
+
+# ---- figures -----------------------------------------------------------------------------
+
+def new_figure(rows: int, cols: int, size: tuple[float, float]):
+    """A matplotlib ``Figure`` (no pyplot state) and its ``rows x cols`` axes array."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def mean_band(ax, steps: Sequence[int], runs: Sequence[Sequence[float]], color, label: str,
+              style: str = "-", band: str = "std", marker: str | None = None) -> None:
+    """Mean over seeds (``runs``: one row per seed) as a line; a band of mean ± std
+    (``band="std"``) or of the range over seeds (``"range"``, for log axes); no band for
+    one seed."""
+    t = torch.tensor(runs, dtype=torch.float64)
+    mean = t.mean(0)
+    ax.plot(steps, mean.tolist(), style, color=color, lw=1.5, label=label, marker=marker,
+            ms=3)
+    if t.shape[0] > 1:
+        low, high = ((t.min(0).values, t.max(0).values) if band == "range"
+                     else (mean - t.std(0), mean + t.std(0)))
+        ax.fill_between(steps, low.tolist(), high.tolist(), color=color, alpha=0.2, lw=0)
+
 # ---- Markdown → self-contained HTML -------------------------------------------------------
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
@@ -210,7 +351,7 @@ def markdown_to_html(markdown: str, base_dir: Path, title: str) -> str:
     ``![caption](file.png)`` figures, emphasis, code) as one self-contained HTML page:
     figures inlined as base64 data URIs, CSS inline, nothing loaded from elsewhere.
 
-        >>> page = markdown_to_html("# Q1\n\nBN **helps**.", Path("."), "t")
+        >>> page = markdown_to_html("# Q1\\n\\nBN **helps**.", Path("."), "t")
         >>> "<h1>Q1</h1>" in page and "<strong>helps</strong>" in page
         True
     """

@@ -53,10 +53,14 @@ from torch import Tensor, nn
 from bnlab import data as bdata
 from bnlab.studies.common import (
     StudyContext,
+    compare_means,
+    fmt_pct,
     fmt_pm,
     mean_std,
     read_summary,
     save_figure,
+    verdict,
+    verdict_phrase,
     write_summary,
 )
 from bnlab.train import (
@@ -64,6 +68,7 @@ from bnlab.train import (
     Model,
     RunResult,
     TrainConfig,
+    load_model,
     prepare_dataset,
     resolve_device,
 )
@@ -71,7 +76,6 @@ from bnlab.train import (
 __all__ = [
     "NAME",
     "TITLE",
-    "compare_means",
     "evaluate_on_train_set",
     "fit_slope",
     "gap_curves",
@@ -80,7 +84,6 @@ __all__ = [
     "noise_samples",
     "render",
     "run",
-    "verdict_phrase",
 ]
 
 NAME = "q1"
@@ -105,51 +108,6 @@ POST_CLAIM = ("BN regularizes as a side effect: like dropout it adds noise to tr
               "generalization\".")
 
 
-# ---- verdicts shared with other studies ---------------------------------------------------
-
-def compare_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Is mean(a) above, below or within the seed spread of mean(b)?
-
-    ``a`` and ``b`` are :func:`~bnlab.studies.common.mean_std` dicts. The difference counts
-    when it exceeds the sum of the two sample standard deviations and both have at least
-    two seeds (with one seed there is no spread to compare with). Returns ``difference``
-    (a - b), ``spread`` (std_a + std_b) and ``direction``: ``"above"``, ``"below"``,
-    ``"within spread"`` or ``"one seed"`` (also when a mean is missing).
-
-    >>> compare_means({"mean": 0.5, "std": 0.01, "n": 2}, {"mean": 0.4, "std": 0.02, "n": 2})
-    {'difference': 0.09999999999999998, 'spread': 0.03, 'direction': 'above'}
-    """
-    if a.get("mean") is None or b.get("mean") is None:
-        return {"difference": None, "spread": None, "direction": "one seed"}
-    difference = a["mean"] - b["mean"]
-    spread = a["std"] + b["std"]
-    if min(a["n"], b["n"]) < 2:
-        direction = "one seed"
-    elif abs(difference) > spread:
-        direction = "above" if difference > 0 else "below"
-    else:
-        direction = "within spread"
-    return {"difference": difference, "spread": spread, "direction": direction}
-
-
-def verdict_phrase(verdict: str) -> str:
-    """The section's sentence for a verdict code (``supported`` / ``contradicted`` / other)."""
-    return {"supported": "The data support it.",
-            "contradicted": "The data contradict it."}.get(verdict,
-                                                           "Inconclusive at this scale.")
-
-
-def _verdict(direction: str, expected: str) -> str:
-    """``supported`` when ``direction`` is ``expected``, ``contradicted`` when it is the
-    opposite, else ``inconclusive``."""
-    opposite = {"above": "below", "below": "above"}
-    if direction == expected:
-        return "supported"
-    if direction == opposite.get(expected):
-        return "contradicted"
-    return "inconclusive"
-
-
 # ---- experiment 1: the generalization gap -------------------------------------------------
 
 def gap_curves(metrics: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
@@ -166,22 +124,13 @@ def gap_curves(metrics: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     }
 
 
-def _load_model(run_dir: Path, device: torch.device | None = None) -> Model:
-    """The final network of a run: its checkpoint loaded into a fresh :class:`Model`."""
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    config = TrainConfig.from_json(state["config"])
-    model = Model(config, device or resolve_device(config.device))
-    model.load_state_dict(state)
-    return model
-
-
 @torch.no_grad()
 def evaluate_on_train_set(run_dir: Path, dataset: bdata.CIFAR10) -> dict[str, float]:
     """Eval-mode accuracy and mean loss of a run's final network on ``dataset``'s training
     images, un-augmented (``dataset`` must be the run's training set, subset included:
     :func:`bnlab.train.prepare_dataset` makes it). BN uses its running statistics and
     dropout is off, as at test time."""
-    model = _load_model(run_dir, dataset.device)
+    model = load_model(run_dir, dataset.device)
     config = model.config
     as_test = dataclasses.replace(dataset, test_images=dataset.train_images,
                                   test_labels=dataset.train_labels)
@@ -417,9 +366,9 @@ def run(ctx: StudyContext) -> dict:
                         "slope_vs_zero": slope_is_negative},
         "verdicts": {
             # the post: BN shrinks the gap (gap with BN below the gap without)
-            "gap": _verdict(bn_vs_none["direction"], "below"),
+            "gap": verdict(bn_vs_none["direction"], "below"),
             # the post: higher test accuracy with BN
-            "test_acc": _verdict(test_bn_vs_none["direction"], "above"),
+            "test_acc": verdict(test_bn_vs_none["direction"], "above"),
             # a noise that shrinks with the batch size (slope below 0)
             "noise_shrinks": noise_verdict,
             "slope_within_theory": bool(within_theory),
@@ -450,7 +399,7 @@ def _measure_noise(ctx: StudyContext, train_set: bdata.CIFAR10,
     trained = []
     for seed in seeds:
         if ("bn", seed) in run_dirs:
-            module = _load_model(run_dirs[("bn", seed)], device).module
+            module = load_model(run_dirs[("bn", seed)], device).module
             trained.append(_noise_sweep(module, images, batch_sizes, NOISE_DRAWS, seed))
     untrained_model = Model(ctx.config(norm="torch", dropout=False, seed=seeds[0]), device)
     untrained = _noise_sweep(untrained_model.module, images, batch_sizes, NOISE_DRAWS,
@@ -458,7 +407,7 @@ def _measure_noise(ctx: StudyContext, train_set: bdata.CIFAR10,
     dropout = []
     for seed in seeds:
         if ("dropout", seed) in run_dirs:
-            model = _load_model(run_dirs[("dropout", seed)], device)
+            model = load_model(run_dirs[("dropout", seed)], device)
             model.dropout_generator.manual_seed(10_007 + seed)
             generator = torch.Generator().manual_seed(seed)
             samples = noise_samples(model.module, images, min(pool, CHUNK_IMAGES),
@@ -598,11 +547,6 @@ def _plot_noise(summary: dict[str, Any], path: Path) -> None:
 
 # ---- the section --------------------------------------------------------------------------
 
-def _pct(stat: dict[str, Any] | None, digits: int = 1) -> str:
-    """``61.2 ± 1.3 %`` from a mean_std dict of fractions."""
-    return f"{fmt_pm(stat, digits, 100.0)} %" if stat and stat.get("mean") is not None \
-        else "n/a"
-
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -644,9 +588,10 @@ def render(study_dir: Path) -> str:
     ]
     for config in cfg.values():
         f = config["final"]
-        lines.append(f"| {config['label']} | {_pct(f['test_acc'])} | {_pct(f['train_acc'])} | "
-                     f"{_pct(f['train_acc_eval'])} | {_pct(f['acc_gap_eval'])} | "
-                     f"{_pct(f['acc_gap_train_mode'])} | {fmt_pm(f['loss_gap_eval'], 3)} |")
+        lines.append(f"| {config['label']} | {fmt_pct(f['test_acc'])} | "
+                     f"{fmt_pct(f['train_acc'])} | "
+                     f"{fmt_pct(f['train_acc_eval'])} | {fmt_pct(f['acc_gap_eval'])} | "
+                     f"{fmt_pct(f['acc_gap_train_mode'])} | {fmt_pm(f['loss_gap_eval'], 3)} |")
     diverged = [f"{c['label']} seed {r['seed']}" for c in cfg.values() for r in c["runs"]
                 if r["status"] != "finished"]
     if diverged:
@@ -654,11 +599,11 @@ def render(study_dir: Path) -> str:
     gap_cmp = cmp_["gap_bn_vs_none"]
     lines += [
         "",
-        f"With BN alone the eval-mode gap is {_pct(bn['acc_gap_eval'])} against "
-        f"{_pct(none['acc_gap_eval'])} without ({_direction_text(gap_cmp, 'points')}); "
-        f"dropout alone gives {_pct(dropout['acc_gap_eval'])} "
+        f"With BN alone the eval-mode gap is {fmt_pct(bn['acc_gap_eval'])} against "
+        f"{fmt_pct(none['acc_gap_eval'])} without ({_direction_text(gap_cmp, 'points')}); "
+        f"dropout alone gives {fmt_pct(dropout['acc_gap_eval'])} "
         f"({_direction_text(cmp_['gap_dropout_vs_none'], 'points')}). Test accuracy: "
-        f"{_pct(bn['test_acc'])} with BN, {_pct(none['test_acc'])} without. A difference "
+        f"{fmt_pct(bn['test_acc'])} with BN, {fmt_pct(none['test_acc'])} without. A difference "
         "counts when it exceeds the sum of the two seed standard deviations.",
         "",
         f"![Generalization gap vs epoch for the four configurations: left, train accuracy "
@@ -683,13 +628,13 @@ def render(study_dir: Path) -> str:
     trained = noise["bn_trained"]
     for i, b in enumerate(noise["batch_sizes"]):
         lines.append(f"| {b} | {fmt_pm(trained['relative_std'][i], 3)} | "
-                     f"{_pct(trained['disagreement'][i])} | "
+                     f"{fmt_pct(trained['disagreement'][i])} | "
                      f"{_num(noise['bn_untrained']['relative_std'][i])} |")
     drop = noise["dropout_trained"]
     lines += [
         "",
         f"Dropout without BN (trained, random masks): relative std "
-        f"{fmt_pm(drop['relative_std'], 3)}, disagreement {_pct(drop['disagreement'])}.",
+        f"{fmt_pm(drop['relative_std'], 3)}, disagreement {fmt_pct(drop['disagreement'])}.",
     ]
     if trained["at_training_batch"] is not None and \
             noise["bn_over_dropout_at_training_batch"] is not None:
@@ -721,10 +666,10 @@ def render(study_dir: Path) -> str:
         f"The post: {s['post_claim']}",
         "",
         f"- BN shrinks the generalization gap on its own (eval-mode gap, BN vs no BN, no "
-        f"dropout): {_pct(bn['acc_gap_eval'])} vs {_pct(none['acc_gap_eval'])}. "
+        f"dropout): {fmt_pct(bn['acc_gap_eval'])} vs {fmt_pct(none['acc_gap_eval'])}. "
         + verdict_phrase(verdicts["gap"]),
-        f"- BN gives a higher test accuracy: {_pct(bn['test_acc'])} vs "
-        f"{_pct(none['test_acc'])}. " + verdict_phrase(verdicts["test_acc"]),
+        f"- BN gives a higher test accuracy: {fmt_pct(bn['test_acc'])} vs "
+        f"{fmt_pct(none['test_acc'])}. " + verdict_phrase(verdicts["test_acc"]),
         f"- BN adds noise that shrinks with the batch size, like a regularizer whose strength "
         f"the batch size sets: slope {fmt_pm(slope, 3)}. "
         + verdict_phrase(verdicts["noise_shrinks"]),
@@ -752,20 +697,20 @@ def _caveats(s: dict[str, Any]) -> list[str]:
     if cmp_["train_acc_eval_bn_vs_none"]["direction"] in ("above", "below"):
         out.append(
             f"The two networks fit their training images to different degrees (eval-mode "
-            f"train accuracy {_pct(cfg['bn']['final']['train_acc_eval'])} with BN, "
-            f"{_pct(cfg['none']['final']['train_acc_eval'])} without), so the gaps compare "
+            f"train accuracy {fmt_pct(cfg['bn']['final']['train_acc_eval'])} with BN, "
+            f"{fmt_pct(cfg['none']['final']['train_acc_eval'])} without), so the gaps compare "
             "unequal fits: a network that has learned little has little gap to show.")
     if cmp_["gap_dropout_vs_none"]["direction"] == "below":
         out.append(
             f"Dropout, a regularizer by design, narrows the gap here "
-            f"({_pct(cfg['dropout']['final']['acc_gap_eval'])} vs "
-            f"{_pct(cfg['none']['final']['acc_gap_eval'])}), so this scale can show a "
+            f"({fmt_pct(cfg['dropout']['final']['acc_gap_eval'])} vs "
+            f"{fmt_pct(cfg['none']['final']['acc_gap_eval'])}), so this scale can show a "
             "regularizer at work.")
     else:
         out.append(
             f"Dropout, a regularizer by design, does not narrow the gap measurably either "
-            f"({_pct(cfg['dropout']['final']['acc_gap_eval'])} vs "
-            f"{_pct(cfg['none']['final']['acc_gap_eval'])}): at this scale the networks are "
+            f"({fmt_pct(cfg['dropout']['final']['acc_gap_eval'])} vs "
+            f"{fmt_pct(cfg['none']['final']['acc_gap_eval'])}): at this scale the networks are "
             "far from memorizing their training images, so there is little gap for any "
             "regularizer to close, and the gap cannot decide the question.")
     return out
@@ -786,8 +731,8 @@ def _answer(s: dict[str, Any]) -> str:
     theory = ("close to" if verdicts["slope_within_theory"] else "unlike")
     return " ".join([
         f"At this scale {gap} (eval-mode gap "
-        f"{_pct(s['configs']['bn']['final']['acc_gap_eval'])} with BN, "
-        f"{_pct(s['configs']['none']['final']['acc_gap_eval'])} without), and {noise_text} "
+        f"{fmt_pct(s['configs']['bn']['final']['acc_gap_eval'])} with BN, "
+        f"{fmt_pct(s['configs']['none']['final']['acc_gap_eval'])} without), and {noise_text} "
         f"(slope {fmt_pm(slope, 3)} on log-log axes, {theory} the {noise['theory_slope']} of "
         "1/√B).",
         *_caveats(s),

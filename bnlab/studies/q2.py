@@ -36,13 +36,16 @@ from typing import Any
 
 from bnlab.studies.common import (
     StudyContext,
+    compare_means,
+    fmt_pct,
     fmt_pm,
     mean_std,
     read_summary,
     save_figure,
+    verdict,
+    verdict_phrase,
     write_summary,
 )
-from bnlab.studies.q1 import compare_means, verdict_phrase
 from bnlab.train import DivergenceError, RunResult, TrainConfig
 
 __all__ = [
@@ -283,9 +286,7 @@ def _reach_verdict(row: dict[str, Any] | None) -> tuple[str, dict[str, Any] | No
     if none["reached"] == none["runs"] > 0 and bn["reached"] < bn["runs"]:
         return "contradicted", None
     comparison = compare_means(bn["epochs"], none["epochs"])
-    direction = comparison["direction"]
-    verdict = {"below": "supported", "above": "contradicted"}.get(direction, "inconclusive")
-    return verdict, comparison
+    return verdict(comparison["direction"], "below"), comparison
 
 
 def run(ctx: StudyContext) -> dict:
@@ -320,8 +321,7 @@ def run(ctx: StudyContext) -> dict:
         "comparisons": {"final_test_acc_bn_vs_none": accuracy_cmp,
                         "epochs_to_verdict_threshold_bn_vs_none": speed_cmp},
         "verdicts": {
-            "higher_accuracy": {"above": "supported", "below": "contradicted"}.get(
-                accuracy_cmp["direction"], "inconclusive"),
+            "higher_accuracy": verdict(accuracy_cmp["direction"], "above"),
             "faster_convergence": speed_verdict,
             "lr_range_bn_vs_none": widths,
         },
@@ -415,10 +415,6 @@ def _plot_sweep(summary: dict[str, Any], path: Path) -> None:
 
 # ---- the section --------------------------------------------------------------------------
 
-def _pct(stat: dict[str, Any] | None, digits: int = 1) -> str:
-    return f"{fmt_pm(stat, digits, 100.0)} %" if stat and stat.get("mean") is not None \
-        else "n/a"
-
 
 def _reach_cell(entry: dict[str, Any], key: str, digits: int) -> str:
     if entry["reached"] == 0:
@@ -461,7 +457,7 @@ def render(study_dir: Path) -> str:
         "",
         f"With and without BN, the same config: {st['optimizer']} at lr {st['lr']:g} "
         f"({st['lr_schedule']}), {st['epochs']} epochs, {n} seed(s). Final test accuracy: "
-        f"{_pct(final['torch'])} with BN, {_pct(final['none'])} without. Thresholds are "
+        f"{fmt_pct(final['torch'])} with BN, {fmt_pct(final['none'])} without. Thresholds are "
         f"chance + f × (the final accuracy {'without BN' if conv['reference'] == 'none' else 'of the better configuration'}"  # noqa: E501
         f" − chance), chance = {st['chance']}; seconds are cumulative training time "
         "(evaluation excluded), wall clock on the machine as it ran, so a machine shared with "
@@ -511,7 +507,7 @@ def render(study_dir: Path) -> str:
             cells = []
             for curve in (none, bn):
                 point = curve["points"][i]
-                cell = _pct(point["test_acc"]) if seeds_per_point > 1 else \
+                cell = fmt_pct(point["test_acc"]) if seeds_per_point > 1 else \
                     f"{point['test_acc']['mean'] * 100:.1f} %"
                 cells.append(cell + (" ×" if point["diverged"] else ""))
             lines.append(f"| {_lr(lr)} | {cells[0]} | {cells[1]} |")
@@ -529,7 +525,7 @@ def render(study_dir: Path) -> str:
         f"The post: {s['post_claim']}",
         "",
         f"- Higher accuracy with BN (final test accuracy, default lr, {n} seed(s)): "
-        f"{_pct(final['torch'])} vs {_pct(final['none'])}. "
+        f"{fmt_pct(final['torch'])} vs {fmt_pct(final['none'])}. "
         + verdict_phrase(verdicts["higher_accuracy"]),
     ]
     row = next((r for r in conv["thresholds"] if r["fraction"] == st["verdict_fraction"]), None)
@@ -568,8 +564,8 @@ def _answer(s: dict[str, Any]) -> str:
         f"{OPTIMIZER_LABELS[o]}: {_decades(sweep[f'{o}/torch']['range'])} with BN, "
         f"{_decades(sweep[f'{o}/none']['range'])} without" for o in SWEEPS)
     return (f"At this scale {speed}, and at the default learning rate it {accuracy} "
-            f"({_pct(final['torch'])} with BN, {_pct(final['none'])} without). Usable learning "
-            f"rates (near the best and clearly above chance) span — {ranges}.")
+            f"({fmt_pct(final['torch'])} with BN, {fmt_pct(final['none'])} without). "
+            f"Usable learning rates (near the best and clearly above chance) span — {ranges}.")
 
 
 def _decades(r: dict[str, Any]) -> str:

@@ -77,18 +77,22 @@ from bnlab.models import AllCNNC
 from bnlab.studies.common import (
     StudyContext,
     StudyScale,
+    bn_modules,
+    compare_means,
+    fmt_pct,
     fmt_pm,
     mean_std,
     read_summary,
     save_figure,
+    verdict,
     write_summary,
 )
 from bnlab.train import (
     DivergenceError,
-    Model,
     RunResult,
     TrainConfig,
     cpu_allocator_tuned,
+    load_model,
     prepare_dataset,
     resolve_device,
 )
@@ -98,8 +102,6 @@ __all__ = [
     "TITLE",
     "SweepPoint",
     "accuracy",
-    "bn_modules",
-    "compare_means",
     "epoch_time_stats",
     "measure_discrepancy",
     "preserved_bn_state",
@@ -111,7 +113,6 @@ __all__ = [
     "stats_mismatch",
     "study_epochs",
     "sweep_plan",
-    "verdict",
 ]
 
 NAME = "q3"
@@ -206,53 +207,7 @@ def sweep_plan(scale: StudyScale, num_train: int) -> tuple[list[SweepPoint], lis
     return points, skipped
 
 
-# ---- verdicts ------------------------------------------------------------------------------
-
-def compare_means(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Is mean(a) above, below or within the seed spread of mean(b)?
-
-    ``a``, ``b``: :func:`~bnlab.studies.common.mean_std` dicts. The difference counts when
-    it exceeds the sum of the two sample standard deviations (the ±1 std error bars do not
-    overlap) and both have at least two values. Returns ``difference`` (a - b), ``spread``
-    (std_a + std_b) and ``direction``: "above", "below", "within spread" or "one seed".
-
-    >>> compare_means({"mean": 0.5, "std": 0.01, "n": 2}, {"mean": 0.4, "std": 0.02, "n": 2})
-    {'difference': 0.09999999999999998, 'spread': 0.03, 'direction': 'above'}
-    """
-    if a.get("mean") is None or b.get("mean") is None:
-        return {"difference": None, "spread": None, "direction": "one seed"}
-    difference = a["mean"] - b["mean"]
-    spread = a["std"] + b["std"]
-    if min(a["n"], b["n"]) < 2:
-        direction = "one seed"
-    elif abs(difference) > spread:
-        direction = "above" if difference > 0 else "below"
-    else:
-        direction = "within spread"
-    return {"difference": difference, "spread": spread, "direction": direction}
-
-
-def verdict(direction: str, expected: str) -> str:
-    """"supported" when ``direction`` is the ``expected`` one ("above"/"below"),
-    "contradicted" when it is the opposite, else (within the spread, or one seed)
-    "inconclusive".
-
-    >>> verdict("above", "above"), verdict("below", "above"), verdict("one seed", "above")
-    ('supported', 'contradicted', 'inconclusive')
-    """
-    opposite = {"above": "below", "below": "above"}
-    if direction == expected:
-        return "supported"
-    if direction == opposite.get(expected):
-        return "contradicted"
-    return "inconclusive"
-
-
 # ---- measurements on a trained network ----------------------------------------------------
-
-def bn_modules(module: nn.Module) -> list[_NormBase]:
-    """The BN layers of ``module`` in forward order (``torch.nn`` and ``bnlab.nn`` alike)."""
-    return [m for m in module.modules() if isinstance(m, _NormBase)]
 
 
 @contextlib.contextmanager
@@ -554,15 +509,6 @@ def _curves(results: Sequence[RunResult]) -> dict[str, Any]:
     return out
 
 
-def _load_module(run_dir: Path, device: torch.device) -> nn.Module:
-    """The trained ``nn.Module`` of an autograd run, from its ``checkpoint.pt``."""
-    state = torch.load(Path(run_dir) / "checkpoint.pt", map_location=device, weights_only=True)
-    config = TrainConfig.from_json(state["config"])
-    model = Model(config, device)
-    model.load_state_dict(state)
-    return model.module
-
-
 def _train_set_batches(dataset: bdata.CIFAR10, size: int, channels_last: bool,
                        drop_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """The training images in stored order, un-augmented, normalized, in batches of ``size``."""
@@ -580,7 +526,7 @@ def measure_discrepancy(run_dir: Path, config: TrainConfig, dataset: bdata.CIFAR
     docstring, experiment 2), and how far its running averages are from the exact ones."""
     device = resolve_device(config.device)
     data = prepare_dataset(config, device, dataset)
-    module = _load_module(run_dir, device)
+    module = load_model(run_dir, device).module
     cl = config.channels_last
 
     def test(size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -983,12 +929,6 @@ def _plot_time(summary: dict[str, Any], path: Path) -> None:
 
 # ---- the section --------------------------------------------------------------------------
 
-def _pct(stat: dict[str, Any] | None, digits: int = 1) -> str:
-    """``61.2 ± 1.3 %`` from a mean_std dict of fractions."""
-    if not stat or stat.get("mean") is None:
-        return "n/a"
-    return f"{fmt_pm(stat, digits, 100.0)} %"
-
 
 def _points(value: float | None, digits: int = 1) -> str:
     """A difference of fractions in percentage points, signed."""
@@ -1039,7 +979,7 @@ def _sorted_reading(srt: dict[str, Any], sorted_bn: dict[str, Any]) -> str:
                  "moving averages but in what the network learned.")
     if srt["none_sorted_vs_shuffled"]["direction"] == "below":
         text += (f" Without BN class-sorted batches cost {_pp(srt['drop_none'])} as well, "
-                 f"ending at {_pct(srt['configs']['none_class_sorted']['test_acc'])}: batches "
+                 f"ending at {fmt_pct(srt['configs']['none_class_sorted']['test_acc'])}: batches "
                  "of one class hurt training with or without BN.")
         if srt["sorted_bn_vs_none"]["direction"] == "within spread":
             text += (" Both end at the same accuracy, so BN loses more only because it had "
@@ -1110,7 +1050,7 @@ def render(study_dir: Path) -> str:
         diverged = "".join(f" ({p[norm]['diverged']} diverged)" for norm in ("torch", "none")
                            if p[norm]["diverged"])
         lines.append(f"| {p['batch_size']} | {p['epochs']} | {p['lr']:.2g} | "
-                     f"{_pct(p['torch']['test_acc'])} | {_pct(p['none']['test_acc'])} | "
+                     f"{fmt_pct(p['torch']['test_acc'])} | {fmt_pct(p['none']['test_acc'])} | "
                      f"{_direction(p['bn_vs_none'])}{diverged} |")
     lines += [
         "",
@@ -1140,8 +1080,8 @@ def render(study_dir: Path) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for g in disc["groups"]:
-        lines.append(f"| {g['label']} | {_pct(g['running'])} | {_pct(g['batch'])} | "
-                     f"{_pct(g['cumulative'])} | {_pct(g['exact'])} | "
+        lines.append(f"| {g['label']} | {fmt_pct(g['running'])} | {fmt_pct(g['batch'])} | "
+                     f"{fmt_pct(g['cumulative'])} | {fmt_pct(g['exact'])} | "
                      f"{fmt_pm(g['mean_shift'], 3)} | {fmt_pm(g['log_var_ratio'], 3)} |")
     small, large = disc["groups"][0], disc["groups"][len(points) - 1]
     lines += [
@@ -1170,16 +1110,16 @@ def render(study_dir: Path) -> str:
         "|---|---|---|",
     ]
     for config in srt["configs"].values():
-        lines.append(f"| {config['label']} | {_pct(config['test_acc'])} | "
-                     f"{_pct(config['train_acc'])} |")
+        lines.append(f"| {config['label']} | {fmt_pct(config['test_acc'])} | "
+                     f"{fmt_pct(config['train_acc'])} |")
     sorted_bn = next(g for g in disc["groups"] if g["order"] == "class_sorted")
     lines += [
         "",
         f"Test accuracy lost to class-sorted batches (per seed, shuffled − sorted): "
         f"{_pp(srt['drop_torch'])} with BN, {_pp(srt['drop_none'])} without "
         f"({_direction(srt['drop_bn_vs_none'])}). The class-sorted BN network scores "
-        f"{_pct(sorted_bn['running'])} with its running averages, "
-        f"{_pct(sorted_bn['exact'])} with exact statistics and {_pct(sorted_bn['batch'])} "
+        f"{fmt_pct(sorted_bn['running'])} with its running averages, "
+        f"{fmt_pct(sorted_bn['exact'])} with exact statistics and {fmt_pct(sorted_bn['batch'])} "
         "with (shuffled) test-batch statistics." + _sorted_reading(srt, sorted_bn),
         "",
         f"![Train accuracy (training mode, left) and test accuracy (eval mode, right) as "
@@ -1233,13 +1173,13 @@ def _answer(s: dict[str, Any]) -> str:
     g_small = s["discrepancy"]["groups"][0]
     overhead = tm["autograd_torch"].get("overhead")
     parts = [
-        f"at batch {base['batch_size']} BN reaches {_pct(base['torch']['test_acc'])} test "
-        f"accuracy against {_pct(base['none']['test_acc'])} without; at batch "
-        f"{small['batch_size']}, {_pct(small['torch']['test_acc'])} against "
-        f"{_pct(small['none']['test_acc'])}.",
+        f"at batch {base['batch_size']} BN reaches {fmt_pct(base['torch']['test_acc'])} test "
+        f"accuracy against {fmt_pct(base['none']['test_acc'])} without; at batch "
+        f"{small['batch_size']}, {fmt_pct(small['torch']['test_acc'])} against "
+        f"{fmt_pct(small['none']['test_acc'])}.",
         f"The BN network trained at batch {g_small['batch_size']} scores "
-        f"{_pct(g_small['running'])} with its running averages and "
-        f"{_pct(g_small['exact'])} with exact training-set statistics.",
+        f"{fmt_pct(g_small['running'])} with its running averages and "
+        f"{fmt_pct(g_small['exact'])} with exact training-set statistics.",
         f"Class-sorted batches cost BN {_pp(srt['drop_torch'])} of test accuracy and the "
         f"network without BN {_pp(srt['drop_none'])}.",
     ]
@@ -1273,16 +1213,16 @@ def _claim_lines(s: dict[str, Any]) -> list[str]:
     configs = srt["configs"]
     out.append(f"- **Batches that do not represent the data** ({c['source']}): {c['claim']} "
                f"With class-sorted batches from the same data set, the BN network ends at "
-               f"{_pct(configs['torch_class_sorted']['test_acc'])} test accuracy against "
-               f"{_pct(configs['torch_shuffled']['test_acc'])} with shuffled ones "
+               f"{fmt_pct(configs['torch_class_sorted']['test_acc'])} test accuracy against "
+               f"{fmt_pct(configs['torch_shuffled']['test_acc'])} with shuffled ones "
                f"({_direction(c['comparison'])}); without BN, "
-               f"{_pct(configs['none_class_sorted']['test_acc'])} against "
-               f"{_pct(configs['none_shuffled']['test_acc'])}. **{VERDICT_TEXT[c['verdict']]}**")
+               f"{fmt_pct(configs['none_class_sorted']['test_acc'])} against "
+               f"{fmt_pct(configs['none_shuffled']['test_acc'])}. **{VERDICT_TEXT[c['verdict']]}**")
     c = claims["small_batch"]
     small = s["batch_size"]["points"][0]
     out.append(f"- **Small batches** ({c['source']}): {c['claim']} At batch "
-               f"{c['batch_size']}: {_pct(small['torch']['test_acc'])} with BN, "
-               f"{_pct(small['none']['test_acc'])} without ({_direction(c['comparison'])})"
+               f"{c['batch_size']}: {fmt_pct(small['torch']['test_acc'])} with BN, "
+               f"{fmt_pct(small['none']['test_acc'])} without ({_direction(c['comparison'])})"
                + (f", both trained {small['epochs']} epoch(s) there" if small["reduced"] else "")
                + f". **{VERDICT_TEXT[c['verdict']]}**")
     c = claims["train_test"]

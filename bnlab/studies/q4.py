@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import re
 import statistics
@@ -48,9 +47,15 @@ from torch import Tensor, nn
 
 from bnlab import data as bdata
 from bnlab.studies.common import (
+    ProbeLog,
     StudyContext,
+    bn_modules,
+    compare_means,
     fmt_pm,
+    mean_band,
     mean_std,
+    new_figure,
+    plural,
     read_summary,
     save_figure,
     write_summary,
@@ -115,9 +120,6 @@ def channel_percentiles(x: Tensor, q: Sequence[float] = PERCENTILES,
     return out
 
 
-def _bn_modules(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-
 
 @contextlib.contextmanager
 def _bn_training_mode(module: nn.Module) -> Iterator[None]:
@@ -125,7 +127,7 @@ def _bn_training_mode(module: nn.Module) -> Iterator[None]:
     BN's running buffers and the modules' modes are restored on exit."""
     modes = {m: m.training for m in module.modules()}
     saved = [(b, {k: v.clone() for k, v in b.named_buffers(recurse=False)})
-             for b in _bn_modules(module)]
+             for b in bn_modules(module)]
     module.eval()
     for bn, _ in saved:
         bn.train()
@@ -243,41 +245,17 @@ def percentile_drift(series: Sequence[Sequence[float]]) -> float:
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     """``a`` vs ``b`` (two :func:`mean_std` dicts): "lower" or "higher" when the means differ
     by more than the sum of the two seed standard deviations, "within" when they do not,
-    "undetermined" with fewer than two seeds on either side (no spread to judge by)."""
-    if not a or not b or a.get("mean") is None or b.get("mean") is None:
-        return "undetermined"
-    if a["n"] < 2 or b["n"] < 2:
-        return "undetermined"
-    diff = a["mean"] - b["mean"]
-    if abs(diff) <= a["std"] + b["std"]:
-        return "within"
-    return "lower" if diff < 0 else "higher"
+    "undetermined" with fewer than two seeds on either side (no spread to judge by); the
+    words of :func:`~bnlab.studies.common.compare_means`' directions.
+
+    >>> compare({"mean": 0.1, "std": 0.01, "n": 2}, {"mean": 0.8, "std": 0.05, "n": 2})
+    'lower'
+    """
+    return {"above": "higher", "below": "lower", "within spread": "within"}.get(
+        compare_means(a, b)["direction"], "undetermined")
 
 
 # ---- measurements in a training run -------------------------------------------------------
-
-class ProbeLog:
-    """Measurements taken during one training run: one JSON object per line, keyed by
-    ``step``. A resumed run replays the steps after its last checkpoint, so the last line
-    of a step wins when read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read(self) -> dict[int, dict[str, Any]]:
-        records: dict[int, dict[str, Any]] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if line.strip():
-                        record = json.loads(line)
-                        records[int(record["step"])] = record
-        return dict(sorted(records.items()))
-
 
 def _train_images(dataset: bdata.CIFAR10, index: Tensor, config: TrainConfig) -> Tensor:
     return bdata.normalize(dataset.train_images[index], channels_last=config.channels_last)
@@ -451,30 +429,9 @@ def _verdicts(summary: dict[str, Any]) -> dict[str, str]:
 
 # ---- figures -----------------------------------------------------------------------------
 
-def _band(ax, steps: Sequence[int], runs: Sequence[Sequence[float]], color, label: str,
-          style: str = "-", band: str = "std") -> None:
-    """Mean over seeds as a line; a band of mean ± std (``band="std"``) or of the range over
-    seeds (``"range"``, for log axes); no band for one seed."""
-    t = torch.tensor(runs, dtype=torch.float64)
-    mean = t.mean(0)
-    ax.plot(steps, mean.tolist(), style, color=color, lw=1.5, label=label)
-    if t.shape[0] > 1:
-        low, high = ((t.min(0).values, t.max(0).values) if band == "range"
-                     else (mean - t.std(0), mean + t.std(0)))
-        ax.fill_between(steps, low.tolist(), high.tolist(), color=color, alpha=0.2, lw=0)
-
-
-def _figure(rows: int, cols: int, size: tuple[float, float]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    return fig, axes
-
-
 def _plot_percentiles(summary: dict[str, Any], path: Path) -> None:
     layers, q = summary["layers"], summary["percentiles"]
-    fig, axes = _figure(len(summary["norms"]), len(layers), (4.2 * len(layers), 6.4))
+    fig, axes = new_figure(len(summary["norms"]), len(layers), (4.2 * len(layers), 6.4))
     colors = {0: "tab:blue", 1: "black", 2: "tab:red"}
     for row, (norm, label) in enumerate(summary["norms"].items()):
         c = summary["curves"][norm]
@@ -482,7 +439,7 @@ def _plot_percentiles(summary: dict[str, Any], path: Path) -> None:
             ax = axes[row][col]
             runs = c["percentiles"][str(i)]  # seed -> step -> [p15, p50, p85]
             for j, percent in enumerate(q):
-                _band(ax, c["percentile_steps"], [[p[j] for p in r] for r in runs],
+                mean_band(ax, c["percentile_steps"], [[p[j] for p in r] for r in runs],
                       colors.get(j, f"C{j}"), f"{percent:g}th percentile",
                       "-" if j == len(q) // 2 else "--")
             ax.set_title(f"{label}: input of relu{i}")
@@ -498,13 +455,13 @@ def _plot_percentiles(summary: dict[str, Any], path: Path) -> None:
 
 def _plot_shift(summary: dict[str, Any], path: Path) -> None:
     layers = summary["layers"]
-    fig, axes = _figure(2, len(layers), (4.2 * len(layers), 6.4))
+    fig, axes = new_figure(2, len(layers), (4.2 * len(layers), 6.4))
     for col, i in enumerate(layers):
         for k, (norm, label) in enumerate(summary["norms"].items()):
             c = summary["curves"][norm]
-            _band(axes[0][col], c["shift_steps"], c["rel_diff"][str(i)], f"C{k}", label,
+            mean_band(axes[0][col], c["shift_steps"], c["rel_diff"][str(i)], f"C{k}", label,
                   band="range")
-            _band(axes[1][col], c["shift_steps"], c["cosine"][str(i)], f"C{k}", label)
+            mean_band(axes[1][col], c["shift_steps"], c["cosine"][str(i)], f"C{k}", label)
         axes[0][col].set_yscale("log")
         axes[0][col].set_ylabel("||G - G'|| / ||G|| (ratio, log scale)")
         axes[1][col].set_ylabel("cos(G, G') (cosine)")
@@ -536,10 +493,10 @@ def render(study_dir: Path) -> str:
         "Internal covariate shift is the change in the distribution of a layer's inputs "
         "while the layers before it are trained (Ioffe & Szegedy 2015). Measured here on "
         f"All-CNN-C at width {s['width']:g}, {s['train_images']} training images of "
-        f"{s['data']}, {_count(s['epochs'], 'epoch')} of "
-        f"{_count(s['steps_per_epoch'], 'step')} (batch "
+        f"{s['data']}, {plural(s['epochs'], 'epoch')} of "
+        f"{plural(s['steps_per_epoch'], 'step')} (batch "
         f"{s['batch_size']}, Adam, peak lr {s['lr']:g}, cosine schedule), without BN and with "
-        f"PyTorch's BN, {_count(s['seeds'], 'seed')} each; numbers are mean ± std over seeds.",
+        f"PyTorch's BN, {plural(s['seeds'], 'seed')} each; numbers are mean ± std over seeds.",
         "",
         "**The post's claim.** The post defines internal covariate shift as the change in "
         "the distribution of the data within the inner layers, and says BN limits it by "
@@ -547,7 +504,7 @@ def render(study_dir: Path) -> str:
         "",
         "### The distribution of the ReLU inputs (Ioffe & Szegedy's Fig. 1)",
         "",
-        f"Every {_count(s['percentile_every'], 'step')} a fixed batch of "
+        f"Every {plural(s['percentile_every'], 'step')} a fixed batch of "
         f"{s['probe_images']} training images (not augmented) goes through the network; "
         f"the {q} percentiles of each channel of a ReLU's input (over at most "
         f"{s['percentile_sample']} fixed image positions per channel) are averaged over "
@@ -581,7 +538,7 @@ def render(study_dir: Path) -> str:
         "### How much the earlier layers' step changes a layer's gradient (Santurkar et al. "
         "2018)",
         "",
-        f"Every {_count(s['shift_every'], 'step')}, on a seeded batch of "
+        f"Every {plural(s['shift_every'], 'step')}, on a seeded batch of "
         f"{s['batch_size']} training images: G is the gradient of conv*i*'s weights; the "
         "optimizer's own step (Adam, from a deep copy of its state, so exactly the update "
         "it would make) is applied to layers 1..*i*-1 only; G' is the same gradient after "
@@ -630,10 +587,6 @@ def render(study_dir: Path) -> str:
     for note in s.get("notes", []):
         lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _comparison_words(comparison: str) -> str:

@@ -55,14 +55,19 @@ from torch import Tensor, nn
 from bnlab import data as bdata
 from bnlab.functional import bias_corrected_running_stats
 from bnlab.studies.common import (
+    ProbeLog,
     StudyContext,
+    bn_modules,
     fmt_pm,
+    mean_band,
     mean_std,
+    new_figure,
+    plural,
     read_summary,
     save_figure,
     write_summary,
 )
-from bnlab.studies.q4 import ProbeLog, compare
+from bnlab.studies.q4 import compare
 from bnlab.train import Model, TrainConfig, atomic_write_bytes, prepare_dataset, resolve_device
 
 NAME = "q5"
@@ -219,10 +224,6 @@ def ewa_experiment(
 
 # ---- BN statistics -----------------------------------------------------------------------
 
-def _bn_modules(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-
-
 Stats = list[tuple[Tensor, Tensor]]  # per BN layer, in order: (mean (C,), var (C,))
 
 
@@ -236,7 +237,7 @@ def population_statistics(module: nn.Module, batches: Sequence[Tensor]) -> Stats
     """
     twin = copy.deepcopy(module)
     twin.eval()
-    layers = _bn_modules(twin)
+    layers = bn_modules(twin)
     for bn in layers:
         bn.momentum = None
         bn.reset_running_stats()
@@ -270,7 +271,7 @@ def accuracy_with(module: nn.Module, stats: Stats, images: Tensor, labels: Tenso
     """Test accuracy in eval mode of a copy of ``module`` whose BN layers normalize with
     ``stats`` (no bias correction applied on top)."""
     twin = copy.deepcopy(module)
-    for bn, (mean, var) in zip(_bn_modules(twin), stats, strict=True):
+    for bn, (mean, var) in zip(bn_modules(twin), stats, strict=True):
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
         if hasattr(bn, "bias_correction"):
@@ -582,29 +583,9 @@ def _early_error(s: dict[str, Any], kind: str) -> dict[str, Any]:
 
 # ---- figures -----------------------------------------------------------------------------
 
-def _figure(rows: int, cols: int, size: tuple[float, float]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False)
-
-
-def _band(ax, steps: Sequence[int], runs: Sequence[Sequence[float]], color, label: str,
-          style: str = "-", marker: str | None = None) -> None:
-    """Mean over seeds as a line, mean ± std as a band (no band for one seed)."""
-    t = torch.tensor(runs, dtype=torch.float64)
-    mean = t.mean(0)
-    ax.plot(steps, mean.tolist(), style, color=color, lw=1.5, label=label, marker=marker,
-            ms=3)
-    if t.shape[0] > 1:
-        std = t.std(0)
-        ax.fill_between(steps, (mean - std).tolist(), (mean + std).tolist(), color=color,
-                        alpha=0.2, lw=0)
-
-
 def _plot_series(s: dict[str, Any], path: Path) -> None:
     e = s["ewa"]
-    fig, axes = _figure(1, 1, (11.0, 5.0))
+    fig, axes = new_figure(1, 1, (11.0, 5.0))
     ax = axes[0][0]
     ax.plot(e["curve_steps"], e["one_series"], ".", color="0.6", ms=3,
             label=f"series x_t = {e['mean']:g} + {e['noise']:g} N(0, 1)")
@@ -626,7 +607,7 @@ def _plot_series(s: dict[str, Any], path: Path) -> None:
 
 def _plot_startup(s: dict[str, Any], path: Path) -> None:
     e = s["ewa"]
-    fig, axes = _figure(1, 1, (11.0, 5.0))
+    fig, axes = new_figure(1, 1, (11.0, 5.0))
     ax = axes[0][0]
     for k, (key, b) in enumerate(e["betas"].items()):
         ax.plot(e["curve_steps"], b["error"]["raw"], "-", color=f"C{k}", lw=1.4,
@@ -655,13 +636,13 @@ def _epoch_lines(ax, s: dict[str, Any]) -> None:
 
 def _plot_running_error(s: dict[str, Any], path: Path) -> None:
     c, steps = s["bn_curves"], s["probe_steps"]
-    fig, axes = _figure(1, 2, (11.0, 4.6))
+    fig, axes = new_figure(1, 2, (11.0, 4.6))
     for ax, what, ylabel in (
             (axes[0][0], "mean", "|running mean - population mean| / population std"),
             (axes[0][1], "var", "|running var - population var| / population var")):
-        _band(ax, steps, c[f"{what}_error_raw"], "C0", "PyTorch's convention (raw)",
+        mean_band(ax, steps, c[f"{what}_error_raw"], "C0", "PyTorch's convention (raw)",
               marker="o")
-        _band(ax, steps, c[f"{what}_error_corrected"], "C1", "bias-corrected", marker="o")
+        mean_band(ax, steps, c[f"{what}_error_corrected"], "C1", "bias-corrected", marker="o")
         _epoch_lines(ax, s)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
@@ -679,13 +660,13 @@ def _plot_running_error(s: dict[str, Any], path: Path) -> None:
 
 def _plot_early_accuracy(s: dict[str, Any], path: Path) -> None:
     c, steps = s["bn_curves"], s["probe_steps"]
-    fig, axes = _figure(1, 1, (9.0, 4.8))
+    fig, axes = new_figure(1, 1, (9.0, 4.8))
     ax = axes[0][0]
-    _band(ax, steps, c["acc_raw"], "C0", "running statistics, PyTorch's convention (raw)",
+    mean_band(ax, steps, c["acc_raw"], "C0", "running statistics, PyTorch's convention (raw)",
           marker="o")
-    _band(ax, steps, c["acc_corrected"], "C1", "running statistics, bias-corrected",
+    mean_band(ax, steps, c["acc_corrected"], "C1", "running statistics, bias-corrected",
           marker="o")
-    _band(ax, steps, c["acc_population"], "black", "population statistics (reference)", "--")
+    mean_band(ax, steps, c["acc_population"], "black", "population statistics (reference)", "--")
     _epoch_lines(ax, s)
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy in eval mode (fraction)")
@@ -698,7 +679,7 @@ def _plot_early_accuracy(s: dict[str, Any], path: Path) -> None:
 
 
 def _plot_momentum(s: dict[str, Any], path: Path) -> None:
-    fig, axes = _figure(1, 1, (8.0, 4.8))
+    fig, axes = new_figure(1, 1, (8.0, 4.8))
     ax = axes[0][0]
     keys = list(s["momenta"])
     x = list(range(len(keys)))
@@ -723,10 +704,6 @@ def _plot_momentum(s: dict[str, Any], path: Path) -> None:
 
 
 # ---- the section -------------------------------------------------------------------------
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
 
 def _steps(n: int | None) -> str:
     return "never (within the series)" if n is None else str(n)
@@ -801,9 +778,9 @@ def render(study_dir: Path) -> str:
         "",
         f"All-CNN-C at width {s['width']:g} with bnlab's BN (momentum {s['bn_momentum']:g}, "
         f"PyTorch's convention), {s['train_images']} training images of {s['data']}, "
-        f"{_count(s['epochs'], 'epoch')} of {_count(s['steps_per_epoch'], 'step')} (batch "
+        f"{plural(s['epochs'], 'epoch')} of {plural(s['steps_per_epoch'], 'step')} (batch "
         f"{s['batch_size']}, Adam, peak lr {s['lr']:g}, cosine schedule), "
-        f"{_count(s['seeds'], 'seed')}; numbers are mean ± std over seeds. At steps "
+        f"{plural(s['seeds'], 'seed')}; numbers are mean ± std over seeds. At steps "
         f"{', '.join(map(str, s['probe_steps']))} the running statistics of every BN layer "
         "are compared with the *population statistics* they estimate, computed for the "
         "current weights by Ioffe & Szegedy's Algorithm 2 (the mean of the batch means and "

@@ -1,0 +1,74 @@
+"""What the studies share: the seed-spread comparison and the verdict it leads to."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnlab.studies.common import (
+    ProbeLog,
+    compare_means,
+    fmt_pct,
+    mean_std,
+    plural,
+    verdict,
+    verdict_phrase,
+)
+
+# ---- verdicts ------------------------------------------------------------------------------
+
+def stat(mean, std, n=2):
+    return {"mean": mean, "std": std, "n": n}
+
+
+@pytest.mark.parametrize(("a", "b", "direction"), [
+    (stat(0.5, 0.01), stat(0.4, 0.02), "above"),
+    (stat(0.4, 0.01), stat(0.5, 0.02), "below"),
+    (stat(0.5, 0.06), stat(0.4, 0.05), "within spread"),
+    (stat(0.9, 0.0, n=1), stat(0.1, 0.0), "one seed"),
+    ({"mean": None, "std": None, "n": 0}, stat(0.1, 0.0), "one seed"),
+])
+def test_compare_means(a, b, direction):
+    assert compare_means(a, b)["direction"] == direction
+
+
+@pytest.mark.parametrize(("direction", "expected", "result"), [
+    ("above", "above", "supported"),
+    ("below", "above", "contradicted"),
+    ("within spread", "above", "inconclusive"),
+    ("below", "below", "supported"),
+    ("above", "below", "contradicted"),
+    ("one seed", "below", "inconclusive"),
+])
+def test_verdict(direction, expected, result):
+    assert verdict(direction, expected) == result
+
+
+def test_compare_means_reports_difference_and_spread():
+    result = compare_means(stat(0.30, 0.01, n=3), stat(0.20, 0.02, n=3))
+    assert result["difference"] == pytest.approx(0.10)
+    assert result["spread"] == pytest.approx(0.03)
+
+
+def test_verdict_phrase():
+    assert verdict_phrase("supported") == "The data support it."
+    assert verdict_phrase("contradicted") == "The data contradict it."
+    assert verdict_phrase("inconclusive") == "Inconclusive at this scale."
+
+
+
+def test_probe_log_keeps_the_last_line_of_a_step_and_skips_a_torn_one(tmp_path):
+    log = ProbeLog(tmp_path / "probe.jsonl")
+    assert log.read() == {}
+    log.append({"step": 2, "error": 0.5})
+    log.append({"step": 1, "error": 0.9})
+    log.append({"step": 2, "error": 0.4})  # replayed after a resume: this one wins
+    with open(log.path, "a") as f:
+        f.write('{"step": 3, "err')  # a write cut short by a kill
+    assert log.read() == {1: {"step": 1, "error": 0.9}, 2: {"step": 2, "error": 0.4}}
+    assert list(log.read()) == [1, 2]
+
+
+def test_fmt_pct_and_plural():
+    assert fmt_pct(mean_std([0.60, 0.62])) == "61.0 ± 1.4 %"
+    assert fmt_pct(mean_std([])) == "n/a" and fmt_pct(None) == "n/a"
+    assert plural(1, "seed") == "1 seed" and plural(3, "seed") == "3 seeds"
