@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bnlab.studies import run_all, run_study
 from bnlab.studies.common import (
     ProbeLog,
     compare_means,
@@ -72,3 +73,15 @@ def test_fmt_pct_and_plural():
     assert fmt_pct(mean_std([0.60, 0.62])) == "61.0 ± 1.4 %"
     assert fmt_pct(mean_std([])) == "n/a" and fmt_pct(None) == "n/a"
     assert plural(1, "seed") == "1 seed" and plural(3, "seed") == "3 seeds"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"preset": "huge"}, "unknown preset 'huge'"),
+    ({"seeds": 0}, "at least 1"),
+])
+def test_study_all_refuses_a_bad_scale_before_making_anything(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_all(tmp_path / "out", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        run_study("q5", tmp_path / "one", **kwargs)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()

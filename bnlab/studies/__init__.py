@@ -46,6 +46,13 @@ def study_module(name: str) -> ModuleType:
     return importlib.import_module(f"bnlab.studies.{name}")
 
 
+def _check_scale(preset: str, seeds: int | None) -> None:
+    if preset not in SCALES:
+        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(SCALES)}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+
+
 def _prepare_out(out: Path, resume: bool) -> None:
     if out.exists() and not resume and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: bnlab never overwrites results "
@@ -68,10 +75,7 @@ def run_study(
 ) -> dict:
     """Run study ``name`` into ``out`` and write its section and report; returns its summary."""
     module = study_module(name)
-    if preset not in SCALES:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(SCALES)}")
-    if seeds is not None and seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    _check_scale(preset, seeds)
     out = Path(out)
     _prepare_out(out, resume)
     scale = SCALES[preset]
@@ -103,6 +107,7 @@ def run_all(
     """All five studies into ``out/q1`` ... ``out/q5``, then the combined report."""
     from bnlab import data as bdata
 
+    _check_scale(preset, seeds)  # before any folder is made or data is read
     out = Path(out)
     _prepare_out(out, resume)
     dataset = bdata.load_cifar10(data_dir)  # once, shared by every study

@@ -123,6 +123,20 @@ class StudyContext:
             self.dataset = bdata.load_cifar10(self.data_dir)
         return self.dataset
 
+    def train_images(self) -> int:
+        """How many training images a run at this scale uses (the subset, or all there are)."""
+        dataset = self.load_data()
+        return min(self.scale.subset or dataset.num_train, dataset.num_train)
+
+    def batch_size(self, notes: list[str]) -> int:
+        """The scale's batch size, clamped to the training images (saying so in ``notes``)."""
+        n_train = self.train_images()
+        if self.scale.batch_size <= n_train:
+            return self.scale.batch_size
+        notes.append(f"batch size {self.scale.batch_size} exceeds the {n_train} training "
+                     f"images: {n_train} used")
+        return n_train
+
     def config(self, **fields: Any) -> TrainConfig:
         """A validated config at this scale; ``fields`` override the scale's defaults."""
         base = {"width": self.scale.width, "epochs": self.scale.epochs,

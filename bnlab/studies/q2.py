@@ -305,7 +305,7 @@ def run(ctx: StudyContext) -> dict:
     widths = {optimizer: compare_ranges(sweep["curves"][f"{optimizer}/torch"]["range"],
                                         sweep["curves"][f"{optimizer}/none"]["range"])
               for optimizer in SWEEPS}
-    n_train = min(base.subset or dataset.num_train, dataset.num_train)
+    n_train = ctx.train_images()
     summary = {
         "study": NAME, "title": TITLE,
         "data": dataset.source, "preset": ctx.scale.name, "seeds": ctx.seeds,

@@ -584,7 +584,7 @@ def run(ctx: StudyContext) -> dict:
     """Train and measure the four experiments; write the figures and ``summary.json``."""
     dataset = ctx.load_data()
     scale = ctx.scale
-    num_train = min(scale.subset or dataset.num_train, dataset.num_train)
+    num_train = ctx.train_images()
     points, skipped = sweep_plan(scale, num_train)
     if scale.batch_size > num_train:
         raise ValueError(f"the scale's batch size {scale.batch_size} is larger than the "

@@ -457,12 +457,9 @@ def run(ctx: StudyContext) -> dict:
     """The averages on their own, then one BN run per seed with the probes; the figures
     and summary.json; returns the summary."""
     dataset = ctx.load_data()
-    n_train = min(ctx.scale.subset or dataset.num_train, dataset.num_train)
-    batch_size = min(ctx.scale.batch_size, n_train)
-    notes = []
-    if batch_size < ctx.scale.batch_size:
-        notes.append(f"batch size {ctx.scale.batch_size} exceeds the {n_train} training "
-                     f"images: {batch_size} used")
+    n_train = ctx.train_images()
+    notes: list[str] = []
+    batch_size = ctx.batch_size(notes)
     steps_per_epoch = n_train // batch_size
     total = ctx.scale.epochs * steps_per_epoch
     window = min(WINDOW, total)
