@@ -25,7 +25,8 @@ import torch
 
 from bnlab import nn as bnn
 
-__all__ = ["BNBenchRow", "bench_bn", "format_table", "time_interleaved"]
+__all__ = ["BNBenchRow", "bench_bn", "bench_data", "crop_flip_per_image", "format_table",
+           "time_interleaved"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -226,6 +227,60 @@ def bench_train(
              "images_per_s": batch_size / statistics.median(ts),
              "speedup": base / statistics.median(ts)} for name, ts in times.items()]
 
+
+def crop_flip_per_image(images: torch.Tensor, generator: torch.Generator,
+                        padding: int = 4) -> torch.Tensor:
+    """The obvious implementation of :func:`bnlab.data.random_crop_flip`: a Python loop,
+    one pad, slice and flip per image. It draws the same random numbers in the same order,
+    so from the same generator state it returns exactly the same batch (a test checks).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> crop_flip_per_image(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), g).shape
+    torch.Size([2, 3, 32, 32])
+    """
+    n, _, h, w = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    mirror = torch.randint(0, 2, (n,), generator=generator).bool()
+    out = torch.empty_like(images)
+    for i in range(n):
+        padded = torch.nn.functional.pad(images[i], (padding,) * 4)
+        top, left = int(offsets[0, i]), int(offsets[1, i])
+        window = padded[:, top:top + h, left:left + w]
+        out[i] = window.flip(-1) if mirror[i] else window
+    return out
+
+
+def bench_data(batch_size: int = 128, repeats: int = 30,
+               threads: int | None = 1) -> list[dict]:
+    """Milliseconds per batch of CIFAR-10 augmentation (pad-4 random crop, flip) and
+    normalization to float32: bnlab's batched ``gather`` against the per-image loop
+    (:func:`crop_flip_per_image`), interleaved in one process. ``threads=1`` (default) times
+    them single-threaded, as the trainer's data work competes with nothing then."""
+    from bnlab import data
+
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    fns = {"bnlab, batched gather": lambda: data.normalize(data.random_crop_flip(images, g)),
+           "per-image loop": lambda: data.normalize(crop_flip_per_image(images, g))}
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        med = time_interleaved(fns, repeats=repeats)
+    finally:
+        torch.set_num_threads(saved)
+    base = med["per-image loop"]
+    return [{"variant": name, "batch_size": batch_size, "threads": threads or saved,
+             "batch_ms": t * 1e3, "images_per_s": batch_size / t, "speedup": base / t}
+            for name, t in med.items()]
+
+
+DATA_COLUMNS = [
+    ("variant", "variant", ""), ("batch_size", "batch", ""), ("threads", "threads", ""),
+    ("batch_ms", "ms / batch", ".3f"), ("images_per_s", "img/s", ".0f"),
+    ("speedup", "vs loop", ".1f"),
+]
 
 TRAIN_COLUMNS = [
     ("variant", "variant", ""), ("width", "width", ""), ("batch_size", "batch", ""),

@@ -125,6 +125,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from bnlab.bench import DATA_COLUMNS, bench_data, format_table
+
+    if args.repeats < 1 or args.batch_size < 1:
+        raise _UserError("--repeats and --batch-size must be at least 1")
+    rows = bench_data(batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
+    print(f"CIFAR-10 augmentation (pad-4 crop, flip) + normalization, CPU, median of "
+          f"{args.repeats} interleaved repeats (torch {torch.__version__})")
+    print(format_table(rows, DATA_COLUMNS))
+    _write_json(args.json, {"machine": _machine(), "rows": rows})
+    return 0
+
 # ---- bnlab compare / report ---------------------------------------------------------------
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -227,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_gradcheck)
 
-    bench = sub.add_parser("bench", help="speed benchmarks (bn, engine)",
+    bench = sub.add_parser("bench", help="speed benchmarks (bn, engine, train, data)",
                            description="Speed benchmarks, measured side by side in one process.")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
     p = bsub.add_parser("bn", help="BN forward/backward: PyTorch native vs bnlab",
@@ -264,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bsub.add_parser("data", help="augmentation + normalization: batched vs per-image loop",
+                        description="Milliseconds per batch of the training-set augmentation "
+                                    "(pad-4 random crop, horizontal flip) and normalization: "
+                                    "bnlab's batched gather beside a per-image Python loop that "
+                                    "returns the same batch, interleaved in one process.")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats (default 30)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while timing (default 1; 0 keeps the current number)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_bench_data)
     _add_compare_parsers(sub)
     return parser
 
