@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from bnlab.data import load_cifar10_dir
 from bnlab.studies import run_all, run_study
 from bnlab.studies.common import (
+    SCALES,
     ProbeLog,
+    StudyContext,
+    StudyScale,
     compare_means,
     fmt_pct,
     mean_std,
@@ -14,6 +18,7 @@ from bnlab.studies.common import (
     verdict,
     verdict_phrase,
 )
+from tests.cifar_fixtures import write_cifar10_folder
 
 # ---- verdicts ------------------------------------------------------------------------------
 
@@ -85,3 +90,54 @@ def test_study_all_refuses_a_bad_scale_before_making_anything(tmp_path, kwargs, 
     with pytest.raises(ValueError, match=message):
         run_study("q5", tmp_path / "one", **kwargs)
     assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()
+
+
+def test_study_all_trains_a_run_two_studies_need_once(tmp_path):
+    root = tmp_path / "cifar"
+    write_cifar10_folder(root, per_batch=8, test=12)  # 40 training, 12 test images
+    dataset = load_cifar10_dir(root)
+    scale = StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3,
+                       seeds=1, budget_s=60.0, description="tests")
+    shared: dict = {}
+    lines: list[str] = []
+
+    def context(name):
+        return StudyContext(out=tmp_path / name, scale=scale, seeds=1, device="cpu",
+                            quiet=True, log=lines.append, dataset=dataset,
+                            finished_runs=shared)
+
+    first, second = context("q1"), context("q2")
+    a = first.train_run("bn/seed0", first.config(norm="torch", seed=0))
+    b = second.train_run("speed/bn/seed0", second.config(norm="torch", seed=0))
+    assert "copied" in lines[-1]
+    # the very same run: its metrics, epoch times included, byte for byte
+    assert (b.run_dir / "metrics.jsonl").read_bytes() == (a.run_dir / "metrics.jsonl").read_bytes()
+    assert b.metrics == a.metrics and b.run_dir == tmp_path / "q2" / "runs" / "speed/bn/seed0"
+    # another seed, or a run with hooks, is trained for itself
+    second.train_run("speed/bn/seed1", second.config(norm="torch", seed=1))
+    assert "copied" not in lines[-1]
+    second.train_run("probe", second.config(norm="torch", seed=0), on_step=lambda *a: None)
+    assert "copied" not in lines[-1]
+    assert len(shared) == 2  # seed 0 and seed 1; the hooked run is not offered
+
+
+@pytest.mark.slow
+def test_study_all_end_to_end_on_tiny_data(tmp_path, monkeypatch):
+    root = tmp_path / "cifar"
+    write_cifar10_folder(root, per_batch=8, test=12)
+    monkeypatch.setitem(SCALES, "tiny", StudyScale(
+        "tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3, seeds=1,
+        budget_s=60.0, description="tests"))
+    lines: list[str] = []
+    summary = run_all(tmp_path / "out", preset="tiny", data_dir=str(root), device="cpu",
+                      quiet=True, log=lines.append)
+    out = tmp_path / "out"
+    assert list(summary["study_time_s"]) == ["q1", "q2", "q3", "q4", "q5"]
+    report = (out / "report.md").read_text()
+    for name in ("Q1", "Q2", "Q3", "Q4", "Q5"):
+        assert f"## {name} " in report
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and 'src="q' not in page  # figures inlined
+    assert len(list(out.rglob("*.png"))) >= 8
+    # Q2's convergence runs are Q1's gap runs (same configs): copied, not trained again
+    assert sum("copied" in line for line in lines if line.startswith("[q2]")) == 2

@@ -72,15 +72,21 @@ def run_study(
     quiet: bool = False,
     log: Callable[[str], None] = print,
     dataset=None,
+    finished_runs: dict[str, Path] | None = None,
 ) -> dict:
-    """Run study ``name`` into ``out`` and write its section and report; returns its summary."""
+    """Run study ``name`` into ``out`` and write its section and report; returns its summary.
+
+    ``finished_runs`` (see :class:`~bnlab.studies.common.StudyContext`) shares identical
+    runs between the studies of one ``bnlab study all``.
+    """
     module = study_module(name)
     _check_scale(preset, seeds)
     out = Path(out)
     _prepare_out(out, resume)
     scale = SCALES[preset]
     ctx = StudyContext(out=out, scale=scale, seeds=seeds or scale.seeds, data_dir=data_dir,
-                       device=device, quiet=quiet, log=log, dataset=dataset)
+                       device=device, quiet=quiet, log=log, dataset=dataset,
+                       finished_runs=finished_runs)
     started = time.perf_counter()
     summary = module.run(ctx)
     summary_path = out / "summary.json"
@@ -113,11 +119,13 @@ def run_all(
     dataset = bdata.load_cifar10(data_dir)  # once, shared by every study
     started = time.perf_counter()
     times = {}
+    finished_runs: dict[str, Path] = {}  # a run two studies need is trained once
     for name in STUDIES:
         t0 = time.perf_counter()
         log(f"== study {name}: {STUDIES[name]}")
         run_study(name, out / name, preset=preset, seeds=seeds, data_dir=data_dir,
-                  device=device, resume=True, quiet=quiet, log=log, dataset=dataset)
+                  device=device, resume=True, quiet=quiet, log=log, dataset=dataset,
+                  finished_runs=finished_runs)
         times[name] = time.perf_counter() - t0
     summary = {"preset": preset, "data": dataset.source, "studies": list(STUDIES),
                "wall_time_s": time.perf_counter() - started, "study_time_s": times}

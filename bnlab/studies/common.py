@@ -24,6 +24,7 @@ import html
 import json
 import math
 import re
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +106,9 @@ class StudyContext:
 
     ``train_run(name, config)`` trains one run into ``<out>/runs/<name>`` (reusing it when
     it finished before, so ``--resume`` costs nothing); ``dataset`` is loaded once and
-    shared by every run of the study.
+    shared by every run of the study. ``finished_runs`` (config → run folder), when
+    ``bnlab study all`` passes one dict to every study, lets a study copy a run another
+    study already trained with the identical config instead of training it again.
     """
 
     out: Path
@@ -116,6 +119,7 @@ class StudyContext:
     quiet: bool = False
     log: Callable[[str], None] = print
     dataset: bdata.CIFAR10 | None = None
+    finished_runs: dict[str, Path] | None = None
     started: float = field(default_factory=time.perf_counter)
 
     def load_data(self) -> bdata.CIFAR10:
@@ -148,10 +152,20 @@ class StudyContext:
     def train_run(self, name: str, config: TrainConfig, **kwargs: Any) -> RunResult:
         """Train (or reuse, when finished) ``<out>/runs/<name>``."""
         run_dir = self.out / "runs" / name
-        self.log(f"[{self.out.name}] {name}")
-        return train(config, run_dir, dataset=self.load_data(), resume=run_dir.exists(),
-                     progress=not self.quiet, log=(lambda _: None) if self.quiet else self.log,
-                     **kwargs)
+        # a run with hooks (kwargs such as on_step) writes more than its folder: never shared
+        key = json.dumps(config.to_json(), sort_keys=True) if not kwargs else None
+        source = (self.finished_runs or {}).get(key) if key else None
+        if source is not None and not run_dir.exists():
+            self.log(f"[{self.out.name}] {name}: the same run as {source}, copied")
+            shutil.copytree(source, run_dir)
+        else:
+            self.log(f"[{self.out.name}] {name}")
+        result = train(config, run_dir, dataset=self.load_data(), resume=run_dir.exists(),
+                       progress=not self.quiet, log=(lambda _: None) if self.quiet else self.log,
+                       **kwargs)
+        if key and self.finished_runs is not None and result.status == "finished":
+            self.finished_runs.setdefault(key, run_dir)
+        return result
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds))
