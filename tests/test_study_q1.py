@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from bnlab.models import Dropout
 from bnlab.studies import common, q1, run_study
 from bnlab.train import TrainConfig, prepare_dataset, train
 from tests.cifar_fixtures import write_cifar10_folder
+from tests.study_checks import is_png, section_figures
 
 TINY_SCALE = common.StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8,
                                lr=1e-3, seeds=1, budget_s=60.0, description="tests")
@@ -173,7 +173,7 @@ def test_study_writes_its_files(study, tiny_data):
     assert noise["skipped_batch_sizes"] == [64, 128, 256] and noise["notes"]
     assert noise["pool_images"] == 40
     for name in stored["figures"].values():
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / name)
     assert stored["verdicts"]["gap"] == "inconclusive"  # one seed: no spread to judge by
     for name in ("section.md", "report.md", "report.html"):
         assert (out / name).is_file()
@@ -184,7 +184,7 @@ def test_section_is_drawn_from_the_summary(study):
     section = (out / "section.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert section.startswith("## " + q1.TITLE) and "Q1" in section.splitlines()[0]
-    figures = re.findall(r"^!\[(.+)\]\((.+)\)$", section, flags=re.M)
+    figures = section_figures(section)
     assert {src for _, src in figures} == set(summary["figures"].values())
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 
 from bnlab.data import load_cifar10_dir
 from bnlab.studies import common, q2, run_study
 from tests.cifar_fixtures import write_cifar10_folder
+from tests.study_checks import is_png, section_figures
 
 TINY_SCALE = common.StudyScale("tiny", width=0.125, epochs=2, subset=None, batch_size=8,
                                lr=1e-3, seeds=2, budget_s=60.0, description="tests")
@@ -138,7 +138,7 @@ def test_study_writes_its_files(study, tiny_data):
         assert high["test_acc"]["mean"] == q2.CHANCE
     assert (out / "runs" / "speed" / "bn" / "seed1" / "metrics.jsonl").is_file()
     for name in s["figures"].values():
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / name)
     for name in ("section.md", "report.md", "report.html"):
         assert (out / name).is_file()
 
@@ -148,7 +148,7 @@ def test_section_is_drawn_from_the_summary(study):
     section = (out / "section.md").read_text()
     s = json.loads((out / "summary.json").read_text())
     assert section.startswith("## " + q2.TITLE) and "Q2" in section.splitlines()[0]
-    figures = re.findall(r"^!\[(.+)\]\((.+)\)$", section, flags=re.M)
+    figures = section_figures(section)
     assert {src for _, src in figures} == set(s["figures"].values())
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40

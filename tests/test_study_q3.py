@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from bnlab.data import load_cifar10_dir
 from bnlab.studies import SCALES, q3, run_study
 from bnlab.studies.common import StudyScale
 from tests.cifar_fixtures import write_cifar10_folder
+from tests.study_checks import is_png, section_figures
 
 # ---- the plan ------------------------------------------------------------------------------
 
@@ -207,10 +207,10 @@ def test_study_writes_summary_figures_and_section(study):
         assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
     section = (out / "section.md").read_text()
     assert section.startswith(f"## {q3.TITLE}") and "Q3" in section.splitlines()[0]
-    figures = re.findall(r"^!\[[^\]]+\]\(([^)]+)\)$", section, flags=re.M)
+    figures = [src for _, src in section_figures(section)]
     assert sorted(figures) == sorted(stored["figures"].values())
     for name in figures:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / name)
     assert (out / "report.html").is_file()
     assert section.count("**The data support it.**") + section.count(
         "**The data contradict it.**") + section.count("**Inconclusive at this scale.**") == 4

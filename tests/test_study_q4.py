@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections import OrderedDict
 
 import pytest
@@ -17,6 +16,7 @@ from bnlab.models import AllCNNC
 from bnlab.studies import q4
 from bnlab.studies.common import StudyContext, StudyScale, mean_std, read_summary
 from tests.cifar_fixtures import write_cifar10_folder
+from tests.study_checks import is_png, section_figures
 
 TINY = StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3, seeds=1,
                   budget_s=60.0, description="tests: 40 generated images, 1 epoch")
@@ -194,14 +194,14 @@ def test_study_writes_summary_figures_and_runs(study):
     # one seed: no spread, so every verdict is inconclusive
     assert stored["verdicts"]["post_distribution"] == "inconclusive"
     for png in ("q4_percentiles.png", "q4_gradient_shift.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / png)
 
 
 def test_section_is_drawn_from_the_summary(study):
     out, _, _ = study
     text = q4.render(out)
     assert text.startswith("## Q4")
-    figures = re.findall(r"^!\[(.+)\]\((.+\.png)\)$", text, flags=re.M)
+    figures = section_figures(text)
     assert len(figures) == 2 and all((out / f).is_file() for _, f in figures)
     assert q4.TITLE in text
     s = json.loads((out / "summary.json").read_text())

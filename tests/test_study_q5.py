@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 
 import pytest
@@ -19,6 +18,7 @@ from bnlab.functional import bias_corrected_running_stats
 from bnlab.studies import q5
 from bnlab.studies.common import StudyContext, StudyScale, read_summary
 from tests.cifar_fixtures import write_cifar10_folder
+from tests.study_checks import is_png, section_figures
 
 TINY = StudyScale("tiny", width=0.125, epochs=2, subset=None, batch_size=8, lr=1e-3, seeds=1,
                   budget_s=60.0, description="tests: 40 generated images, 2 epochs")
@@ -175,14 +175,14 @@ def test_study_writes_summary_figures_and_runs(study):
     assert s["verdicts"]["bias_correction"] == "inconclusive"  # one seed
     for png in ("q5_ewa_series.png", "q5_ewa_startup.png", "q5_bn_running_error.png",
                 "q5_bn_early_accuracy.png", "q5_momentum_accuracy.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / png)
 
 
 def test_section_is_drawn_from_the_summary(study):
     out, _ = study
     text = q5.render(out)
     assert text.startswith(f"## {q5.TITLE}") and "Q5" in text.splitlines()[0]
-    figures = re.findall(r"^!\[(.+)\]\((.+\.png)\)$", text, flags=re.M)
+    figures = section_figures(text)
     assert len(figures) == 5 and all((out / f).is_file() for _, f in figures)
     s = read_summary(out)
     assert f"{s['early']['var_error_raw']['mean']:.3f}" in text
