@@ -7,19 +7,31 @@
     bnlab compare [--preset quick]  # the post's cases over seeds: runs, summary, report
     bnlab report OUT_DIR            # redraw a comparison's figures and report from its files
     bnlab study q1..q5|all          # the post's five questions, answered by experiment
+
+Errors: every mistake in the command line or the files it names, and every environmental
+failure (an unwritable folder, a corrupt run file, a missing device), is printed as one line
+on stderr, ``bnlab COMMAND: error: WHAT (what to do)``, with exit status 2 for a command line
+that cannot run as given and 1 for a run that failed; ``--debug`` shows the traceback
+instead. Ctrl-C exits with 130 and says how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-__all__ = ["main"]
+from bnlab import __version__, argtypes
+
+__all__ = ["build_parser", "main"]
 
 
 def _status(quiet: bool = False) -> Callable[[str], None]:
@@ -128,8 +140,6 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from bnlab.bench import DATA_COLUMNS, bench_data, format_table
 
-    if args.repeats < 1 or args.batch_size < 1:
-        raise _UserError("--repeats and --batch-size must be at least 1")
     rows = bench_data(batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
     print(f"CIFAR-10 augmentation (pad-4 crop, flip) + normalization, CPU, median of "
           f"{args.repeats} interleaved repeats (torch {torch.__version__})")
@@ -145,16 +155,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:
         plan = resume_plan(args.resume)
     else:
-        if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
-            raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
-                             "holding cifar-10-batches-py/ (or that folder itself)")
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device}
         plan = plan_comparison(
-            args.cases.split(",") if args.cases else None, args.seeds, args.preset, args.out,
+            args.cases, args.seeds, args.preset, args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
         )
+    args.resume_folder = plan.out
+    args.resume_command = f"bnlab compare --resume {shlex.quote(str(plan.out))}"
     summary = run_comparison(plan, quiet=args.quiet)
     if summary.get("diverged"):
         print(f"bnlab compare: {len(summary['diverged'])} run(s) diverged: "
@@ -183,9 +192,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from bnlab import studies
 
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
-        raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
-                         "holding cifar-10-batches-py/ (or that folder itself)")
     if args.render:
         out = Path(args.render)
         if not (out / "summary.json").is_file():
@@ -203,15 +209,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     log = (lambda _: None) if args.quiet else print
     kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
               "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log}
-    try:
-        if args.name == "all":
-            studies.run_all(out, **kwargs)
-        else:
-            studies.run_study(args.name, out, **kwargs)
-    except ValueError as error:
-        if type(error) is ValueError:  # a bad argument, not a bug deeper down
-            raise _UserError(str(error)) from None
-        raise
+    argv = list(sys.argv[1:] if args.argv is None else args.argv)
+    args.resume_folder = out
+    args.resume_command = "bnlab " + shlex.join(
+        argv + (["--out", str(out)] if args.out is None else [])
+        + ([] if args.resume else ["--resume"]))
+    if args.name == "all":
+        studies.run_all(out, **kwargs)
+    else:
+        studies.run_study(args.name, out, **kwargs)
     if not args.quiet:
         print(f"report: {out / 'report.html'}")
     return 0
@@ -221,14 +227,158 @@ class _UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
 
 
+class _UsageError(Exception):
+    """A command line argparse refused; ``prog`` names the (sub)command."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``bnlab compare: error: ... (see ... --help)``.
+
+    ``error`` raises instead of exiting, so :func:`main` prints it and returns 2; ``--help``
+    and ``--version`` still exit 0 through argparse.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see {self.prog} --help)", self.prog)
+
+
+# ---- the error boundary --------------------------------------------------------------------
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse the paths a command would fail on, before any data is read or folder made.
+
+    ``--data-dir`` must be an existing folder; ``--out`` must be a folder (or not exist yet)
+    inside a folder this process can write to; the folder of ``compare --resume``,
+    ``report`` and ``study --render`` must be writable; ``--json FILE`` must be a file name in
+    an existing writable folder. Raises ``_UserError`` naming the flag, the path and the fix.
+    """
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise _UserError(f"--data-dir {data_dir} {what}: pass a folder holding "
+                             "cifar-10-batches-py/ (or that folder itself)")
+    # the folder a command writes into: --out (or its default under runs/) for new work,
+    # the existing folder for --resume, report and --render
+    existing = [getattr(args, name, None) for name in ("resume", "out_dir", "render")]
+    existing = [value for value in existing if isinstance(value, str)]
+    for value in existing:
+        if Path(value).expanduser().is_dir():
+            _check_writable_folder(Path(value).expanduser(), "the folder", value)
+    if hasattr(args, "out") and not existing:
+        value = args.out or "runs/ (the default --out)"
+        out = Path(args.out or "runs").expanduser()
+        if out.exists() and not out.is_dir():
+            raise _UserError(f"--out {value} is a file, not a folder: choose another --out")
+        _check_writable_folder(_nearest_existing(out), "--out", value)
+    if getattr(args, "json", None):
+        path = Path(args.json).expanduser()
+        if path.is_dir():
+            raise _UserError(f"--json {args.json} is a folder: name a file, e.g. "
+                             f"{Path(args.json) / 'bench.json'}")
+        if not path.parent.is_dir():
+            what = "is a file" if path.parent.exists() else "does not exist"
+            raise _UserError(f"--json {args.json}: the folder {path.parent} {what}; "
+                             "name a file in an existing folder")
+        _check_writable_folder(path.parent, "--json", args.json)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _check_writable_folder(folder: Path, flag: str, value: str) -> None:
+    """Try to create (and remove) a scratch folder in ``folder``: the one honest test of
+    writability (``os.access`` says yes to root on a read-only mount)."""
+    if not folder.is_dir():
+        raise _UserError(f"{flag} {value}: {folder} is a file, not a folder; choose another "
+                         f"{flag}")
+    try:
+        tempfile.TemporaryDirectory(dir=folder, prefix=".bnlab-write-test-").cleanup()
+    except OSError as error:
+        raise _UserError(f"{flag} {value}: cannot write in {folder} ({error.strerror}); "
+                         f"choose a folder you can write to") from None
+
+
+_OS_HINTS: dict[type[OSError], str] = {
+    PermissionError: "choose a place you can write to, or fix its permissions",
+    NotADirectoryError: "a part of that path is a file, not a folder",
+    IsADirectoryError: "it is a folder where a file was expected",
+    FileNotFoundError: "it does not exist (moved or deleted while bnlab ran?)",
+}
+
+
+def _explain(error: Exception) -> tuple[int, str]:
+    """(exit status, one-line message) for an error that ends a command.
+
+    2: the command line cannot run as given (bad value, unknown name, a folder that exists);
+    1: the run failed (a corrupt run file, an unwritable or full disk, out of memory, a bug).
+    """
+    import json as _json
+
+    from bnlab.data import DataError, DownloadError
+    from bnlab.report import ReportError
+    from bnlab.train import ConfigError, DivergenceError
+
+    def first_line(value: object) -> str:
+        text = str(value).strip().splitlines()
+        return text[0][:400] if text else ""
+
+    if isinstance(error, (_UserError, ConfigError, FileExistsError)):
+        return 2, first_line(error)
+    if isinstance(error, (ReportError, DownloadError, DivergenceError)):
+        return 1, first_line(error)
+    if isinstance(error, DataError):
+        return 2, first_line(error)
+    if isinstance(error, _json.JSONDecodeError):
+        return 1, (f"a JSON file in the folder is corrupt ({first_line(error)}); rerun with "
+                   "--debug to see which")
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return 1, ("out of GPU memory: lower --batch-size or --width, or free the GPU "
+                   f"({first_line(error)})")
+    if isinstance(error, MemoryError) or (
+            isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
+        return 1, ("out of memory: lower --batch-size or --width, or close other programs "
+                   f"({first_line(error)})")
+    if isinstance(error, OSError) and error.filename is not None:
+        if error.errno == errno.ENOSPC:
+            hint = "the disk is full: free some space or choose another --out"
+        else:
+            hint = next((h for kind, h in _OS_HINTS.items() if isinstance(error, kind)),
+                        "check the path")
+        return 1, f"{error.filename}: {error.strerror or first_line(error)} ({hint})"
+    if type(error) is ValueError:  # a bad argument caught below the command line
+        return 2, first_line(error)
+    return 1, (f"unexpected {type(error).__name__}: {first_line(error)} (rerun with --debug "
+               "for the traceback, and please report it)")
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C prints: how to continue, when there is a folder to continue."""
+    folder = getattr(args, "resume_folder", None)
+    if folder is None or not Path(folder).exists():
+        return "\ninterrupted (nothing to continue)"
+    return (f"\ninterrupted: what finished is kept in {folder}; to continue, run:\n"
+            f"  {args.resume_command}")
+
+
 # ---- the parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnlab",
         description="Batch normalization, understood: hand-derived BN, manual back propagation, "
                     "and experiments on CIFAR-10.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"bnlab {__version__} (torch {torch.__version__}, "
+                                f"Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("gradcheck", help="check the hand-derived backward against autograd",
@@ -247,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "native kernel vs bnlab, on (128, 96, 32, 32) and "
                                     "(128, 192, 16, 16) float32 in both memory formats (and on "
                                     "CUDA when present).")
-    p.add_argument("--repeats", type=int, default=15, help="timed repeats (default 15)")
+    p.add_argument("--repeats", type=argtypes.positive_int, default=15,
+                   help="timed repeats (default 15)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -257,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Times one training step (forward, backward, optimizer) of "
                                     "All-CNN-C: autograd + torch BN, autograd + bnlab BN, and the "
                                     "manual engine, with the ratio to the autograd baseline.")
-    p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.5])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
+    p.add_argument("--widths", type=argtypes.positive_float, nargs="+", default=[1.0, 0.5])
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
+    p.add_argument("--steps", type=argtypes.positive_int, default=5,
+                   help="timed steps per variant (default 5)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_engine)
@@ -269,10 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "loop (contiguous, default allocator) beside bnlab's trainer "
                                     "for both engines (channels_last, tuned allocator), measured "
                                     "side by side in one process.")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--width", type=argtypes.positive_float, default=1.0)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
+    p.add_argument("--steps", type=argtypes.positive_int, default=4,
+                   help="steps per variant per round")
+    p.add_argument("--rounds", type=argtypes.positive_int, default=3,
+                   help="interleaved rounds (median)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_train)
@@ -282,14 +436,26 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(pad-4 random crop, horizontal flip) and normalization: "
                                     "bnlab's batched gather beside a per-image Python loop that "
                                     "returns the same batch, interleaved in one process.")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=30, help="timed repeats (default 30)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
+    p.add_argument("--repeats", type=argtypes.positive_int, default=30,
+                   help="timed repeats (default 30)")
+    p.add_argument("--threads", type=argtypes.nonnegative_int, default=1,
                    help="torch threads while timing (default 1; 0 keeps the current number)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_bench_data)
     _add_compare_parsers(sub)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command, before or after the command's name."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full traceback (for bug reports)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child)
 
 
 def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
@@ -307,16 +473,23 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                "CIFAR-10; else a download if the network answers; else the CIFAR-10 sample "
                "embedded in bnlab (5085 train / 1017 test images), with a notice.",
     )
-    p.add_argument("--cases", help="comma-separated cases (default: the preset's)")
-    p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default: the preset's)")
+    p.add_argument("--cases", type=argtypes.comma_list,
+                   help="comma-separated cases (default: the preset's)")
+    p.add_argument("--seeds", type=argtypes.positive_int,
+                   help="number of seeds, 0..N-1 (default: the preset's)")
     p.add_argument("--preset", default="quick",
                    help="quick (default), paper, post or post-quick; see below")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--subset", type=int, help="train on N images (the same N for every run)")
-    p.add_argument("--width", type=float, help="override the preset's width multiplier")
-    p.add_argument("--lr", type=float, help="override the preset's learning rate")
-    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
-    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--epochs", type=argtypes.positive_int, help="override the preset's epochs")
+    p.add_argument("--subset", type=argtypes.positive_int,
+                   help="train on N images (the same N for every run)")
+    p.add_argument("--width", type=argtypes.positive_float,
+                   help="override the preset's width multiplier")
+    p.add_argument("--lr", type=argtypes.positive_float,
+                   help="override the preset's learning rate")
+    p.add_argument("--batch-size", type=argtypes.positive_int,
+                   help="override the preset's batch size")
+    p.add_argument("--device", type=argtypes.device,
+                   help=f"{argtypes.DEVICE_HELP} (default: the preset's, auto)")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
     p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
                                  "never overwritten")
@@ -347,9 +520,11 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=[*STUDIES, "all"], metavar="{q1,q2,q3,q4,q5,all}")
     p.add_argument("--preset", default="quick", choices=list(SCALES),
                    help="quick (default) or paper")
-    p.add_argument("--seeds", type=int, help="seeds per point (default: the preset's)")
+    p.add_argument("--seeds", type=argtypes.positive_int,
+                   help="seeds per point (default: the preset's)")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--device", default="auto", type=argtypes.device,
+                   help=f"{argtypes.DEVICE_HELP} (default auto: CUDA when present)")
     p.add_argument("--out", help="the study folder (default runs/study-NAME-PRESET-TIME); "
                                  "never overwritten")
     p.add_argument("--resume", action="store_true",
@@ -357,25 +532,37 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--render", metavar="DIR",
                    help="only redraw the report of an existing study folder (no training)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_study)
+    p.set_defaults(func=cmd_study, argv=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bnlab`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``bnlab`` console script (and ``python -m bnlab``).
+
+    Returns the exit status: 0 done, 1 a run failed, 2 the command line cannot run as given,
+    3 a comparison with diverged runs, 130 interrupted (Ctrl-C). Errors are one line on
+    stderr; ``--debug`` raises them with their traceback instead.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        print(f"{error.prog}: error: {error}", file=sys.stderr)
+        return 2
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)
-    from bnlab.data import DataError
-    from bnlab.train import ConfigError
-
+    name = " ".join(["bnlab", args.command, *([args.bench] if args.command == "bench" else [])])
     try:
+        _check_paths(args)
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileExistsError, _UserError) as error:
-        print(f"bnlab {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        _clear_status()
+        print(_interrupted(args), file=sys.stderr)
         return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        code, message = _explain(error)
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""The ``bnlab`` command's error boundary: every mistake a user can make on the command line
+or in the files it names, and every environmental failure, ends in one line on stderr that
+names the value or file and what to do, with exit status 2 (the command line cannot run as
+given) or 1 (the run failed); a traceback only with ``--debug``; Ctrl-C says how to continue.
+
+Each kind is a table (tests as data), so a newly found member costs one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab import cli
+from bnlab.cli import build_parser, main
+from tests.cifar_fixtures import write_cifar10_folder
+
+TINY = ["--epochs", "1", "--width", "0.125", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10_folder(root, per_batch=8, test=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def comparison(data_dir, tmp_path_factory) -> Path:
+    """One finished tiny comparison (case a, one seed, one epoch), copied by each test."""
+    out = tmp_path_factory.mktemp("comparison") / "cmp"
+    assert main(["compare", "--cases", "a", "--seeds", "1", *TINY, "--data-dir", str(data_dir),
+                 "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def files_under(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The stderr of a failed command: one line, ``bnlab COMMAND: error: ...``."""
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert "Traceback" not in err
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"bnlab {command}: error: "), err
+    return err
+
+
+# ---- kind 1: invalid values on the command line (exit 2, before any file or data) ----------
+
+BAD_VALUES = {
+    # compare: every numeric option, the case list, the device
+    "compare seeds 0": ("compare --seeds 0", "--seeds", "'0'"),
+    "compare epochs -3": ("compare --epochs -3", "--epochs", "'-3'"),
+    "compare epochs 1.5": ("compare --epochs 1.5", "--epochs", "'1.5'"),
+    "compare subset 0": ("compare --subset 0", "--subset", "'0'"),
+    "compare width 0": ("compare --width 0", "--width", "'0'"),
+    "compare width nan": ("compare --width nan", "--width", "'nan'"),
+    "compare lr inf": ("compare --lr inf", "--lr", "'inf'"),
+    "compare lr -1": ("compare --lr -1", "--lr", "'-1'"),
+    "compare batch 0": ("compare --batch-size 0", "--batch-size", "'0'"),
+    "compare empty case": ("compare --cases a,", "--cases", "'a,'"),
+    "compare device gpu": ("compare --device gpu", "--device", "'gpu'"),
+    "compare device meta": ("compare --device meta", "--device", "'meta'"),
+    "compare device cuda:99": ("compare --device cuda:99", "--device", "'cuda:99'"),
+    # study
+    "study seeds 0": ("study q1 --seeds 0", "--seeds", "'0'"),
+    "study device gpu": ("study q5 --device gpu", "--device", "'gpu'"),
+    "study unknown name": ("study q9", "q9", "q1"),
+    # bench
+    "bench bn repeats 0": ("bench bn --repeats 0", "--repeats", "'0'"),
+    "bench engine steps 0": ("bench engine --steps 0", "--steps", "'0'"),
+    "bench engine widths 0": ("bench engine --widths 1 0", "--widths", "'0'"),
+    "bench engine batch 0": ("bench engine --batch-size 0", "--batch-size", "'0'"),
+    "bench train rounds 0": ("bench train --rounds 0", "--rounds", "'0'"),
+    "bench train steps 0": ("bench train --steps 0", "--steps", "'0'"),
+    "bench train width -1": ("bench train --width -1", "--width", "'-1'"),
+    "bench train batch 0": ("bench train --batch-size 0", "--batch-size", "'0'"),
+    "bench data repeats 0": ("bench data --repeats 0", "--repeats", "'0'"),
+    "bench data threads -1": ("bench data --threads -1", "--threads", "'-1'"),
+    # the command itself
+    "no command": ("", "COMMAND", "--help"),
+    "unknown command": ("comapre", "comapre", "compare"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=BAD_VALUES.keys())
+def test_bad_value_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch):
+    argv, *words = BAD_VALUES[case]
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would land here
+    code = main(shlex.split(argv))
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("bnlab") and "error: " in err and "--help)" in err
+    assert all(word in err for word in words), words
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_is_refused_up_front_where_absent(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    code = main(["compare", "--device", "cuda", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "CUDA is not available" in err and not (tmp_path / "x").exists()
+
+
+def test_every_numeric_option_has_a_checking_type():
+    """A bare ``int``/``float`` type lets 0, -1, nan or inf through to the work."""
+    def leaves(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from leaves(child)
+
+    bare = [f"{p.prog} {'/'.join(a.option_strings)}" for p in leaves(build_parser())
+            for a in p._actions if a.type in (int, float)]
+    assert not bare
+
+
+# ---- kind 2: paths that cannot be used (exit 2, before any work) ---------------------------
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write in (root writes anywhere, except /sys)."""
+    if getattr(os, "geteuid", lambda: 1)() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        tempfile.TemporaryDirectory(dir="/sys").cleanup()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("running as root with no read-only folder to test against")
+
+
+BAD_PATHS = {
+    "compare out under a file": ("compare --cases a --out {afile}/x", "--out", "is a file"),
+    "compare out is a file": ("compare --cases a --out {afile}", "--out", "is a file"),
+    "compare out read-only": ("compare --cases a --out {ro}/x", "--out", "cannot write"),
+    "compare data-dir is a file": ("compare --cases a --data-dir {afile} --out {tmp}/o",
+                                   "--data-dir", "is a file"),
+    "compare data-dir missing": ("compare --cases a --data-dir {tmp}/none --out {tmp}/o",
+                                 "--data-dir", "does not exist"),
+    "compare resume not a comparison": ("compare --resume {tmp}", "compare.json", "{tmp}"),
+    "study out under a file": ("study q5 --out {afile}/x", "--out", "is a file"),
+    "study out read-only": ("study q5 --out {ro}/x", "--out", "cannot write"),
+    "study data-dir is a file": ("study q5 --data-dir {afile} --out {tmp}/o", "--data-dir",
+                                 "is a file"),
+    "study render not a study": ("study q1 --render {tmp}", "summary.json", "{tmp}"),
+    "report not a comparison": ("report {tmp}", "compare.json", "{tmp}"),
+    "report read-only folder": ("report {ro}", "cannot write", "{ro}"),
+    "bench json is a folder": ("bench data --json {tmp}", "--json", "is a folder"),
+    "bench json under a file": ("bench data --json {afile}/x.json", "--json", "is a file"),
+    "bench json folder missing": ("bench bn --json {tmp}/none/x.json", "--json",
+                                  "does not exist"),
+    "bench json read-only": ("bench engine --json {ro}/x.json", "--json", "cannot write"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PATHS, ids=BAD_PATHS.keys())
+def test_unusable_path_is_one_line_exit_2(case, tmp_path, capsys):
+    template, *words = BAD_PATHS[case]
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    places = {"tmp": tmp_path, "afile": afile}
+    if "{ro}" in template:
+        places["ro"] = read_only_folder(tmp_path)
+    before = files_under(tmp_path)
+    code = main(shlex.split(template.format(**places)))
+    err = one_line_error(capsys, template.split()[0] + (" " + template.split()[1]
+                                                       if template.startswith("bench") else ""))
+    assert code == 2
+    assert all(word.format(**places) in err for word in words), words
+    assert files_under(tmp_path) == before
+
+
+# ---- kind 3: corrupt run files and failures during a run (exit 1) --------------------------
+
+def garbage_first_metrics_line(out: Path) -> None:
+    path = out / "a" / "seed0" / "metrics.jsonl"
+    path.write_text("{garbage\n" + path.read_text())
+
+
+def garbage_json(name: str):
+    def corrupt(out: Path) -> None:
+        (out / name).write_text("[1,")
+    return corrupt
+
+
+def report_html_is_a_folder(out: Path) -> None:
+    (out / "report.html").unlink()
+    (out / "report.html").mkdir()
+
+
+def unfinished_with_garbage_checkpoint(out: Path) -> None:
+    (out / "a" / "seed0" / "result.json").unlink()
+    (out / "a" / "seed0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+
+
+# (corruption, command, words the one line must hold); {out} is the corrupted copy
+CORRUPT = {
+    "metrics.jsonl garbage line": (garbage_first_metrics_line, "report {out}",
+                                   ["metrics.jsonl", "line 1"]),
+    "config.json garbage": (garbage_json("a/seed0/config.json"), "report {out}",
+                            ["a/seed0/config.json"]),
+    "result.json garbage": (garbage_json("a/seed0/result.json"), "report {out}",
+                            ["a/seed0/result.json"]),
+    "compare.json garbage (report)": (garbage_json("compare.json"), "report {out}",
+                                      ["compare.json"]),
+    "report.html is a folder": (report_html_is_a_folder, "report {out}",
+                                ["report.html", "folder"]),
+    # TODO(after the run-folder refactor): name compare.json / checkpoint.pt in these two
+    "compare.json garbage (resume)": (garbage_json("compare.json"),
+                                      "compare --resume {out} --quiet", ["JSON"]),
+    "checkpoint.pt garbage (resume)": (unfinished_with_garbage_checkpoint,
+                                       "compare --resume {out} --quiet", []),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT, ids=CORRUPT.keys())
+def test_corrupt_run_file_is_one_line_exit_1(case, comparison, tmp_path, capsys):
+    corrupt, template, words = CORRUPT[case]
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    corrupt(out)
+    code = main(shlex.split(template.format(out=out)))
+    err = one_line_error(capsys, template.split()[0])
+    assert code == 1
+    assert all(word in err for word in words), words
+
+
+def failing_report(error: BaseException):
+    def cmd_report(args: argparse.Namespace) -> int:
+        raise error
+    return cmd_report
+
+
+def test_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "summary.json"))
+    monkeypatch.setattr(cli, "cmd_report", failing_report(full))
+    assert main(["report", str(tmp_path)]) == 1
+    err = one_line_error(capsys, "report")
+    assert "summary.json" in err and "disk is full" in err
+
+
+def test_out_of_memory_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def cmd_report(args: argparse.Namespace) -> int:
+        torch.empty(2**60, dtype=torch.uint8)  # a real allocation failure, nothing touched
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_report", cmd_report)
+    assert main(["report", str(tmp_path)]) == 1
+    assert "out of memory: lower --batch-size" in one_line_error(capsys, "report")
+
+
+def test_a_bug_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "cmd_report", failing_report(KeyError("oops")))
+    assert main(["report", str(tmp_path)]) == 1
+    err = one_line_error(capsys, "report")
+    assert "unexpected KeyError" in err and "--debug" in err
+    for argv in (["--debug", "report", str(tmp_path)], ["report", str(tmp_path), "--debug"]):
+        with pytest.raises(KeyError, match="oops"):
+            main(argv)
+
+
+def test_debug_shows_the_traceback_of_a_user_error_too(tmp_path):
+    (tmp_path / "compare.json").write_text("{")
+    with pytest.raises(json.JSONDecodeError):
+        main(["compare", "--resume", str(tmp_path), "--debug"])
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------
+
+def test_ctrl_c_says_how_to_continue_and_the_command_does(data_dir, tmp_path):
+    """SIGINT to a real ``bnlab compare`` mid-run: exit 130, and the command it prints
+    finishes the comparison."""
+    out = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnlab", "compare", "--cases", "b", "--seeds", "1", "--epochs",
+         "3", "--width", "0.125", "--batch-size", "8", "--device", "cpu", "--data-dir",
+         str(data_dir), "--out", str(out), "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "b" / "seed0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted (machine too fast)")
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    print(err)
+    assert proc.returncode == 130 and "Traceback" not in err
+    command = err.strip().splitlines()[-1].strip()
+    assert command == f"bnlab compare --resume {shlex.quote(str(out))}"
+    assert main([*shlex.split(command)[1:], "--quiet"]) == 0
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_ctrl_c_in_a_study_names_its_folder(tmp_path, capsys, monkeypatch):
+    from bnlab import studies
+
+    def interrupted(name, out, **kwargs):
+        Path(out).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies, "run_study", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "q1", "--preset", "quick", "--seeds", "2", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    command = shlex.split(err.strip().splitlines()[-1])
+    out = next(tmp_path.glob("runs/study-q1-quick-*"))
+    assert command[:2] == ["bnlab", "study"] and "--resume" in command
+    assert command[command.index("--out") + 1] == str(out.relative_to(tmp_path))
+    assert command[command.index("--seeds") + 1] == "2"
+
+
+def test_ctrl_c_before_any_folder_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "cmd_report", failing_report(KeyboardInterrupt()))
+    assert main(["report", str(tmp_path)]) == 130
+    assert "interrupted (nothing to continue)" in capsys.readouterr().err
