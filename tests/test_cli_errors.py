@@ -46,6 +46,17 @@ def comparison(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def no_work(monkeypatch, keep: tuple[str, ...] = ()) -> None:
+    """Replace every subcommand's work by a failure: a refused command must not reach it
+    (and a regression then fails fast instead of training on the embedded sample)."""
+    def reached(args: argparse.Namespace) -> int:
+        pytest.fail(f"bnlab {args.command} reached its work")
+
+    for name in dir(cli):
+        if name.startswith("cmd_") and name not in keep:
+            monkeypatch.setattr(cli, name, reached)
+
+
 def files_under(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
@@ -101,6 +112,7 @@ BAD_VALUES = {
 @pytest.mark.parametrize("case", BAD_VALUES, ids=BAD_VALUES.keys())
 def test_bad_value_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch):
     argv, *words = BAD_VALUES[case]
+    no_work(monkeypatch)
     monkeypatch.chdir(tmp_path)  # a default runs/ folder would land here
     code = main(shlex.split(argv))
     err = capsys.readouterr().err.strip()
@@ -111,9 +123,10 @@ def test_bad_value_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_cuda_is_refused_up_front_where_absent(tmp_path, capsys):
+def test_cuda_is_refused_up_front_where_absent(tmp_path, capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
+    no_work(monkeypatch)
     code = main(["compare", "--device", "cuda", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "CUDA is not available" in err and not (tmp_path / "x").exists()
@@ -157,6 +170,7 @@ BAD_PATHS = {
                                    "--data-dir", "is a file"),
     "compare data-dir missing": ("compare --cases a --data-dir {tmp}/none --out {tmp}/o",
                                  "--data-dir", "does not exist"),
+    # these three are refused by the subcommand itself, after its cheap first check
     "compare resume not a comparison": ("compare --resume {tmp}", "compare.json", "{tmp}"),
     "study out under a file": ("study q5 --out {afile}/x", "--out", "is a file"),
     "study out read-only": ("study q5 --out {ro}/x", "--out", "cannot write"),
@@ -174,8 +188,10 @@ BAD_PATHS = {
 
 
 @pytest.mark.parametrize("case", BAD_PATHS, ids=BAD_PATHS.keys())
-def test_unusable_path_is_one_line_exit_2(case, tmp_path, capsys):
+def test_unusable_path_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch):
     template, *words = BAD_PATHS[case]
+    no_work(monkeypatch, keep=("cmd_compare", "cmd_study", "cmd_report")
+            if "not a" in case else ())
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     places = {"tmp": tmp_path, "afile": afile}
