@@ -172,7 +172,8 @@ def torch_sync_bn_semantics(name: str) -> list[dict[str, list]]:
         factor = momentum if momentum is not None else 1.0 / (step + 1)
         rm = (1 - factor) * rm + factor * (mean + offset)
         rv = (1 - factor) * rv + factor * var * m_total / (m_total - 1)
-        sums = [(dy.sum(dims), (dy * (x - mean.view(view))).sum(dims)) for x, dy in zip(xs, dys, strict=True)]
+        sums = [(dy.sum(dims), (dy * (x - mean.view(view))).sum(dims))
+                for x, dy in zip(xs, dys, strict=True)]
         sum_dy = sum(s for s, _ in sums)
         sum_dy_xmu = sum(s for _, s in sums)
         for r, (x, dy) in enumerate(zip(xs, dys, strict=True)):
