@@ -80,16 +80,31 @@ def _sync_case(name: str, rank: int) -> dict[str, object]:
     return out
 
 
-def manual_dp_setup(width: float = 0.125, size: int = 9, batch: int = 8, steps: int = 2):
-    """The manual-engine data-parallel check's network seed, batches and optimizer settings."""
+def manual_dp_setup(size: int = 9, batch: int = 8, steps: int = 2):
+    """The manual-engine data-parallel check's batches and learning rate."""
     gen = torch.Generator().manual_seed(7)
     images = torch.randn(steps, batch, 3, size, size, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 10, (steps, batch), generator=gen)
-    return {"width": width, "images": images, "labels": labels, "lr": 1e-2}
+    return {"images": images, "labels": labels, "lr": 1e-2}
 
 
-def _manual_dp(rank: int, world_size: int, sizes: tuple[int, int]) -> dict[str, object]:
-    from bnlab.manual import all_cnn_c
+def manual_network(name: str):
+    """The manual networks of the data-parallel check, float64, seeded."""
+    from bnlab.manual import GRADIENT_ERRORS, all_cnn_c, post_net
+
+    gen = torch.Generator().manual_seed(0)
+    if name == "all-cnn-c":  # per-channel BN (BatchNorm2d)
+        return all_cnn_c(bn=True, width=0.125, dtype=torch.float64, generator=gen)
+    # case c's network as the post ran it: per-activation BN, gamma only, its three
+    # gradient errors (the summed-loss gradient among them: mean_gradient=False)
+    return post_net(bn="activation", width=0.125, image_size=9, dtype=torch.float64,
+                    generator=gen, gradient_errors=GRADIENT_ERRORS)
+
+
+MANUAL_NETWORKS = ("all-cnn-c", "post net, case c")
+
+
+def _manual_dp(rank: int, world_size: int, sizes: tuple[int, int], name: str) -> dict:
     from bnlab.manual.distributed import (
         broadcast_parameters,
         convert_sync_batchnorm,
@@ -98,8 +113,7 @@ def _manual_dp(rank: int, world_size: int, sizes: tuple[int, int]) -> dict[str, 
     from bnlab.optim import Adam
 
     setup = manual_dp_setup()
-    net = all_cnn_c(bn=True, width=setup["width"], dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(0))
+    net = manual_network(name)
     if rank != 0:  # a rank that starts elsewhere: the broadcast must fix it
         with torch.no_grad():
             for tensor in net.parameters():
@@ -111,7 +125,8 @@ def _manual_dp(rank: int, world_size: int, sizes: tuple[int, int]) -> dict[str, 
     losses = []
     for images, labels in zip(setup["images"], setup["labels"], strict=True):
         loss, _ = data_parallel_train_step(
-            net, opt, images[part], labels[part], global_batch_size=sum(sizes), bucket_cap_mb=0.01
+            net, opt, images[part], labels[part], global_batch_size=sum(sizes),
+            mean_gradient=net.mean_gradient, bucket_cap_mb=0.01,
         )
         losses.append(float(loss))
     return {"losses": losses, "state": {k: v.clone() for k, v in net.state_dict().items()}}
@@ -152,7 +167,7 @@ def all_checks(rank: int, world_size: int) -> dict[str, object]:
     assert shard_bounds(8, world_size, rank) == ((0, 4), (4, 8))[rank]
     return {
         "sync": {name: _sync_case(name, rank) for name in SYNC_CASES},
-        "manual_dp": _manual_dp(rank, world_size, (5, 3)),
+        "manual_dp": {name: _manual_dp(rank, world_size, (5, 3), name) for name in MANUAL_NETWORKS},
         "ddp": _ddp(rank, world_size, (5, 3)),
     }
 

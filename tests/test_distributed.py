@@ -225,20 +225,20 @@ def test_empty_rank_has_empty_outputs_and_zero_parameter_gradients(ranks: list[d
 # ---------------------------------------------------------------------------------------
 
 
-def test_manual_data_parallel_step_equals_one_process(ranks: list[dict]) -> None:
-    from bnlab.manual import all_cnn_c, train_step
+@pytest.mark.parametrize("name", W.MANUAL_NETWORKS)
+def test_manual_data_parallel_step_equals_one_process(ranks: list[dict], name: str) -> None:
+    from bnlab.manual import train_step
     from bnlab.optim import Adam
 
     setup = W.manual_dp_setup()
-    net = all_cnn_c(bn=True, width=setup["width"], dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(0))
+    net = W.manual_network(name)
     opt = Adam(net.parameters(), lr=setup["lr"], amsgrad=True)
     losses = []
     for images, labels in zip(setup["images"], setup["labels"], strict=True):
-        loss, _ = train_step(net, opt, images, labels)
+        loss, _ = train_step(net, opt, images, labels, mean_gradient=net.mean_gradient)
         losses.append(float(loss))
     for rank in range(2):
-        got = ranks[rank]["manual_dp"]
+        got = ranks[rank]["manual_dp"][name]
         print(f"rank {rank} losses {got['losses']} one process {losses}")
         check(f"rank {rank} losses", torch.tensor(got["losses"]), torch.tensor(losses))
         for key, value in net.state_dict().items():
