@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "DistributedRunError",
+    "all_reduce_sum",
     "ddp",
     "default_backend",
     "free_port",
@@ -116,6 +117,25 @@ def local_loss_scale(local_batch: int, global_batch: int, world_size: int) -> fl
             f"global_batch and world_size must be positive, got {global_batch}, {world_size}"
         )
     return local_batch * world_size / global_batch
+
+
+def all_reduce_sum(values: Sequence[float] | Tensor, group: Any | None = None) -> Tensor:
+    """``values`` summed over the ranks of ``group``, as a float64 tensor (a collective).
+
+    For a trainer's epoch metrics: each rank passes its sums (loss times examples, correct
+    predictions, examples), every rank gets the totals, and ``total_loss / total_examples``
+    is the global mean. Returned on the CPU; without an initialized process group it is
+    ``values`` itself.
+
+    >>> all_reduce_sum([2.0, 3.0]).tolist()   # one process
+    [2.0, 3.0]
+    """
+    total = torch.as_tensor(values, dtype=torch.float64).clone()
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl":  # NCCL reduces CUDA tensors only
+            total = total.cuda()
+        dist.all_reduce(total, dist.ReduceOp.SUM, group=group)
+    return total.cpu()
 
 
 # ---------------------------------------------------------------------------------------

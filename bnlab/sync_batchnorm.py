@@ -116,9 +116,12 @@ class SyncBatchNorm(_BatchNorm):
     Arguments as ``torch.nn.SyncBatchNorm``: ``num_features`` (C), ``eps``, ``momentum``,
     ``affine``, ``track_running_stats``, ``process_group`` (None: the default group),
     ``device``, ``dtype``, and keyword ``bias`` (False: a scale-only affine; needs
-    PyTorch >= 2.12). Raises ``ValueError`` for input of fewer than 2 dimensions or with
-    no channels, ``RuntimeError`` when C differs from ``num_features``, and ``ValueError``
-    when training sees at most one value per channel in the whole batch.
+    PyTorch >= 2.12); bnlab's opt-in keyword ``bias_correction`` as in
+    :class:`bnlab.nn.BatchNorm2d` (bias-corrected running averages in evaluation mode).
+
+    Raises ``ValueError`` for input of fewer than 2 dimensions or with no channels,
+    ``RuntimeError`` when C differs from ``num_features``, and ``ValueError`` when
+    training sees at most one value per channel in the whole batch.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class SyncBatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        bias_correction: bool = False,
     ) -> None:
         extra: dict[str, Any] = {} if bias else {"bias": False}  # keyword of PyTorch >= 2.12
         super().__init__(
@@ -140,6 +144,11 @@ class SyncBatchNorm(_BatchNorm):
             device=device, dtype=dtype, **extra,
         )
         self.process_group = process_group
+        self.bias_correction = bias_correction
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + ", bias_correction=True" if self.bias_correction else text
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -176,6 +185,10 @@ class SyncBatchNorm(_BatchNorm):
         keep = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep else None
         running_var = self.running_var if keep else None
+        if not bn_training and self.bias_correction and self.num_batches_tracked is not None:
+            running_mean, running_var = F.bias_corrected_running_stats(
+                running_mean, running_var, int(self.num_batches_tracked), self.momentum
+            )
         group, world_size = self._sync_group(bn_training)
         x = input.detach()
         if group is None:
@@ -241,8 +254,8 @@ def sync_from_batchnorm(bn: torch.nn.Module, process_group: Any | None = None) -
     """A :class:`SyncBatchNorm` that shares ``bn``'s parameters and buffers (same objects).
 
     ``bn`` is any batch-norm layer (PyTorch's or bnlab's ``BatchNorm*d``, a
-    ``SyncBatchNorm``); its ``eps``, ``momentum``, ``affine``, ``track_running_stats``
-    and mode carry over. Raises ``TypeError`` for anything else.
+    ``SyncBatchNorm``); its ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+    ``bias_correction`` (bnlab's) and mode carry over. Raises ``TypeError`` for anything else.
     """
     if not _is_batchnorm(bn):
         raise TypeError(f"sync_from_batchnorm expects a batch-norm layer, got {type(bn).__name__}")
@@ -250,6 +263,7 @@ def sync_from_batchnorm(bn: torch.nn.Module, process_group: Any | None = None) -
     new = SyncBatchNorm(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
         process_group, device="meta", bias=not bn.affine or bn.bias is not None,
+        bias_correction=getattr(bn, "bias_correction", False),
     )
     return _share_state(bn, new)
 
@@ -265,6 +279,8 @@ def batchnorm_from_sync(sync_bn: SyncBatchNorm, target: type[torch.nn.Module]) -
     kwargs: dict[str, Any] = {"device": "meta"}
     if sync_bn.affine and sync_bn.bias is None:
         kwargs["bias"] = False
+    if sync_bn.bias_correction:  # bnlab's BN has it; PyTorch's raises TypeError
+        kwargs["bias_correction"] = True
     new = target(
         sync_bn.num_features, sync_bn.eps, sync_bn.momentum, sync_bn.affine,
         sync_bn.track_running_stats, **kwargs,

@@ -13,7 +13,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from bnlab.distributed import ddp, local_loss_scale, shard_bounds
+from bnlab.distributed import all_reduce_sum, ddp, local_loss_scale, shard_bounds
 from bnlab.sync_batchnorm import SyncBatchNorm
 
 # name: (per-rank sizes, input shape after N, momentum, affine, track_running_stats, offset)
@@ -166,6 +166,7 @@ def all_checks(rank: int, world_size: int) -> dict[str, object]:
     """Every equality check's per-rank results, in one launch (processes start once)."""
     assert shard_bounds(8, world_size, rank) == ((0, 4), (4, 8))[rank]
     return {
+        "sums": all_reduce_sum([rank + 1.0, 10.0]),
         "sync": {name: _sync_case(name, rank) for name in SYNC_CASES},
         "manual_dp": {name: _manual_dp(rank, world_size, (5, 3), name) for name in MANUAL_NETWORKS},
         "ddp": _ddp(rank, world_size, (5, 3)),

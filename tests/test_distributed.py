@@ -258,6 +258,11 @@ def test_ddp_with_sync_batchnorm_equals_one_process(ranks: list[dict]) -> None:
             check(f"rank {rank} {key}", ranks[rank]["ddp"]["state"][key], value)
 
 
+def test_metric_sums_reach_every_rank(ranks: list[dict]) -> None:
+    for rank in range(2):
+        assert ranks[rank]["sums"].tolist() == [3.0, 20.0]
+
+
 # ---------------------------------------------------------------------------------------
 # Failure: a killed rank ends the others with a clear error
 # ---------------------------------------------------------------------------------------

@@ -180,6 +180,23 @@ def test_convert_keeps_parameter_and_buffer_identity(bn_class) -> None:
         sync_from_batchnorm(model[0])
 
 
+def test_bias_correction_carries_over_and_matches_bnlab_batchnorm() -> None:
+    ours = BnlabBatchNorm2d(3, bias_correction=True).double()
+    for _ in range(3):
+        ours(torch.randn(4, 3, 2, 2, dtype=DT))
+    sync = sync_from_batchnorm(ours)
+    assert sync.bias_correction and "bias_correction=True" in repr(sync)
+    ours.eval()
+    sync.eval()
+    x = torch.randn(4, 3, 2, 2, dtype=DT)
+    assert torch.equal(sync(x), ours(x))
+    assert not torch.equal(sync(x), torch.nn.functional.batch_norm(
+        x, sync.running_mean, sync.running_var, sync.weight, sync.bias))  # it is corrected
+    assert batchnorm_from_sync(sync, BnlabBatchNorm2d).bias_correction
+    with pytest.raises(TypeError):
+        batchnorm_from_sync(sync, torch.nn.BatchNorm2d)  # PyTorch's has no such option
+
+
 def test_manual_convert_keeps_tensors_and_equals_plain_layer_without_a_group() -> None:
     from bnlab.manual import all_cnn_c
     from bnlab.manual.distributed import SyncBatchNorm2d, convert_sync_batchnorm
