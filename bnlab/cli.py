@@ -148,10 +148,13 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
         steps=args.steps, rounds=args.rounds, threads=args.threads, progress=_status(False),
     )
     _clear_status()
+    import os
+
     print(f"data-parallel All-CNN-C step, 1 vs {args.nproc} processes on one global batch, "
-          f"gloo on CPU, median of {args.rounds} alternating rounds of {args.steps} steps "
-          f"(torch {torch.__version__}); processes sharing the same cores show the overhead "
-          f"of synchronized BN and the gradient all-reduce, not a speed-up")
+          f"gloo on {os.cpu_count()} CPU cores, median of {args.rounds} alternating rounds of "
+          f"{args.steps} steps (torch {torch.__version__}). Processes that share the same "
+          f"cores cannot beat one process using them all: this shows the overhead of "
+          f"synchronized BN and the gradient all-reduce; a speed-up needs a device per process.")
     print(format_table(rows, DISTRIBUTED_COLUMNS))
     _write_json(args.json, {"machine": _machine(), "rows": rows})
     return 0
