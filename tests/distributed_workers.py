@@ -182,3 +182,27 @@ def rank_dies(rank: int, world_size: int) -> None:
         if rank == 1 and step == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
+
+
+def torch_and_bnlab_sync_bn_on_cuda(rank: int, world_size: int) -> dict[str, list]:
+    """torch.nn.SyncBatchNorm (CUDA kernels) and bnlab's on the same split (NCCL, GPU r)."""
+    name = "4D, ranks of 5 and 3"
+    sizes, tail, momentum, *_ = SYNC_CASES[name]
+    data = sync_case_data(name)
+    part = rank_slice(sizes, rank)
+    out: dict[str, list] = {}
+    for label, cls in (("torch", torch.nn.SyncBatchNorm), ("bnlab", SyncBatchNorm)):
+        bn = cls(tail[0], momentum=momentum).to(f"cuda:{rank}", torch.float64)
+        with torch.no_grad():
+            bn.weight.copy_(data["weight"])
+            bn.bias.copy_(data["bias"])
+        results = []
+        for step in range(SYNC_STEPS):
+            x = data["x"][step, part].to(bn.weight.device).requires_grad_(True)
+            y = bn(x)
+            grads = torch.autograd.grad(y, (x, bn.weight, bn.bias),
+                                        data["dy"][step, part].to(x.device))
+            results += [y.detach().cpu(), *(g.cpu() for g in grads),
+                        bn.running_mean.cpu(), bn.running_var.cpu()]
+        out[label] = results
+    return out

@@ -213,6 +213,16 @@ def test_sync_batchnorm_follows_torch_semantics(ranks: list[dict], name: str) ->
             check(f"{name} rank {rank} eval", got["eval_y"], ref[rank]["eval_y"], tol)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torch.nn.SyncBatchNorm needs CUDA; "
+                    "NCCL needs a GPU per rank")
+def test_sync_batchnorm_equals_torch_syncbatchnorm_on_cuda() -> None:
+    ranks = launch(W.torch_and_bnlab_sync_bn_on_cuda, 2, backend="nccl", timeout_s=120)
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"] * W.SYNC_STEPS
+    for rank, got in enumerate(ranks):
+        for i, (ours, theirs) in enumerate(zip(got["bnlab"], got["torch"], strict=True)):
+            check(f"rank {rank} step {i // 6} {names[i]}", ours, theirs)
+
+
 def test_empty_rank_has_empty_outputs_and_zero_parameter_gradients(ranks: list[dict]) -> None:
     got = ranks[1]["sync"]["4D, rank 1 empty"]
     assert got["y"][0].shape == (0, 3, 2, 2) and got["dx"][0].shape == (0, 3, 2, 2)
