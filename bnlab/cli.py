@@ -4,6 +4,7 @@
     bnlab bench bn [--json FILE]    # BN forward/backward: PyTorch native vs bnlab
     bnlab bench engine              # one All-CNN-C training step: autograd vs manual engine
     bnlab bench train               # images/s: a plain PyTorch loop vs bnlab's trainer
+    bnlab bench distributed         # data-parallel step: 1 vs 2 processes, same global batch
     bnlab compare [--preset quick]  # the post's cases over seeds: runs, summary, report
     bnlab report OUT_DIR            # redraw a comparison's figures and report from its files
     bnlab study q1..q5|all          # the post's five questions, answered by experiment
@@ -144,6 +145,27 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     print(f"CIFAR-10 augmentation (pad-4 crop, flip) + normalization, CPU, median of "
           f"{args.repeats} interleaved repeats (torch {torch.__version__})")
     print(format_table(rows, DATA_COLUMNS))
+    _write_json(args.json, {"machine": _machine(), "rows": rows})
+    return 0
+
+
+def cmd_bench_distributed(args: argparse.Namespace) -> int:
+    from bnlab.bench import format_table
+    from bnlab.bench_distributed import DISTRIBUTED_COLUMNS, bench_distributed
+
+    rows = bench_distributed(
+        engines=args.engines, nprocs=args.nproc, width=args.width, batch_size=args.batch_size,
+        steps=args.steps, rounds=args.rounds, threads=args.threads, progress=_status(False),
+    )
+    _clear_status()
+    import os
+
+    print(f"data-parallel All-CNN-C step, 1 vs {args.nproc} processes on one global batch, "
+          f"gloo on {os.cpu_count()} CPU cores, median of {args.rounds} alternating rounds of "
+          f"{args.steps} steps (torch {torch.__version__}). Processes that share the same "
+          f"cores cannot beat one process using them all: this shows the overhead of "
+          f"synchronized BN and the gradient all-reduce; a speed-up needs a device per process.")
+    print(format_table(rows, DISTRIBUTED_COLUMNS))
     _write_json(args.json, {"machine": _machine(), "rows": rows})
     return 0
 
@@ -389,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_gradcheck)
 
-    bench = sub.add_parser("bench", help="speed benchmarks (bn, engine, train, data)",
+    bench = sub.add_parser("bench", help="speed benchmarks (bn, engine, train, data, distributed)",
                            description="Speed benchmarks, measured side by side in one process.")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
     p = bsub.add_parser("bn", help="BN forward/backward: PyTorch native vs bnlab",
@@ -443,6 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads while timing (default 1; 0 keeps the current number)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_bench_data)
+
+    p = bsub.add_parser("distributed", help="data-parallel step time: 1 vs N processes",
+                        description="Step time of data-parallel All-CNN-C training (synchronized "
+                                    "BN, gradients summed over ranks) on 1 and on N processes "
+                                    "with the same global batch, gloo on this CPU; the runs "
+                                    "alternate and medians are compared.")
+    p.add_argument("--nproc", type=int, default=2, help="processes to compare with 1 (default 2)")
+    p.add_argument("--engines", nargs="+", choices=["manual", "autograd"],
+                   default=["manual", "autograd"])
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per launch (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per process (default: the cores shared out)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_bench_distributed)
     _add_compare_parsers(sub)
     _add_debug_flag(parser)
     return parser

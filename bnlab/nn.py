@@ -226,3 +226,9 @@ def _convert_one(bn: torch.nn.Module, target: type[torch.nn.Module]) -> torch.nn
     new.load_state_dict(bn.state_dict())
     new.train(bn.training)
     return new
+
+
+# Cross-process BN (its own module: bnlab.sync_batchnorm), re-exported beside the others.
+from bnlab.sync_batchnorm import SyncBatchNorm  # noqa: E402
+
+__all__ += ["SyncBatchNorm"]

@@ -390,6 +390,37 @@ class _BatchNorm(Layer):
     def _check_input(self, x: Tensor) -> None:
         """Input checks; subclasses add the dimension check."""
 
+    def _statistics(
+        self,
+        xf: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        use_batch_stats: bool,
+        training: bool,
+    ) -> tuple[F.BatchNormSaved, int]:
+        """The statistics that normalize ``xf``, and the count ``m`` the batch ones came from.
+
+        Batch statistics of ``xf`` itself, or the running ones; a subclass may merge them
+        over processes (:mod:`bnlab.manual.distributed`). Raises ``ValueError`` when batch
+        statistics would rest on one value per feature.
+        """
+        count = xf.numel() // xf.shape[1]
+        if use_batch_stats and count <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{xf.size()}"
+            )
+        saved = F.batch_norm_prepare(
+            xf, running_mean, running_var, training=use_batch_stats, eps=self.eps
+        )
+        return saved, count
+
+    def _gradients(
+        self, dyf: Tensor, xf: Tensor, saved: F.BatchNormSaved
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dx, dgamma, dbeta)`` of the feature view: ``functional.batch_norm_backward``."""
+        return F.batch_norm_backward(dyf, xf, saved, self.params.get("weight"))
+
     def forward(self, x: Tensor, training: bool) -> Tensor:
         """Normalize with batch statistics (training) or running statistics (evaluation)."""
         self._check_input(x)
@@ -405,23 +436,17 @@ class _BatchNorm(Layer):
             if self.momentum is None:  # the cumulative moving average
                 factor = 1.0 / float(buffers["num_batches_tracked"])
         use_batch_stats = training or not self.track_running_stats
-        if use_batch_stats and xf.numel() // xf.shape[1] <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()}"
-            )
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if not use_batch_stats and self.bias_correction:
             running_mean, running_var = F.bias_corrected_running_stats(
                 running_mean, running_var, int(buffers["num_batches_tracked"]), self.momentum,
                 initial_var=self.running_var_init,
             )
-        saved = F.batch_norm_prepare(
-            xf, running_mean, running_var, training=use_batch_stats, eps=self.eps
-        )
+        saved, count = self._statistics(xf, running_mean, running_var, use_batch_stats, training)
         if training and self.track_running_stats:
             F.update_running_stats(
                 buffers["running_mean"], buffers["running_var"], saved.mean, saved.var,
-                xf.numel() // xf.shape[1], factor, unbiased=self.unbiased_running_var,
+                count, factor, unbiased=self.unbiased_running_var,
             )
         y = F.batch_norm_normalize(xf, saved, self.params.get("weight"), self.params.get("bias"))
         self._cache = (xf, saved, x.shape)
@@ -432,8 +457,7 @@ class _BatchNorm(Layer):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         xf, saved, shape = self._cache
-        dyf = self._features(dy)
-        dx, dgamma, dbeta = F.batch_norm_backward(dyf, xf, saved, self.params.get("weight"))
+        dx, dgamma, dbeta = self._gradients(self._features(dy), xf, saved)
         if "weight" in self.params:
             self.grads["weight"] = dgamma
         if "bias" in self.params:
