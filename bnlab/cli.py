@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -158,8 +159,6 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
         steps=args.steps, rounds=args.rounds, threads=args.threads, progress=_status(False),
     )
     _clear_status()
-    import os
-
     print(f"data-parallel All-CNN-C step, 1 vs {args.nproc} processes on one global batch, "
           f"gloo on {os.cpu_count()} CPU cores, median of {args.rounds} alternating rounds of "
           f"{args.steps} steps (torch {torch.__version__}). Processes that share the same "
@@ -471,14 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "BN, gradients summed over ranks) on 1 and on N processes "
                                     "with the same global batch, gloo on this CPU; the runs "
                                     "alternate and medians are compared.")
-    p.add_argument("--nproc", type=int, default=2, help="processes to compare with 1 (default 2)")
+    p.add_argument("--nproc", type=argtypes.positive_int, default=2,
+                   help="processes to compare with 1 (default 2)")
     p.add_argument("--engines", nargs="+", choices=["manual", "autograd"],
                    default=["manual", "autograd"])
-    p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per launch (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--width", type=argtypes.positive_float, default=0.5)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=128,
+                   help="global batch (default 128)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=3,
+                   help="timed steps per launch (default 3)")
+    p.add_argument("--rounds", type=argtypes.positive_int, default=3,
+                   help="alternating rounds (median)")
+    p.add_argument("--threads", type=argtypes.positive_int, default=None,
                    help="threads per process (default: the cores shared out)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_bench_distributed)
