@@ -39,18 +39,12 @@ import torch
 
 from bnlab import functional as F
 from bnlab.data import load_embedded_sample, normalize
+from bnlab.manual.check import relative_error  # max|a - b| / max|b|
 from bnlab.nn import BatchNorm2d
 
 # Tiny tensors: a second intra-op thread buys nothing, and on a busy machine it spin-waits.
 torch.set_num_threads(1)
 torch.manual_seed(0)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (a number a reader can judge)."""
-    difference = (actual.double() - expected.double()).abs().max()
-    return (difference / expected.double().abs().max()).item()
-
 
 # %% [markdown]
 # ## What BN computes

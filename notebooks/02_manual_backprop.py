@@ -45,7 +45,7 @@ import torch
 
 from bnlab.data import load_embedded_sample
 from bnlab.manual import BatchNorm2d, Conv2d, ReLU, Sequential
-from bnlab.manual.check import compare_engines
+from bnlab.manual.check import compare_engines, relative_error  # max|a - b| / max|b|
 from bnlab.optim import AMSGrad
 from bnlab.postlog import load_logged_metrics
 from bnlab.train import TrainConfig, train
@@ -53,13 +53,6 @@ from bnlab.train import TrainConfig, train
 # Small tensors: a second intra-op thread buys little, and on a busy machine it spin-waits.
 torch.set_num_threads(1)
 torch.manual_seed(0)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|."""
-    difference = (actual.double() - expected.double()).abs().max()
-    return (difference / expected.double().abs().max()).item()
-
 
 # %% [markdown]
 # ## One block, forward and backward
