@@ -175,6 +175,11 @@ for (norm, lr), model in models.items():
           f"{100 * test_accuracy(model):>9.1f}%")
 
 # %% [markdown]
+# Read it with care: one seed, 40 steps. In this window the runs with BN leave the chance
+# level (ln 10) at either learning rate, and the runs without BN barely have: faster
+# convergence here, not a claim about final accuracy or about the range of learning rates,
+# which need longer runs, a sweep and several seeds.
+#
 # **The full study**: `bnlab study q2` (quick preset: about 2 minutes on a quiet 2-core CPU)
 # measures, over seeds, the training seconds each network needs to reach given accuracies,
 # and final accuracy across a sweep of three decades of learning rate for Adam and SGD, with
@@ -265,6 +270,10 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# Small test batches give noisy statistics and lower accuracy. (Eval mode can sit below the
+# large-batch line here: after 40 steps the running averages still lag the fast-moving
+# weights — Q5's subject.)
+#
 # Then the time: one training step with and without BN, measured side by side in this
 # process (interleaved rounds, so a busy machine slows both alike). A ratio, not a
 # benchmark: `bnlab bench bn` and `bnlab bench engine` are the benchmarks.
