@@ -226,3 +226,17 @@ def _convert_one(bn: torch.nn.Module, target: type[torch.nn.Module]) -> torch.nn
     new.load_state_dict(bn.state_dict())
     new.train(bn.training)
     return new
+
+
+# The fixes for BN's drawbacks (bnlab.variants), for ``from bnlab.nn import ...``.
+from bnlab.variants import (  # noqa: E402
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm2d,
+    GroupNorm,
+    precise_bn,
+)
+
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm2d", "GroupNorm",
+            "precise_bn"]
