@@ -3,6 +3,7 @@
 One idea per module:
 
 - :mod:`bnlab.manual.layers`  — layers with ``forward(x, training)`` / ``backward(dy)``
+- :mod:`bnlab.manual.norms`   — BN's variants: Batch Renorm, ghost BN, GroupNorm
 - :mod:`bnlab.manual.loss`    — softmax cross-entropy and its gradient
 - :mod:`bnlab.manual.network` — ``Sequential`` of named layers, ``train_step``
 - :mod:`bnlab.manual.allcnn`  — All-CNN-C, built from the plan the autograd twin shares
@@ -64,3 +65,8 @@ __all__ = [
     "softmax_cross_entropy",
     "train_step",
 ]
+
+# BN's variants (bnlab.manual.norms), for ``from bnlab.manual import ...``.
+from bnlab.manual.norms import BatchRenorm2d, GhostBatchNorm2d, GroupNorm
+
+__all__ += ["BatchRenorm2d", "GhostBatchNorm2d", "GroupNorm"]

@@ -51,13 +51,17 @@ from bnlab.variants.common import check_values_per_channel, step_factor
 __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNormFunction",
+    "check_virtual_batch_size",
     "ghost_batch_norm_backward",
     "ghost_batch_norm_forward",
+    "ghost_batch_norm_normalize",
+    "ghost_batch_norm_stats",
     "ghost_batch_norm_step",
 ]
 
 
-def _check_virtual_batch_size(virtual_batch_size: int) -> None:
+def check_virtual_batch_size(virtual_batch_size: int) -> None:
+    """Raise ``ValueError`` (with the value) unless ``virtual_batch_size`` is a positive int."""
     if isinstance(virtual_batch_size, bool) or int(virtual_batch_size) != virtual_batch_size \
             or virtual_batch_size < 1:
         raise ValueError(
@@ -81,7 +85,7 @@ def ghost_batch_norm_stats(
     x: Tensor, virtual_batch_size: int, *, eps: float = 1e-5
 ) -> list[F.BatchNormSaved]:
     """BN's batch statistics of each ghost batch of ``x`` (N, C, *S), in order."""
-    _check_virtual_batch_size(virtual_batch_size)
+    check_virtual_batch_size(virtual_batch_size)
     return [F.batch_norm_prepare(xk, training=True, eps=eps)
             for xk in x.split(virtual_batch_size)]
 
@@ -161,7 +165,7 @@ def ghost_batch_norm_step(
     ``x.split(size)[k]`` (``size`` is ``virtual_batch_size``, or N for the evaluation entry).
     The buffers are the caller's, changed in place. Both engines call this.
     """
-    _check_virtual_batch_size(virtual_batch_size)
+    check_virtual_batch_size(virtual_batch_size)
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
         return [F.batch_norm_prepare(x, running_mean, running_var, training=False,
@@ -228,7 +232,7 @@ class GhostBatchNorm2d(_NormBase):
         virtual_batch_size: int,
         **kwargs: Any,
     ) -> None:
-        _check_virtual_batch_size(virtual_batch_size)
+        check_virtual_batch_size(virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, **kwargs)
         self.virtual_batch_size = int(virtual_batch_size)

@@ -46,6 +46,7 @@ __all__ = [
     "GroupNormSaved",
     "group_norm_backward",
     "group_norm_check",
+    "group_norm_check_args",
     "group_norm_forward",
 ]
 
@@ -63,6 +64,22 @@ class GroupNormSaved(NamedTuple):
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def group_norm_check_args(num_groups: int, num_channels: int) -> None:
+    """``torch.nn.GroupNorm``'s constructor check: ``ValueError`` unless G divides C.
+
+    >>> group_norm_check_args(3, 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_channels (10) must be divisible by num_groups (3)
+    """
+    if num_groups <= 0:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+    if num_channels % num_groups != 0:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+        )
 
 
 def group_norm_check(x: Tensor, num_groups: int, weight: Tensor | None) -> None:

@@ -78,6 +78,7 @@ __all__ = [
     "batch_renorm_normalize",
     "batch_renorm_stats",
     "batch_renorm_step",
+    "check_renorm_args",
     "renorm_limits",
     "update_renorm_running_stats",
 ]
@@ -317,6 +318,22 @@ class BatchRenormFunction(torch.autograd.Function):
                 None)
 
 
+def check_renorm_args(rmax: float, dmax: float, warmup_steps: int,
+                      track_running_stats: bool = True) -> None:
+    """Raise ``ValueError`` (with the value) for arguments a Batch Renorm layer cannot use."""
+    if not track_running_stats:
+        raise ValueError(
+            "Batch Renorm needs running statistics to correct toward: "
+            "track_running_stats must be True (got False); use BatchNorm instead"
+        )
+    if not rmax >= 1.0:
+        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
+    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+
+
 class _BatchRenorm(_NormBase):
     """Shared forward of BatchRenorm1d/2d/3d (subclasses add only the input check).
 
@@ -342,17 +359,7 @@ class _BatchRenorm(_NormBase):
         warmup_steps: int = 0,
         **kwargs: Any,
     ) -> None:
-        if not track_running_stats:
-            raise ValueError(
-                "Batch Renorm needs running statistics to correct toward: "
-                "track_running_stats must be True (got False); use BatchNorm instead"
-            )
-        if not rmax >= 1.0:
-            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
-        if not dmax >= 0.0:
-            raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps}")
+        check_renorm_args(rmax, dmax, warmup_steps, track_running_stats)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, **kwargs)
         self.rmax = float(rmax)
