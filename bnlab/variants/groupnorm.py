@@ -32,6 +32,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -86,11 +87,18 @@ def group_norm_check(x: Tensor, num_groups: int, weight: Tensor | None) -> None:
     """``torch.nn.functional.group_norm``'s input checks, with its error types and messages.
 
     Raises ``RuntimeError`` for input with fewer than 2 dimensions, for a channel count
-    not divisible by ``num_groups``, and for ``weight`` not of shape (C,).
+    not divisible by ``num_groups``, and for ``weight`` not of shape (C,); ``ValueError``
+    (PyTorch's BN message, in any mode) when each group of one sample holds one value
+    and there is a single (sample, group) pair per group index, ``N * C / G * prod(S) = 1``.
     """
     if x.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {x.dim()}"
+        )
+    size = [x.shape[0] * x.shape[1] // num_groups, num_groups, *x.shape[2:]]
+    if math.prod([size[0], *size[2:]]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
         )
     if x.shape[1] % num_groups != 0:
         raise RuntimeError(
