@@ -20,7 +20,8 @@ means, the term ``(mu_b - mu)^2`` above.)
 Like those tools, the statistics of a layer are those of its input in the model's
 *training-mode* forward (each batch normalized by its own statistics in the layers
 before it; dropout active), with gradients off. ``num_batches_tracked`` and every other
-buffer are left as they were, and so is the model's train/eval mode.
+buffer (InstanceNorm's running statistics, say) are left as they were, and so is the
+model's train/eval mode.
 
 Usage::
 
@@ -133,7 +134,8 @@ def precise_bn(
         return 0
     stats = {name: PooledStats() for name, _ in layers}
     is_module = isinstance(model, torch.nn.Module)
-    saved = {name: {k: v.clone() for k, v in _buffers(layer).items()} for name, layer in layers}
+    buffers = _all_buffers(model)
+    saved = {k: v.clone() for k, v in buffers.items()}
     restore: list[Callable[[], None]] = []
     for name, layer in layers:
         restore.append(_observe(layer, stats[name]))
@@ -157,9 +159,8 @@ def precise_bn(
     finally:
         for undo in restore:
             undo()
-        for name, layer in layers:
-            for key, value in saved[name].items():
-                _buffers(layer)[key].copy_(value)
+        for key, value in saved.items():  # the forward passes moved them; put them back
+            buffers[key].copy_(value)
         model.train(was_training)
     if used == 0:
         raise ValueError("precise_bn: no batches were given")
@@ -176,6 +177,13 @@ def _buffers(layer: Any) -> dict[str, Tensor]:
     if isinstance(layer, torch.nn.Module):
         return {k: v for k, v in layer.named_buffers(recurse=False) if v is not None}
     return layer.buffers
+
+
+def _all_buffers(model: Any) -> dict[str, Tensor]:
+    """Every buffer of the model (of either engine), by name."""
+    if isinstance(model, torch.nn.Module):
+        return dict(model.named_buffers())
+    return model.named_buffers()
 
 
 def _observe(layer: Any, stats: PooledStats) -> Callable[[], None]:
