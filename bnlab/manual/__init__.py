@@ -3,7 +3,6 @@
 One idea per module:
 
 - :mod:`bnlab.manual.layers`  — layers with ``forward(x, training)`` / ``backward(dy)``
-- :mod:`bnlab.manual.norms`   — BN's variants: Batch Renorm, ghost BN, GroupNorm
 - :mod:`bnlab.manual.loss`    — softmax cross-entropy and its gradient
 - :mod:`bnlab.manual.network` — ``Sequential`` of named layers, ``train_step``
 - :mod:`bnlab.manual.allcnn`  — All-CNN-C, built from the plan the autograd twin shares

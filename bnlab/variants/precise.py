@@ -13,7 +13,10 @@ contributing m_b values per channel of mean mu_b and biased variance var_b,
 
 and ``running_var`` receives BN's *unbiased* convention ``sigma^2 * M / (M - 1)``: over
 batches that cover a data set once, the result is that data set's per-channel mean and
-unbiased variance. (fvcore's ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn``
+unbiased variance. (Batch Renorm's layers, whose running statistics average the *biased*
+standard deviation, get the same values; the two conventions differ by the factor
+``M / (M - 1)``, negligible over the many values precise BN averages.)
+(fvcore's ``update_bn_stats`` and ``torch.optim.swa_utils.update_bn``
 instead average the per-batch *unbiased* variances, which omits the spread of the batch
 means, the term ``(mu_b - mu)^2`` above.)
 
