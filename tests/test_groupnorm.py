@@ -281,3 +281,12 @@ def test_manual_layer_matches_autograd_layer(num_groups, channels_last):
         assert torch.equal(dx, dx_ref)
         assert torch.equal(manual.grads["weight"], dw_ref)
         assert torch.equal(manual.grads["bias"], db_ref)
+
+
+def test_one_group_is_layer_norm_and_c_groups_instance_norm():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, 4, 5, generator=gen, dtype=torch.float64) * 2 + 1
+    layer_norm = torch.nn.functional.layer_norm(x, x.shape[1:], eps=1e-5)
+    instance_norm = torch.nn.functional.instance_norm(x, eps=1e-5)
+    assert max_rel_err(bnn.GroupNorm(1, 6, affine=False)(x), layer_norm) < 1e-13
+    assert max_rel_err(bnn.GroupNorm(6, 6, affine=False)(x), instance_norm) < 1e-13
