@@ -77,6 +77,17 @@ def test_matches_autograd_of_textbook_forward(n, size, fmt):
     assert max(errors) < 1e-12
     assert y.stride() == x.stride() and g[0].stride() == x.stride()
 
+    m.eval()  # evaluation: BN's, with the running statistics as constants
+    y, g = grads(m, x, dy)
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, m.weight, m.bias)]
+    view = (1, -1, 1, 1)
+    y_ref = ((inputs[0] - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view)
+             + m.eps) * inputs[1].view(view) + inputs[2].view(view))
+    g_ref = torch.autograd.grad(y_ref, inputs, dy)
+    assert max_rel_err(y, y_ref) < 1e-12
+    for a, b in zip(g, g_ref, strict=True):
+        assert max_rel_err(a, b) < 1e-12
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("momentum", [0.1, None])
