@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +26,8 @@ import torch
 
 from bnlab import nn as bnn
 
-__all__ = ["BNBenchRow", "bench_bn", "bench_data", "crop_flip_per_image", "format_table",
-           "time_interleaved"]
+__all__ = ["BENCH_LAYERS", "BNBenchRow", "bench_bn", "bench_data", "crop_flip_per_image",
+           "format_table", "time_interleaved"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -69,7 +70,11 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 
 @dataclass(frozen=True)
 class BNBenchRow:
-    """One measurement of ``bnlab bench bn``: times in milliseconds, ratio = bnlab / native."""
+    """One measurement of ``bnlab bench bn``: times in milliseconds, ratio = bnlab / native.
+
+    ``layer`` is bnlab's layer timed, ``native`` the closest native PyTorch op it is timed
+    against (``torch.nn.BatchNorm2d``, or ``torch.nn.GroupNorm`` for GroupNorm).
+    """
 
     device: str
     shape: tuple[int, ...]
@@ -78,6 +83,8 @@ class BNBenchRow:
     pass_: str
     native_ms: float
     bnlab_ms: float
+    layer: str = "BatchNorm2d"
+    native: str = "torch.nn.BatchNorm2d"
 
     @property
     def ratio(self) -> float:
@@ -87,8 +94,31 @@ class BNBenchRow:
         return {
             "device": self.device, "shape": list(self.shape), "memory_format": self.memory_format,
             "dtype": self.dtype, "pass": self.pass_, "native_ms": self.native_ms,
-            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio,
+            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio, "layer": self.layer,
+            "native": self.native,
         }
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm's usual 32 groups (Wu & He 2018), or the largest divisor of C below it."""
+    return math.gcd(32, channels)
+
+
+# layer: (native module, bnlab module, native name), each a function of the channel count.
+# Batch Renorm and ghost BN have no native op: they are timed against native BN, the op a
+# user would otherwise run (Renorm with the paper's final clips, ghost BN in batches of 32).
+BENCH_LAYERS: dict[str, tuple[Callable[[int], torch.nn.Module], Callable[[int], torch.nn.Module],
+                              str]] = {
+    "BatchNorm2d": (torch.nn.BatchNorm2d, bnn.BatchNorm2d, "torch.nn.BatchNorm2d"),
+    "BatchRenorm2d": (torch.nn.BatchNorm2d,
+                      lambda c: bnn.BatchRenorm2d(c, rmax=3.0, dmax=5.0),
+                      "torch.nn.BatchNorm2d"),
+    "GhostBatchNorm2d(32)": (torch.nn.BatchNorm2d,
+                             lambda c: bnn.GhostBatchNorm2d(c, virtual_batch_size=32),
+                             "torch.nn.BatchNorm2d"),
+    "GroupNorm(32)": (lambda c: torch.nn.GroupNorm(_groups(c), c),
+                      lambda c: bnn.GroupNorm(_groups(c), c), "torch.nn.GroupNorm"),
+}
 
 
 def bench_bn(
@@ -98,33 +128,42 @@ def bench_bn(
     memory_formats: Sequence[str] = ("contiguous", "channels_last"),
     repeats: int = 15,
     progress: Callable[[str], None] | None = None,
+    layers: Sequence[str] = tuple(BENCH_LAYERS),
 ) -> list[BNBenchRow]:
-    """Time training-mode BN forward, backward and forward+backward: PyTorch vs bnlab.
+    """Time training-mode forward, backward and forward+backward: PyTorch vs bnlab.
 
-    Both sides run as modules under autograd, the way a model uses them
-    (``torch.nn.BatchNorm2d`` and ``bnlab.nn.BatchNorm2d``); the backward computes the
-    input, weight and bias gradients from a saved graph (``retain_graph=True``).
+    Both sides run as modules under autograd, the way a model uses them (for BN,
+    ``torch.nn.BatchNorm2d`` and ``bnlab.nn.BatchNorm2d``; ``layers`` picks rows of
+    :data:`BENCH_LAYERS`: BN, Batch Renorm and ghost BN against native BN, GroupNorm
+    against ``torch.nn.GroupNorm``); the backward computes the input, weight and bias
+    gradients from a saved graph (``retain_graph=True``).
     """
+    unknown = [name for name in layers if name not in BENCH_LAYERS]
+    if unknown:
+        raise ValueError(f"bench_bn: unknown layers {unknown}; choose from {list(BENCH_LAYERS)}")
     rows: list[BNBenchRow] = []
     for shape in shapes:
         for fmt in memory_formats:
-            if progress:
-                progress(f"bn {tuple(shape)} {fmt}")
-            rows += _bench_bn_case(tuple(shape), fmt, device, dtype, repeats)
+            for layer in layers:
+                if progress:
+                    progress(f"{layer} {tuple(shape)} {fmt}")
+                rows += _bench_bn_case(tuple(shape), fmt, device, dtype, repeats, layer)
     return rows
 
 
 def _bench_bn_case(
-    shape: tuple[int, ...], fmt: str, device: str, dtype: torch.dtype, repeats: int
+    shape: tuple[int, ...], fmt: str, device: str, dtype: torch.dtype, repeats: int,
+    layer: str = "BatchNorm2d",
 ) -> list[BNBenchRow]:
     mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
     x.requires_grad_(True)
     dy = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
+    make_native, make_bnlab, native_name = BENCH_LAYERS[layer]
     mods = {
-        "native": torch.nn.BatchNorm2d(shape[1]).to(device, dtype),
-        "bnlab": bnn.BatchNorm2d(shape[1]).to(device, dtype),
+        "native": make_native(shape[1]).to(device, dtype),
+        "bnlab": make_bnlab(shape[1]).to(device, dtype),
     }
     outs = {k: m(x) for k, m in mods.items()}
 
@@ -146,13 +185,14 @@ def _bench_bn_case(
         med = time_interleaved({k: make(k) for k in mods}, repeats=repeats, device=device)
         rows.append(BNBenchRow(
             str(device), shape, fmt, str(dtype).replace("torch.", ""), name,
-            med["native"] * 1e3, med["bnlab"] * 1e3,
+            med["native"] * 1e3, med["bnlab"] * 1e3, layer, native_name,
         ))
     return rows
 
 
 BN_COLUMNS = [
-    ("device", "device", ""), ("shape", "shape", ""), ("memory_format", "format", ""),
+    ("layer", "layer", ""), ("native", "vs native", ""), ("device", "device", ""),
+    ("shape", "shape", ""), ("memory_format", "format", ""),
     ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "bnlab ms", ".2f"),
     ("ratio", "bnlab/native", ".2f"),
 ]

@@ -19,7 +19,15 @@ import torch
 from bnlab import functional as F
 from bnlab.nn import BatchNormFunction
 
-__all__ = ["CheckRow", "bn_gradcheck_rows", "max_rel_err"]
+__all__ = [
+    "CheckRow",
+    "bn_gradcheck_rows",
+    "max_rel_err",
+    "textbook_batch_renorm",
+    "textbook_ghost_batch_norm",
+    "textbook_group_norm",
+    "variant_gradcheck_rows",
+]
 
 # float64 carries 53 bits (1.1e-16); the closed form and autograd take different paths
 # through sums of m terms, so they agree to ~1e-15 relative in practice. 1e-10 leaves a
@@ -75,8 +83,13 @@ def bn_gradcheck_rows(
     eps: float = 1e-5,
     finite_differences: bool = True,
     progress: Callable[[str], None] | None = None,
+    variants: bool | None = None,
 ) -> list[CheckRow]:
-    """Check dx, dgamma, dbeta of bnlab's BN against float64 autograd for each shape."""
+    """Check dx, dgamma, dbeta of bnlab's BN against float64 autograd for each shape.
+
+    ``variants`` adds the rows of :func:`variant_gradcheck_rows` (Batch Renorm, ghost BN,
+    GroupNorm, both engines); by default they are added when ``shapes`` is not given.
+    """
     rows = []
     for name, shape in (shapes or REPRESENTATIVE_SHAPES).items():
         if progress:
@@ -105,6 +118,178 @@ def bn_gradcheck_rows(
             small = [t[:4].detach().clone().requires_grad_(True) if i == 0 else t
                      for i, t in enumerate(inputs)]
             ok = torch.autograd.gradcheck(ours, small, eps=1e-6, atol=1e-8, raise_exception=False)
+        rows.append(CheckRow(name, tuple(shape), errors, ok))
+    if variants or (variants is None and shapes is None):
+        rows += variant_gradcheck_rows(seed, eps, finite_differences, progress)
+    return rows
+
+
+# ---- the BN variants: textbook float64 forwards that autograd differentiates -------------
+
+
+def textbook_batch_renorm(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, running_mean: torch.Tensor,
+    running_var: torch.Tensor, eps: float, rmax: float, dmax: float,
+) -> torch.Tensor:
+    """Ioffe 2017, Algorithm 1's training output in plain tensor ops, r and d detached."""
+    dims = F.reduce_dims(x)
+    shape = (1, -1, *[1] * (x.dim() - 2))
+    mu = x.mean(dims, keepdim=True)
+    sigma_b = torch.sqrt(((x - mu) ** 2).mean(dims, keepdim=True) + eps)
+    sigma = torch.sqrt(running_var.view(shape) + eps)
+    r = (sigma_b / sigma).clamp(1 / rmax, rmax).detach()
+    d = ((mu - running_mean.view(shape)) / sigma).clamp(-dmax, dmax).detach()
+    return ((x - mu) / sigma_b * r + d) * gamma.view(shape) + beta.view(shape)
+
+
+def textbook_ghost_batch_norm(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+    virtual_batch_size: int,
+) -> torch.Tensor:
+    """Hoffer et al. 2017's ghost BN: textbook BN of each slice of ``virtual_batch_size``."""
+    return torch.cat([_textbook_bn(xk, gamma, beta, eps)
+                      for xk in x.split(virtual_batch_size)])
+
+
+def textbook_group_norm(
+    x: torch.Tensor, num_groups: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """Wu & He 2018, Figure 3's GroupNorm in plain tensor ops (per sample and group)."""
+    n = x.shape[0]
+    xg = x.reshape(n, num_groups, -1)
+    mu = xg.mean(-1, keepdim=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdim=True)
+    shape = (1, -1, *[1] * (x.dim() - 2))
+    x_hat = ((xg - mu) / torch.sqrt(var + eps)).reshape(x.shape)
+    return x_hat * gamma.view(shape) + beta.view(shape)
+
+
+# name: (layer, shape, channels_last, options). Renorm's running statistics are drawn so
+# that some channels' clips bind and others' do not; for the finite-difference check they
+# are moved far off, where both clips bind and r, d are truly constant (elsewhere they
+# depend on x, which the stop-gradient ignores by design).
+VARIANT_CASES: dict[str, tuple[str, tuple[int, ...], bool, dict]] = {
+    "BatchRenorm1d (N, C)": ("renorm", (16, 8), False, {"rmax": 1.5, "dmax": 0.5}),
+    "BatchRenorm2d (N, C, H, W)": ("renorm", (8, 6, 5, 5), False, {"rmax": 1.5, "dmax": 0.5}),
+    "BatchRenorm2d channels_last": ("renorm", (8, 6, 5, 5), True, {"rmax": 1.5, "dmax": 0.5}),
+    "BatchRenorm3d (N, C, D, H, W)": ("renorm", (4, 3, 3, 4, 4), False,
+                                      {"rmax": 1.5, "dmax": 0.5}),
+    "GhostBatchNorm2d (B 3 of N 8)": ("ghost", (8, 6, 5, 5), False, {"virtual_batch_size": 3}),
+    "GhostBatchNorm2d channels_last": ("ghost", (8, 6, 5, 5), True, {"virtual_batch_size": 4}),
+    "GroupNorm (N, C, L), G 3": ("group", (4, 6, 7), False, {"num_groups": 3}),
+    "GroupNorm (N, C, H, W), G 2": ("group", (4, 6, 5, 5), False, {"num_groups": 2}),
+    "GroupNorm channels_last, G 6": ("group", (4, 6, 5, 5), True, {"num_groups": 6}),
+    "manual BatchRenorm2d": ("renorm", (8, 6, 5, 5), True, {"rmax": 1.5, "dmax": 0.5,
+                                                           "manual": True}),
+    "manual GhostBatchNorm2d": ("ghost", (8, 6, 5, 5), True, {"virtual_batch_size": 3,
+                                                             "manual": True}),
+    "manual GroupNorm": ("group", (4, 6, 5, 5), True, {"num_groups": 3, "manual": True}),
+}
+
+
+def _variant_functions(layer: str, options: dict, c: int, eps: float, far: bool,
+                       gen: torch.Generator):
+    """(ours, reference): functions of (x, gamma, beta) for one variant case."""
+    from bnlab.variants import ghost, groupnorm, renorm
+
+    if layer == "renorm":
+        rmax, dmax = options["rmax"], options["dmax"]
+        running_mean = torch.randn(c, generator=gen, dtype=torch.float64) * 0.6 + 0.5
+        running_var = torch.rand(c, generator=gen, dtype=torch.float64) * 6 + 1.0
+        if far:
+            running_mean, running_var = running_mean + 100.0, running_var * 100.0
+
+        def ours(x, g, b):
+            saved = renorm.batch_renorm_stats(x.detach(), running_mean, running_var,
+                                              rmax=rmax, dmax=dmax, eps=eps)
+            return renorm.BatchRenormFunction.apply(x, g, b, saved)
+
+        def ref(x, g, b):
+            return textbook_batch_renorm(x, g, b, running_mean, running_var, eps, rmax, dmax)
+
+        return ours, ref
+    if layer == "ghost":
+        size = options["virtual_batch_size"]
+
+        def ours(x, g, b):
+            saved = ghost.ghost_batch_norm_stats(x.detach(), size, eps=eps)
+            return ghost.GhostBatchNormFunction.apply(x, g, b, saved, size)
+
+        return ours, lambda x, g, b: textbook_ghost_batch_norm(x, g, b, eps, size)
+    groups = options["num_groups"]
+    return (lambda x, g, b: groupnorm.GroupNormFunction.apply(x, g, b, groups, eps),
+            lambda x, g, b: textbook_group_norm(x, groups, g, b, eps))
+
+
+def _manual_grads(layer: str, options: dict, x, gamma, beta, dy, eps: float,
+                  gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """dx, dgamma, dbeta of the manual engine's layer (renorm: the same running stats)."""
+    from bnlab.manual import norms
+
+    c = x.shape[1]
+    if layer == "renorm":
+        m = norms.BatchRenorm2d(c, eps, rmax=options["rmax"], dmax=options["dmax"],
+                                dtype=torch.float64)
+        m.buffers["running_mean"].copy_(torch.randn(c, generator=gen, dtype=torch.float64)
+                                        * 0.6 + 0.5)
+        m.buffers["running_var"].copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 6
+                                       + 1.0)
+    elif layer == "ghost":
+        m = norms.GhostBatchNorm2d(c, eps, virtual_batch_size=options["virtual_batch_size"],
+                                   dtype=torch.float64)
+    else:
+        m = norms.GroupNorm(options["num_groups"], c, eps, dtype=torch.float64)
+    m.params["weight"].copy_(gamma)
+    m.params["bias"].copy_(beta)
+    m.forward(x, training=True)
+    dx = m.backward(dy)
+    return dx, m.grads["weight"], m.grads["bias"]
+
+
+def variant_gradcheck_rows(
+    seed: int = 0,
+    eps: float = 1e-5,
+    finite_differences: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[CheckRow]:
+    """Rows for Batch Renorm, ghost BN and GroupNorm (training mode), both engines.
+
+    Each compares dx, dgamma, dbeta of bnlab's hand-derived backward (the autograd
+    Function, or the manual layer for the ``manual`` rows) with autograd through the
+    textbook float64 forward (:func:`textbook_batch_renorm`, :func:`textbook_ghost_batch_norm`,
+    :func:`textbook_group_norm`), and runs ``torch.autograd.gradcheck`` on the Function.
+    """
+    rows = []
+    for name, (layer, shape, channels_last, options) in VARIANT_CASES.items():
+        if progress:
+            progress(name)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        c = shape[1]
+        gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+        beta = torch.randn(c, generator=gen, dtype=torch.float64)
+        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        state = gen.get_state()
+        ours, ref = _variant_functions(layer, options, c, eps, False, gen)
+        refs = torch.autograd.grad(ref(*inputs), inputs, dy)
+        if options.get("manual"):
+            grads = _manual_grads(layer, options, x, gamma, beta, dy, eps,
+                                  torch.Generator().set_state(state))
+        else:
+            grads = torch.autograd.grad(ours(*inputs), inputs, dy)
+        errors = {k: max_rel_err(a, b)
+                  for k, a, b in zip(("dx", "dgamma", "dbeta"), grads, refs, strict=True)}
+        ok = None
+        if finite_differences and not options.get("manual"):
+            far, _ = _variant_functions(layer, options, c, eps, True,
+                                        torch.Generator().set_state(state))
+            small = [t[:4].detach().clone().requires_grad_(True) if i == 0 else t
+                     for i, t in enumerate(inputs)]
+            ok = torch.autograd.gradcheck(far, small, eps=1e-6, atol=1e-8,
+                                          raise_exception=False)
         rows.append(CheckRow(name, tuple(shape), errors, ok))
     return rows
 

@@ -232,3 +232,16 @@ def _convert_one(bn: torch.nn.Module, target: type[torch.nn.Module]) -> torch.nn
 from bnlab.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __all__ += ["SyncBatchNorm"]
+
+# The fixes for BN's drawbacks (bnlab.variants), for ``from bnlab.nn import ...``.
+from bnlab.variants import (  # noqa: E402
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm2d,
+    GroupNorm,
+    precise_bn,
+)
+
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm2d", "GroupNorm",
+            "precise_bn"]

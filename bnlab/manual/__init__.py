@@ -64,3 +64,8 @@ __all__ = [
     "softmax_cross_entropy",
     "train_step",
 ]
+
+# BN's variants (bnlab.manual.norms), for ``from bnlab.manual import ...``.
+from bnlab.manual.norms import BatchRenorm2d, GhostBatchNorm2d, GroupNorm
+
+__all__ += ["BatchRenorm2d", "GhostBatchNorm2d", "GroupNorm"]
