@@ -21,11 +21,11 @@ from pathlib import Path
 
 from bnlab import data as bdata
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
+from bnlab.runs import atomic_write_json
 from bnlab.train import (
     ConfigError,
     DivergenceError,
     TrainConfig,
-    atomic_write_json,
     resolve_device,
     train,
 )

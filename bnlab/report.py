@@ -26,16 +26,23 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import os
 import re
 import statistics
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bnlab.runs import (
+    MissingFileError,
+    ReportError,
+    Run,
+    atomic_write_json,
+    atomic_write_text,
+    load_compare,
+    load_run,
+)
 
 __all__ = [
     "THRESHOLDS",
@@ -59,7 +66,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
-REQUIRED_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 PANELS = (  # (row, column, metric key, y label, panel title): the post's layout
     (0, 0, "train_acc", "accuracy (fraction)", "train accuracy"),
     (1, 0, "train_loss", "cross-entropy loss (nats)", "train cost"),
@@ -68,173 +74,6 @@ PANELS = (  # (row, column, metric key, y label, panel title): the post's layout
 )
 LOSS_CLIP = 3 * math.log(10)  # 3x the loss of a uniform guess over 10 classes
 _METRIC_ALIASES = {"train_cost": "train_loss", "test_cost": "test_loss"}  # the post's CSV names
-
-
-class ReportError(ValueError):
-    """A run or comparison folder is malformed; the message names the file and what to do."""
-
-
-class MissingFileError(ReportError, FileNotFoundError):
-    """A file a run or comparison folder must hold is absent; the message names it."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading run folders
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run folder, as read from disk.
-
-    Attributes:
-        path: the run folder.
-        config: ``config.json`` (the run's TrainConfig and ``data``, versions, device).
-        metrics: one dict per finished epoch, sorted by ``epoch`` (1-based).
-        result: ``result.json`` (``status``, ``message``, ``wall_time_s``), or None while the
-            run has not ended (still training, or killed).
-        notes: what was tolerated while reading (a truncated last line, duplicate epochs).
-    """
-
-    path: Path
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    result: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        """``"finished"``, ``"diverged"`` (from result.json) or ``"in progress"`` (none yet)."""
-        return "in progress" if self.result is None else str(self.result["status"])
-
-    @property
-    def case(self) -> str:
-        """The case name from config.json, e.g. ``"a"``."""
-        return str(self.config.get("case", "?"))
-
-    @property
-    def seed(self) -> int | None:
-        """The seed from config.json."""
-        return self.config.get("seed")
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """The last epoch's metrics ({} before the first epoch ended)."""
-        return self.metrics[-1] if self.metrics else {}
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found: {what}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReportError(f"{path} is not valid JSON ({error}); {what}") from error
-    if not isinstance(value, dict):
-        raise ReportError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _parse_metric_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    value = json.loads(line)  # JSONDecodeError is handled by the caller
-    if not isinstance(value, dict):
-        raise ReportError(f"{path} line {number}: expected a JSON object, got {line[:80]!r}")
-    missing = [key for key in REQUIRED_METRICS if key not in value]
-    if missing:
-        raise ReportError(
-            f"{path} line {number}: missing {', '.join(missing)} "
-            f"(every epoch needs {', '.join(REQUIRED_METRICS)})"
-        )
-    return value
-
-
-def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """Epoch dicts from ``metrics.jsonl``; an unreadable *last* line is skipped with a warning."""
-    lines = [(n, s) for n, s in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
-    lines = [(n, s) for n, s in lines if s.strip()]
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for index, (number, line) in enumerate(lines):
-        try:
-            record = _parse_metric_line(path, number, line)
-        except json.JSONDecodeError as error:
-            if index < len(lines) - 1:
-                raise ReportError(
-                    f"{path} line {number} is not valid JSON ({error}): {line[:80]!r}. "
-                    "Only the last line may be incomplete (a run killed while writing)."
-                ) from error
-            note = f"{path} line {number} is incomplete (run killed while writing?); skipped"
-            warnings.warn(note, RuntimeWarning, stacklevel=3)
-            notes.append(note)
-            continue
-        epoch = int(record["epoch"])
-        if epoch in by_epoch:
-            notes.append(f"{path}: epoch {epoch} appears twice (resumed run?); kept the last")
-        by_epoch[epoch] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Read one run folder.
-
-    ``config.json`` must exist. ``metrics.jsonl`` may be absent only while the run has not
-    finished its first epoch (no ``result.json``, or a run that diverged in epoch 1).
-    Raises :class:`MissingFileError` / :class:`ReportError` naming the file otherwise.
-
-        >>> run = load_run("runs/compare-quick/a/seed0")   # doctest: +SKIP
-        >>> [m["test_acc"] for m in run.metrics]           # doctest: +SKIP
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise MissingFileError(f"run folder {folder} not found (expected config.json inside)")
-    config = _read_json(folder / "config.json", "every run folder needs its config.json")
-    result_path = folder / "result.json"
-    what = (
-        "the trainer writes it when the run ends; rerun or delete it to see the run as unfinished"
-    )
-    result = _read_json(result_path, what) if result_path.exists() else None
-    if result is not None and result.get("status") not in ("finished", "diverged"):
-        raise ReportError(
-            f"{result_path}: status must be 'finished' or 'diverged', got {result.get('status')!r}"
-        )
-    notes: list[str] = []
-    metrics_path = folder / "metrics.jsonl"
-    if metrics_path.is_file():
-        metrics = _read_metrics(metrics_path, notes)
-    elif result is None or result["status"] == "diverged":
-        metrics = []
-    else:
-        raise MissingFileError(
-            f"{metrics_path} not found, but {result_path} says the run finished: "
-            "the folder is incomplete (copied partly?); rerun the case or restore the file"
-        )
-    return Run(folder, config, metrics, result, notes)
-
-
-def load_compare(
-    compare_dir: str | os.PathLike[str],
-) -> tuple[dict[str, Any], dict[str, list[Run]], list[str]]:
-    """Read ``compare.json`` and every run folder it lists.
-
-    Returns ``(compare, runs_by_case, missing)``: runs in the order of ``compare["cases"]``
-    and ``compare["seeds"]``; ``missing`` names the ``<case>/seed<k>`` folders not started.
-    """
-    folder = Path(compare_dir)
-    compare_path = folder / "compare.json"
-    compare = _read_json(compare_path, "is this a comparison folder written by 'bnlab compare'?")
-    for key in ("cases", "seeds"):
-        if not isinstance(compare.get(key), list) or not compare[key]:
-            raise ReportError(f"{compare_path}: '{key}' must be a non-empty list")
-    runs_by_case: dict[str, list[Run]] = {}
-    missing: list[str] = []
-    for case in compare["cases"]:
-        runs_by_case[case] = []
-        for seed in compare["seeds"]:
-            run_dir = folder / str(case) / f"seed{seed}"
-            if (run_dir / "config.json").exists():
-                runs_by_case[case].append(load_run(run_dir))
-            else:
-                missing.append(f"{case}/seed{seed}")
-    return compare, runs_by_case, missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,16 +209,6 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
-def _write_text(path: Path, text: str | bytes) -> None:
-    """Write through a temporary file, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _version() -> str:
     from bnlab import __version__
 
@@ -465,7 +294,7 @@ def summarize(compare_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def _summarize_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[Run]]]:
     compare, runs_by_case, missing = load_compare(folder)
     summary = summarize_runs(runs_by_case, compare, missing=missing, root=folder)
-    _write_text(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)
     return summary, runs_by_case
 
 
@@ -920,8 +749,7 @@ def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, label
     from bnlab.studies.common import markdown_body
 
     summary["post"] = _clean_json(post_summary(runs_by_case, summary["full_cifar10"]))
-    _write_text(folder / "summary.json",
-                json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)
     write_post_figures(folder, runs_by_case, summary["data"], labels)
     section = post_section(summary["post"], summary["data"])
     body = markdown_body(section, folder)
@@ -954,9 +782,9 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
         markdown_text, page_text = _add_post_section(folder, summary, runs_by_case, labels,
                                                      markdown_text, page_text)
     markdown = folder / "report.md"
-    _write_text(markdown, markdown_text)
+    atomic_write_text(markdown, markdown_text)
     page = folder / "report.html"
-    _write_text(page, page_text)
+    atomic_write_text(page, page_text)
     return {
         "summary": folder / "summary.json",
         "curves": curves,

@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
-from bnlab import __version__
+from bnlab import __version__, runs
 from bnlab import data as bdata
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
+from bnlab.runs import RUN_INFO_KEYS
 
 __all__ = [
     "ConfigError",
@@ -63,10 +62,6 @@ class ConfigError(ValueError):
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite; the run folder keeps the last good epoch."""
-
-
-# what a run folder's config.json holds beside the TrainConfig: where and with what it ran
-RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
 
 
 @dataclass(frozen=True)
@@ -321,11 +316,7 @@ def load_model(run_dir: str | Path, device: torch.device | str | None = None) ->
     >>> model = load_model("runs/compare/b/seed0")          # doctest: +SKIP
     >>> model.module.eval()(images)                         # doctest: +SKIP
     """
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint.pt in {run_dir}: not a bnlab run folder, or "
-                                f"its first epoch never finished")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = runs.load_checkpoint(run_dir)
     config = TrainConfig.from_json(state["config"])
     model = Model(config, resolve_device(str(device) if device is not None else config.device))
     model.load_state_dict(state)
@@ -426,29 +417,6 @@ def cpu_allocator_tuned(enabled: bool = True) -> Iterator[None]:
         libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
 
 
-# ---- files ----------------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, value: object) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import io
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 # ---- progress -------------------------------------------------------------------------------
 
 class Progress:
@@ -537,27 +505,25 @@ def train(
     dataset = prepare_dataset(config, device, dataset)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    result_path, ckpt_path = run_dir / "result.json", run_dir / "checkpoint.pt"
-    if resume and result_path.exists():
-        done = json.loads(result_path.read_text())
-        metrics = _read_metrics(run_dir / "metrics.jsonl")
-        return RunResult(run_dir, metrics, done.get("status", "finished"), done.get("message", ""))
+    result = runs.read_result(run_dir) if resume else None
+    if result is not None:
+        return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
+                         result.get("status", "finished"), result.get("message", ""))
 
     config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
                    "torch_version": torch.__version__, "device": str(device)}
     model = Model(config, device)
     metrics: list[dict] = []
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if resume and (run_dir / runs.CHECKPOINT).exists():
+        state = runs.load_checkpoint(run_dir, map_location=device)
         model.load_state_dict(state)
         metrics = list(state["metrics"])
         log(f"resuming {config.case} seed {config.seed} after epoch {len(metrics)}")
     else:
-        atomic_write_json(run_dir / "config.json", config_json)
+        runs.atomic_write_json(run_dir / runs.CONFIG, config_json)
     # metrics.jsonl mirrors the checkpoint: a row appended after a checkpoint that a kill
     # prevented is dropped, so the file always matches the state we continue from.
-    atomic_write_bytes(run_dir / "metrics.jsonl",
-                       "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    runs.write_metrics(run_dir, metrics)
 
     dtype = model.dtype
     started = time.perf_counter()
@@ -567,21 +533,18 @@ def train(
             try:
                 row = _run_epoch(config, model, dataset, epoch, dtype, progress, on_step)
             except DivergenceError as error:
-                message = str(error)
-                atomic_write_json(result_path, {"status": "diverged", "message": message,
-                                                "wall_time_s": time.perf_counter() - started})
+                runs.write_result(run_dir, "diverged", str(error),
+                                  time.perf_counter() - started)
                 raise
             metrics.append(row)
-            _save_checkpoint(ckpt_path, {**model.state_dict(), "metrics": metrics,
-                                         "config": config.to_json()})
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            runs.save_checkpoint(run_dir, {**model.state_dict(), "metrics": metrics,
+                                           "config": config.to_json()})
+            runs.append_metrics(run_dir, row)
             if epoch == first_epoch:  # the table's header, also when resuming
                 log(EPOCH_HEADER)
             log(format_epoch_row(row))
 
-    atomic_write_json(result_path, {"status": "finished", "message": "",
-                                    "wall_time_s": time.perf_counter() - started})
+    runs.write_result(run_dir, "finished", "", time.perf_counter() - started)
     _plot_run(run_dir)
     return RunResult(run_dir, metrics)
 
@@ -668,17 +631,6 @@ def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch:
         "lr": lr,
     }
     return row
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
 
 
 def _plot_run(run_dir: Path) -> None:

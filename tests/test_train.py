@@ -12,6 +12,7 @@ import torch
 from bnlab import train as T
 from bnlab.cases import case_config
 from bnlab.data import load_cifar10_dir
+from bnlab.runs import read_metrics
 from tests.cifar_fixtures import write_cifar10_folder
 
 TINY = {"width": 0.125, "epochs": 2, "batch_size": 8, "device": "cpu", "eval_batch_size": 16,
@@ -132,7 +133,7 @@ def test_resume_after_interruption_gives_the_same_run(case, tiny_data, tmp_path,
     monkeypatch.setattr(T.Model, "step", step_then_die)
     with pytest.raises(Interrupt):
         T.train(cfg, tmp_path / "cut", dataset=tiny_data, progress=False, log=print)
-    assert len(T._read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1
     monkeypatch.setattr(T.Model, "step", real_step)
     resumed = T.train(cfg, tmp_path / "cut", dataset=tiny_data, resume=True, progress=False,
                       log=print)
@@ -162,7 +163,7 @@ def test_divergence_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch)
         assert part in message, (part, message)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "diverged" and "epoch 2" in result["message"]
-    assert len(T._read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
     assert len(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["metrics"]) == 1
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bnlab import data as bdata
+from bnlab.runs import atomic_write_json
 from bnlab.train import RunResult, TrainConfig, train
 
 __all__ = [
@@ -284,9 +285,7 @@ def _clean(value: Any) -> Any:
 def write_summary(study_dir: Path, summary: dict[str, Any]) -> Path:
     """Write ``summary.json`` (NaN and inf as null), atomically."""
     path = Path(study_dir) / "summary.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_clean(summary), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, _clean(summary))
     return path
 
 

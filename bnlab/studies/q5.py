@@ -42,7 +42,6 @@ resume.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from torch import Tensor, nn
 
 from bnlab import data as bdata
 from bnlab.functional import bias_corrected_running_stats
+from bnlab.runs import atomic_torch_save, atomic_write_json
 from bnlab.studies.common import (
     ProbeLog,
     StudyContext,
@@ -68,7 +68,7 @@ from bnlab.studies.common import (
     write_summary,
 )
 from bnlab.studies.q4 import compare
-from bnlab.train import Model, TrainConfig, atomic_write_bytes, prepare_dataset, resolve_device
+from bnlab.train import Model, TrainConfig, prepare_dataset, resolve_device
 
 NAME = "q5"
 TITLE = "Q5 — What are exponentially weighted averages, and does BN need bias correction?"
@@ -395,13 +395,10 @@ class _Probe:
         if global_step in self.probe_steps:
             self.log.append(self.measure(model, global_step))
         if step == self.steps_per_epoch:
-            buffer = io.BytesIO()
-            torch.save(self.replay.state_dict(), buffer)
-            atomic_write_bytes(self._state_path(epoch), buffer.getvalue())
+            atomic_torch_save(self._state_path(epoch), self.replay.state_dict())
         if global_step == self.total:
             final = self.final(model)
-            atomic_write_bytes(self.run_dir / "final.json",
-                               (json.dumps(final, indent=2) + "\n").encode())
+            atomic_write_json(self.run_dir / "final.json", final)
 
     def measure(self, model: Model, step: int) -> dict[str, Any]:
         """Running statistics raw and corrected vs the population's; accuracy with each."""
