@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnlab import bnstats
 from bnlab import train as T
 from bnlab.data import load_cifar10_dir
 from bnlab.functional import bias_corrected_running_stats
@@ -89,7 +90,7 @@ def test_population_statistics_are_algorithm_2():
     bn = nn.BatchNorm2d(3)
     model = nn.Sequential(bn)
     batches = [torch.randn(4, 3, 2, 2) * 2 + 1 for _ in range(3)]
-    got = q5.population_statistics(model, batches)
+    got = bnstats.population_statistics(model, batches)
     means = torch.stack([b.mean((0, 2, 3)) for b in batches]).double()
     variances = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).double()
     assert torch.allclose(got[0][0], means.mean(0), rtol=1e-6)
@@ -99,9 +100,9 @@ def test_population_statistics_are_algorithm_2():
 
 def test_statistics_error():
     population = [(torch.tensor([1.0, -1.0]), torch.tensor([4.0, 1.0]))]
-    assert q5.statistics_error(population, population) == (0.0, 0.0)
+    assert bnstats.statistics_error(population, population) == (0.0, 0.0)
     off = [(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 1.5]))]  # mean off by 1 std
-    mean_error, var_error = q5.statistics_error(off, population)
+    mean_error, var_error = bnstats.statistics_error(off, population)
     assert mean_error == pytest.approx(1.0) and var_error == pytest.approx(0.5)
 
 

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from bnlab.studies.common import SCALES, StudyContext, markdown_to_html
+from bnlab.evidence.page import markdown_to_html
+from bnlab.studies.common import SCALES, StudyContext
 
 __all__ = ["STUDIES", "render_report", "run_all", "run_study"]
 

@@ -58,35 +58,29 @@ standard deviations over seeds, with at least two seeds each (:func:`compare_mea
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch import Tensor
 
 from bnlab import data as bdata
-from bnlab.functional import batch_norm_stats
-from bnlab.models import AllCNNC
-from bnlab.studies.common import (
-    StudyContext,
-    StudyScale,
+from bnlab.bnstats import (
+    accuracy,
     bn_modules,
-    compare_means,
-    fmt_pct,
-    fmt_pm,
-    mean_std,
-    read_summary,
-    save_figure,
-    verdict,
-    write_summary,
+    recompute_cumulative,
+    recompute_exact,
+    stats_mismatch,
 )
+from bnlab.evidence.figures import color, save_figure, short_data
+from bnlab.evidence.stats import compare_means, fmt_pct, fmt_pm, mean_std, verdict
+from bnlab.models import AllCNNC
+from bnlab.studies.common import StudyContext, StudyScale, read_summary, write_summary
 from bnlab.train import (
     DivergenceError,
     RunResult,
@@ -101,16 +95,11 @@ __all__ = [
     "NAME",
     "TITLE",
     "SweepPoint",
-    "accuracy",
     "epoch_time_stats",
     "measure_discrepancy",
-    "preserved_bn_state",
-    "recompute_cumulative",
-    "recompute_exact",
     "render",
     "run",
     "sqrt_scaled_lr",
-    "stats_mismatch",
     "study_epochs",
     "sweep_plan",
 ]
@@ -208,241 +197,6 @@ def sweep_plan(scale: StudyScale, num_train: int) -> tuple[list[SweepPoint], lis
 
 
 # ---- measurements on a trained network ----------------------------------------------------
-
-
-@contextlib.contextmanager
-def preserved_bn_state(module: nn.Module) -> Iterator[None]:
-    """Restore every BN buffer (running mean/var, batch count), momentum, and every
-    module's train/eval mode on exit, whatever ran inside."""
-    modes = [(m, m.training) for m in module.modules()]
-    saved = [(m, m.momentum, {name: b.clone() for name, b in m.named_buffers(recurse=False)})
-             for m in bn_modules(module)]
-    try:
-        yield
-    finally:
-        for m, momentum, buffers in saved:
-            m.momentum = momentum
-            for name, value in buffers.items():
-                getattr(m, name).copy_(value)
-        for m, training in modes:
-            m.training = training
-
-
-@torch.no_grad()
-def accuracy(module: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-             statistics: str = "running") -> float:
-    """Fraction of correct predictions over ``batches`` of (images, labels).
-
-    ``statistics="running"``: eval mode, BN normalizes with its running averages.
-    ``statistics="batch"``: every other module in eval mode, the BN modules in training
-    mode, so each batch is normalized with its own mean and biased variance; the running
-    buffers this updates are restored afterwards (:func:`preserved_bn_state`).
-    """
-    if statistics not in ("running", "batch"):
-        raise ValueError(f"statistics must be 'running' or 'batch', got {statistics!r}")
-    correct = total = 0
-    with preserved_bn_state(module):
-        module.eval()
-        if statistics == "batch":
-            for m in bn_modules(module):
-                m.train()
-        for x, y in batches:
-            correct += int((module(x).argmax(1) == y).sum())
-            total += y.shape[0]
-    if total == 0:
-        raise ValueError("accuracy of no images: the batches were empty")
-    return correct / total
-
-
-@torch.no_grad()
-def recompute_cumulative(module: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> int:
-    """Replace the running statistics by their cumulative average over ``batches``.
-
-    PyTorch's own recipe: ``momentum=None`` (then ``running = running + (x - running) / n``
-    after the n-th batch) and ``reset_running_stats()`` on every BN module, one forward per
-    batch with the BN modules in training mode (the rest in eval mode), no gradients.
-    Afterwards ``running_mean`` = the mean of the batch means (the exact mean when the
-    batches are equal in size) and ``running_var`` = the mean of the *unbiased* batch
-    variances. Momenta and modes are restored; returns the number of batches.
-    """
-    layers = bn_modules(module)
-    modes = [(m, m.training) for m in module.modules()]
-    momenta = [m.momentum for m in layers]
-    count = 0
-    try:
-        module.eval()
-        for m in layers:
-            m.momentum = None
-            m.reset_running_stats()
-            m.train()
-        for x, _ in batches:
-            module(x)
-            count += 1
-    finally:
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
-        for m, training in modes:
-            m.training = training
-    return count
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations (M2) in float64, merged chunk
-    by chunk with Chan, Golub & LeVeque's update:
-
-        delta = mean_b - mean_a,  n = n_a + n_b
-        mean  = mean_a + delta * n_b / n
-        M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def add(self, x: Tensor) -> None:
-        """``x``: (N, C, *S); every value of channel c is one sample of channel c. The chunk's
-        own mean and biased variance come from :func:`bnlab.functional.batch_norm_stats`
-        (corrected two-pass, float64 sums; 4x faster than ``torch.var_mean`` on a
-        channels-last CPU tensor), the merge is in float64."""
-        n_b = x.numel() // x.shape[1]
-        _, mean_b, var_b = batch_norm_stats(x)
-        mean_b, m2_b = mean_b.double(), var_b.double() * n_b
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.n * n_b / n)
-        self.n = n
-
-    def mean_var(self) -> tuple[Tensor, Tensor]:
-        """The mean and the biased (population) variance, (C,) float64."""
-        if self.mean is None:
-            raise ValueError("no values were seen")
-        return self.mean, self.m2 / self.n
-
-
-@torch.no_grad()
-def recompute_exact(module: nn.Module,
-                    batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], *,
-                    cache_limit_bytes: int = 2 << 30) -> int:
-    """Set each BN layer's running mean/variance to the exact population statistics of its
-    input over the images of ``batches()``, layer by layer.
-
-    For layer k = 1..L, with layers 1..k-1 in eval mode on their (already exact) statistics,
-    layer k's input mean and biased variance are accumulated over every image
-    (:class:`_Moments`; any batch sizes) and written to its running buffers. So
-    ``running_var`` becomes the variance of the values the eval-mode network gives layer k,
-    over the whole set. ``num_batches_tracked`` is left as it was; modes are restored.
-
-    Two ways, same numbers: an ``nn.Sequential`` whose BN layers are its children keeps
-    every chunk's activation at the current layer and moves it one segment on (one forward
-    in all), when those activations fit in ``cache_limit_bytes``; otherwise each layer gets
-    a forward of the whole set, cut short at that layer by a hook (L forwards of growing
-    depth). Returns the number of BN layers set.
-    """
-    layers = bn_modules(module)
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        if _fits_cache(module, layers, batches, cache_limit_bytes):
-            _exact_by_segments(module, batches)
-        else:
-            _exact_by_prefixes(module, layers, batches)
-    finally:
-        for m, training in modes:
-            m.training = training
-    return len(layers)
-
-
-def _set_running(layer: _NormBase, moments: _Moments) -> None:
-    mean, var = moments.mean_var()
-    layer.running_mean.copy_(mean)
-    layer.running_var.copy_(var)
-
-
-def _fits_cache(module: nn.Module, layers: list[_NormBase],
-                batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], limit: int) -> bool:
-    """Is ``module`` a Sequential with its BN layers as children, and would the largest BN
-    input of all images fit in ``limit`` bytes? (One probe forward of the first batch.)"""
-    if not isinstance(module, nn.Sequential) or \
-            [m for m in module if isinstance(m, _NormBase)] != layers or not layers:
-        return False
-    sizes: list[int] = []
-    images = 0
-    for x, _ in batches():
-        if not sizes:
-            handles = [m.register_forward_pre_hook(
-                lambda _m, args: sizes.append(args[0][0].numel() * args[0].element_size()))
-                for m in layers]
-            try:
-                module(x)
-            finally:
-                for h in handles:
-                    h.remove()
-        images += x.shape[0]
-    per_image = max(sizes, default=0)
-    return images * per_image <= limit
-
-
-def _exact_by_segments(module: nn.Sequential,
-                       batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
-    children = list(module)
-    positions = [i for i, m in enumerate(children) if isinstance(m, _NormBase)]
-    cache = [x for x, _ in batches()]
-    start = 0
-    for position in positions:
-        moments = _Moments()
-        for i, x in enumerate(cache):
-            for child in children[start:position]:  # BN k-1 (exact), ReLU, conv ...
-                x = child(x)
-            cache[i] = x
-            moments.add(x)
-        _set_running(children[position], moments)
-        start = position
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward once the layer of interest has seen its input."""
-
-
-def _exact_by_prefixes(module: nn.Module, layers: list[_NormBase],
-                       batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> None:
-    for layer in layers:
-        moments = _Moments()
-
-        def hook(_module: nn.Module, args: tuple[Tensor, ...],
-                 moments: _Moments = moments) -> None:
-            moments.add(args[0])
-            raise _Stop
-
-        handle = layer.register_forward_pre_hook(hook)
-        try:
-            for x, _ in batches():
-                with contextlib.suppress(_Stop):
-                    module(x)
-        finally:
-            handle.remove()
-        _set_running(layer, moments)
-
-
-def stats_mismatch(reference: nn.Module, other: nn.Module) -> dict[str, float]:
-    """How far ``other``'s running statistics are from ``reference``'s, averaged over all
-    channels of all BN layers: ``mean_shift`` = mean |mu_o - mu_r| / sqrt(var_r + eps)
-    (in standard deviations) and ``log_var_ratio`` = mean |ln((var_o + eps)/(var_r + eps))|."""
-    shifts, ratios = [], []
-    for r, o in zip(bn_modules(reference), bn_modules(other), strict=True):
-        var_r = r.running_var.double() + r.eps
-        var_o = o.running_var.double() + o.eps
-        shifts.append(((o.running_mean.double() - r.running_mean.double()).abs()
-                       / var_r.sqrt()).flatten())
-        ratios.append((var_o / var_r).log().abs().flatten())
-    if not shifts:
-        return {"mean_shift": math.nan, "log_var_ratio": math.nan}
-    return {"mean_shift": float(torch.cat(shifts).mean()),
-            "log_var_ratio": float(torch.cat(ratios).mean())}
 
 
 def epoch_time_stats(runs: Sequence[Sequence[dict[str, Any]]], key: str = "epoch_time_s"
@@ -777,22 +531,14 @@ def _claim(key: str) -> dict[str, str]:
 
 # ---- figures ------------------------------------------------------------------------------
 
-def _short_data(description: str) -> str:
-    """The data set's name for a figure title, without paths and notices."""
-    return description.split(";")[0].split(" — ")[0].split(" from ")[0].strip()
-
-
 def _setting_text(summary: dict[str, Any]) -> str:
     st = summary["settings"]
     return (f"All-CNN-C ×{st['width']:g}, {st['train_images']} train images of the "
-            f"{_short_data(summary['data'])}; mean ± std over {summary['seeds']} seed(s)")
+            f"{short_data(summary['data'])}; mean ± std over {summary['seeds']} seed(s)")
 
 
 def _colors() -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    tab10 = colormaps["tab10"]
-    return {"torch": tab10(0), "none": tab10(1)}
+    return {norm: color(norm) for norm in ("torch", "none")}  # the one palette
 
 
 def _plot_batch_size(summary: dict[str, Any], path: Path) -> None:

@@ -52,22 +52,12 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import data as bdata
+from bnlab.bnstats import Stats, bn_modules, population_statistics, statistics_error
+from bnlab.evidence.figures import mean_band, new_figure, save_figure
+from bnlab.evidence.stats import fmt_pm, mean_std, plural, relation
 from bnlab.functional import bias_corrected_running_stats
 from bnlab.runs import atomic_torch_save, atomic_write_json
-from bnlab.studies.common import (
-    ProbeLog,
-    StudyContext,
-    bn_modules,
-    fmt_pm,
-    mean_band,
-    mean_std,
-    new_figure,
-    plural,
-    read_summary,
-    save_figure,
-    write_summary,
-)
-from bnlab.studies.q4 import compare
+from bnlab.studies.common import ProbeLog, StudyContext, read_summary, write_summary
 from bnlab.train import Model, TrainConfig, prepare_dataset, resolve_device
 
 NAME = "q5"
@@ -94,11 +84,9 @@ __all__ = [
     "RunningReplay",
     "ewa",
     "ewa_experiment",
-    "population_statistics",
     "render",
     "run",
     "settle_step",
-    "statistics_error",
     "steps_to_forget",
 ]
 
@@ -224,40 +212,6 @@ def ewa_experiment(
 
 # ---- BN statistics -----------------------------------------------------------------------
 
-Stats = list[tuple[Tensor, Tensor]]  # per BN layer, in order: (mean (C,), var (C,))
-
-
-@torch.no_grad()
-def population_statistics(module: nn.Module, batches: Sequence[Tensor]) -> Stats:
-    """What BN's running statistics estimate, for the current weights: Ioffe & Szegedy's
-    Algorithm 2, ``E[x] = E_B[mu_B]`` and ``Var[x] = m / (m - 1) E_B[sigma_B^2]`` over
-    ``batches``, each BN layer's input computed as in training (earlier BN layers normalize
-    with the batch's statistics). Done on a copy whose BN layers keep a cumulative average
-    (momentum None) from reset buffers; dropout off. Returns float64 (mean, var) per layer.
-    """
-    twin = copy.deepcopy(module)
-    twin.eval()
-    layers = bn_modules(twin)
-    for bn in layers:
-        bn.momentum = None
-        bn.reset_running_stats()
-        bn.train()
-    for x in batches:
-        twin(x)
-    return [(bn.running_mean.double(), bn.running_var.double()) for bn in layers]
-
-
-def statistics_error(estimate: Stats, population: Stats) -> tuple[float, float]:
-    """How far running statistics are from the population's, averaged over channels and
-    layers: the mean's error in units of the population standard deviation,
-    ``|r_mean - mean| / sqrt(var)``, and the variance's relative error ``|r_var - var| / var``.
-    """
-    mean_errors, var_errors = [], []
-    for (r_mean, r_var), (p_mean, p_var) in zip(estimate, population, strict=True):
-        p_var = p_var.double().clamp_min(1e-12)
-        mean_errors.append(((r_mean.double() - p_mean.double()).abs() / p_var.sqrt()).mean())
-        var_errors.append(((r_var.double() - p_var).abs() / p_var).mean())
-    return torch.stack(mean_errors).mean().item(), torch.stack(var_errors).mean().item()
 
 
 def corrected(stats: Stats, steps: int, momentum: float | None) -> Stats:
@@ -549,10 +503,10 @@ def _verdicts(s: dict[str, Any]) -> dict[str, str]:
         or b["measured"]["corrected"][tightest] < b["measured"]["raw"][tightest])
         for b in betas]
     early = s["early"]
-    early_error = compare(_early_error(s, "corrected"), _early_error(s, "raw"))
-    early_acc = compare(early["acc_corrected"], early["acc_raw"])
+    early_error = relation(_early_error(s, "corrected"), _early_error(s, "raw"))
+    early_acc = relation(early["acc_corrected"], early["acc_raw"])
     own = s["momenta"][_momentum_key(s["bn_momentum"])]
-    stand_in = compare(own["acc_raw"], s["final_acc_population"])
+    stand_in = relation(own["acc_raw"], s["final_acc_population"])
     return {
         "ewa_startup": "support" if all(faster) else "contradict",
         "early_error_comparison": early_error,
