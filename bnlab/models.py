@@ -1,7 +1,7 @@
 """All-CNN-C for the autograd engine: an ``nn.Sequential`` twin of the manual network.
 
-The architecture comes from :func:`bnlab.manual.allcnn.all_cnn_c_plan`, the plan the
-manual engine builds from too, so both engines have the same layers, the same
+The architecture comes from :func:`bnlab.plans.all_cnn_c_plan`, the plan the manual
+engine builds from too, so both engines have the same layers, the same
 ``state_dict`` keys (``conv1.weight``, ``bn1.weight``, ``bn1.running_mean``, ...,
 ``conv9.bias``) and, from the same seed, the same initial weights::
 
@@ -32,9 +32,8 @@ from torch import Tensor, nn
 
 from bnlab import functional as bF
 from bnlab import nn as bnn
-from bnlab.manual.allcnn import LayerSpec, all_cnn_c_plan
-from bnlab.manual.layers import conv_default_init_, dropout_mask
-from bnlab.manual.postnet import post_init_, post_net_plan
+from bnlab.initializers import conv_default_init_, dropout_mask, post_init_
+from bnlab.plans import LayerSpec, all_cnn_c_plan, post_net_plan
 
 __all__ = [
     "BN_KINDS",
@@ -92,6 +91,8 @@ class AllCNNC(nn.Sequential):
         momentum, eps: of the BN layers (PyTorch's convention and defaults).
         generator: draws the convolutions' initial weights (PyTorch's default init) in
             layer order; None uses the global RNG exactly as ``nn.Conv2d`` does.
+        init: False draws nothing and leaves the convolutions' weights uninitialized, for
+            weights loaded next (the trainer's, from :func:`bnlab.plans.initial_parameters`).
         device, dtype: of the parameters and buffers.
 
     The output is the logits (N, num_classes); the softmax is in the loss. Layer names and
@@ -110,6 +111,7 @@ class AllCNNC(nn.Sequential):
         eps: float = 1e-5,
         generator: torch.Generator | None = None,
         dropout_generator: torch.Generator | None = None,
+        init: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -126,7 +128,7 @@ class AllCNNC(nn.Sequential):
         super().__init__(modules)
         self.norm, self.dropout, self.width = norm, dropout, width
         self.num_classes, self.in_channels = num_classes, in_channels
-        if generator is not None:
+        if init:
             self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -144,6 +146,14 @@ class AllCNNC(nn.Sequential):
         )
 
 
+def _uninitialized_conv(spec: LayerSpec, factory: dict) -> nn.Conv2d:
+    """``nn.Conv2d`` built on the meta device, so PyTorch's default init draws nothing from
+    the global RNG; its weights are drawn (or loaded) by the caller."""
+    device = factory["device"]
+    conv = nn.Conv2d(**spec.args, device="meta", dtype=factory["dtype"])
+    return conv.to_empty(device=torch.get_default_device() if device is None else device)
+
+
 def _build_module(
     spec: LayerSpec,
     norm: str,
@@ -154,7 +164,7 @@ def _build_module(
 ) -> nn.Module:
     """The ``nn.Module`` for one layer of the shared plan."""
     if spec.kind == "conv":
-        return nn.Conv2d(**spec.args, **factory)
+        return _uninitialized_conv(spec, factory)
     if spec.kind == "bn":
         cls = nn.BatchNorm2d if norm == "torch" else bnn.BatchNorm2d
         return cls(spec.args["num_features"], eps=eps, momentum=momentum, **factory)
@@ -385,13 +395,14 @@ class PostNet(nn.Sequential):
             :class:`PerActivationScaleOnlyBatchNorm`, running variance from 0 averaging
             the biased batch variance); ignored when ``norm="none"``.
         width, num_classes, in_channels, image_size: as
-            :func:`bnlab.manual.postnet.post_net_plan`.
+            :func:`bnlab.plans.post_net_plan`.
         momentum, eps: of the BN layers (0.1 weighting the new batch = the post's 0.9 of
             the old; 1e-8).
         generator: draws the conv weights, N(0, 0.05²), in layer order (None: the global
             RNG); nothing else is drawn (the convolutions skip PyTorch's default init),
             so :func:`bnlab.manual.post_net` from a generator in the same state has the
             same weights.
+        init: False draws nothing (weights loaded next), as for :class:`AllCNNC`.
         device, dtype: of the parameters and buffers.
 
     Layers, names and ``state_dict`` keys are the manual network's (see
@@ -416,6 +427,7 @@ class PostNet(nn.Sequential):
         momentum: float = 0.1,
         eps: float = 1e-8,
         generator: torch.Generator | None = None,
+        init: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -433,7 +445,8 @@ class PostNet(nn.Sequential):
         super().__init__(modules)
         self.norm, self.bn_kind, self.width = norm, bn_kind, width
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.reset_parameters(generator)
+        if init:
+            self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw the conv weights (N(0, 0.05²)) in layer order; reset the BN layers."""
@@ -455,10 +468,7 @@ def _build_post_module(
 ) -> nn.Module:
     """The ``nn.Module`` for one layer of the post net's plan."""
     if spec.kind == "conv":
-        # built on the meta device: PyTorch's default init would draw from the global RNG
-        device = factory["device"]
-        conv = nn.Conv2d(**spec.args, device="meta", dtype=factory["dtype"])
-        return conv.to_empty(device=torch.get_default_device() if device is None else device)
+        return _uninitialized_conv(spec, factory)
     if spec.kind == "elu":
         return nn.ELU()
     if spec.kind == "bn":

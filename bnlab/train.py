@@ -32,8 +32,10 @@ import torch.nn.functional as TF
 
 from bnlab import __version__, runs
 from bnlab import data as bdata
+from bnlab.evidence.curves import plot_run
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
+from bnlab.plans import LayerSpec, all_cnn_c_plan, initial_parameters, post_net_plan
 from bnlab.runs import RUN_INFO_KEYS
 
 __all__ = [
@@ -54,6 +56,8 @@ ARCHS = ("allcnn", "post")
 RECIPES = ("standard", "post")
 BATCH_ORDERS = ("shuffled", "class_sorted")
 PRECISIONS = ("fp32", "bf16", "fp64")
+# BN's epsilon by architecture: PyTorch's default for All-CNN-C, the post's 1e-8 for its net
+BN_EPS = {"allcnn": 1e-5, "post": 1e-8}
 
 
 class ConfigError(ValueError):
@@ -75,6 +79,7 @@ class TrainConfig:
     width: float = 1.0                # All-CNN-C channel multiplier (96, 192 → ×width)
     dropout: bool = False             # the paper's dropout: 20% input, 50% after stride-2 convs
     bn_momentum: float | None = 0.1   # PyTorch's convention: weight of the *new* batch
+    bn_eps: float | None = None       # BN's epsilon; None: the arch's (see BN_EPS), recorded
     bn_bias_correction: bool = False  # bnlab BN only: bias-corrected running stats (Q5)
     arch: str = "allcnn"              # "allcnn" (Springenberg's C) | "post" (the post's net)
     bn_kind: str = "channel"          # post net: "channel" (case b) | "activation" (case c)
@@ -106,6 +111,10 @@ class TrainConfig:
     compile: bool = False             # torch.compile the autograd model (GPU)
     eval_batch_size: int = 500
 
+    def __post_init__(self) -> None:
+        if self.bn_eps is None and self.arch in BN_EPS:  # config.json records the value
+            object.__setattr__(self, "bn_eps", BN_EPS[self.arch])
+
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the bad field and value; return self."""
         choices = {"engine": ENGINES, "norm": NORMS, "optimizer": OPTIMIZERS,
@@ -130,6 +139,8 @@ class TrainConfig:
             raise ConfigError("the manual engine steps bnlab.optim: set optimizer_impl 'bnlab'")
         if self.optimizer_impl == "torch" and self.amsgrad_rule != "torch":
             raise ConfigError("AMSGrad rules other than 'torch' need optimizer_impl 'bnlab'")
+        if self.bn_eps is None or not self.bn_eps > 0 or not math.isfinite(self.bn_eps):
+            raise ConfigError(f"bn_eps must be positive, got {self.bn_eps!r}")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1] or None, got {self.bn_momentum}")
         if self.arch == "allcnn" and self.bn_kind != "channel":
@@ -230,18 +241,20 @@ class Model:
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.dropout_generator = torch.Generator(device=device)
-        twin = _autograd_model(config, self.dropout_generator)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
-        twin = twin.to(self.dtype)
+        # one plan, one draw of the initial weights from the run's generator, either engine
+        initial = initial_parameters(*network_plan(config), _generator(config.seed, _INIT))
         self.mean_gradient = True
         if config.engine == "autograd":
-            self.module = twin.to(device=device, memory_format=memory_format)
+            module = _autograd_model(config, self.dropout_generator)
+            _load_initial(module.state_dict(), initial, module.load_state_dict)
+            self.module = module.to(self.dtype).to(device=device, memory_format=memory_format)
             self.forward = torch.compile(self.module) if config.compile else self.module
             params = list(self.module.parameters())
         else:
             self.network = _manual_network(config, self.dropout_generator)
-            self.network.load_state_dict(twin.state_dict())
+            _load_initial(self.network.state_dict(), initial, self.network.load_state_dict)
             self.network.to(device=device, dtype=self.dtype, memory_format=memory_format)
             self.mean_gradient = getattr(self.network, "mean_gradient", True)
             params = self.network.parameters()
@@ -323,30 +336,44 @@ def load_model(run_dir: str | Path, device: torch.device | str | None = None) ->
     return model
 
 
+def network_plan(config: TrainConfig) -> tuple[list[LayerSpec], str]:
+    """The run's network plan and its initialization scheme (see :mod:`bnlab.plans`)."""
+    bn = config.norm != "none"
+    if config.arch == "post":
+        return post_net_plan(config.bn_kind if bn else "none", config.width), "post"
+    return all_cnn_c_plan(bn, config.dropout, config.width), "default"
+
+
+def _load_initial(state: dict, initial: dict, load: Callable) -> None:
+    """Load the initial weights into a freshly built network (its other entries as built)."""
+    missing = sorted(set(initial) - set(state))
+    if missing:
+        raise RuntimeError(f"the plan's parameters {missing} are not in the network")
+    load({**state, **initial})
+
+
 def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:
-    """The run's ``nn.Module``; for the manual engine, the twin its initial weights come from."""
-    norm = config.norm if config.engine == "autograd" else \
-        "none" if config.norm == "none" else "bnlab"
-    generator = _generator(config.seed, _INIT)
+    """The run's ``nn.Module``, its conv weights undrawn (the caller loads them)."""
     if config.arch == "post":
         from bnlab.models import PostNet
-        return PostNet(norm=norm, bn_kind=config.bn_kind, width=config.width,
-                       momentum=config.bn_momentum, generator=generator)
-    return AllCNNC(norm=norm, dropout=config.dropout, width=config.width,
-                   momentum=config.bn_momentum, generator=generator,
+        return PostNet(norm=config.norm, bn_kind=config.bn_kind, width=config.width,
+                       momentum=config.bn_momentum, eps=config.bn_eps, init=False)
+    return AllCNNC(norm=config.norm, dropout=config.dropout, width=config.width,
+                   momentum=config.bn_momentum, eps=config.bn_eps, init=False,
                    dropout_generator=dropout_generator)
 
 
 def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
-    """The run's :class:`bnlab.manual.Sequential` (weights are then copied from the twin)."""
+    """The run's :class:`bnlab.manual.Sequential`, its conv weights undrawn."""
     bn = config.norm != "none"
     if config.arch == "post":
         from bnlab.manual.postnet import post_net
         return post_net(bn=config.bn_kind if bn else "none", width=config.width,
-                        gradient_errors=config.gradient_errors, momentum=config.bn_momentum)
+                        gradient_errors=config.gradient_errors, momentum=config.bn_momentum,
+                        eps=config.bn_eps, init=False)
     return all_cnn_c(bn=bn, dropout=config.dropout, width=config.width,
-                     momentum=config.bn_momentum, dropout_generator=dropout_generator,
-                     generator=_generator(config.seed, _INIT))
+                     momentum=config.bn_momentum, eps=config.bn_eps,
+                     dropout_generator=dropout_generator, init=False)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -634,9 +661,5 @@ def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch:
 
 
 def _plot_run(run_dir: Path) -> None:
-    """Draw the run's own curves.png (skipped quietly if the report module is absent)."""
-    try:
-        from bnlab import report
-    except ImportError:
-        return
-    report.plot_run(report.load_run(run_dir), run_dir / "curves.png")
+    """Draw the run's own curves.png from its folder."""
+    plot_run(runs.load_run(run_dir), run_dir / runs.CURVES)
