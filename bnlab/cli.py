@@ -145,15 +145,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:
         plan = resume_plan(args.resume)
     else:
-        if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
-            raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
-                             "holding cifar-10-batches-py/ (or that folder itself)")
+        dataset = _load_data(args.data_dir)  # once, here at the top, passed down
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device}
         plan = plan_comparison(
             args.cases.split(",") if args.cases else None, args.seeds, args.preset, args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
+            dataset=dataset,
         )
     summary = run_comparison(plan, quiet=args.quiet)
     if summary.get("diverged"):
@@ -183,9 +182,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from bnlab import studies
 
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().exists():
-        raise _UserError(f"--data-dir {args.data_dir} does not exist: pass a folder "
-                         "holding cifar-10-batches-py/ (or that folder itself)")
     if args.render:
         out = Path(args.render)
         if not (out / "summary.json").is_file():
@@ -201,8 +197,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/study-{args.name}-{args.preset}-"
                           f"{time.strftime('%Y%m%d-%H%M%S')}")
     log = (lambda _: None) if args.quiet else print
+    try:
+        studies.check_scale(args.preset, args.seeds)  # before the data is read
+    except ValueError as error:
+        raise _UserError(str(error)) from None
     kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
-              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log}
+              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log,
+              "dataset": _load_data(args.data_dir)}  # once, here at the top, passed down
     try:
         if args.name == "all":
             studies.run_all(out, **kwargs)
@@ -219,6 +220,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 class _UserError(Exception):
     """An error caused by the user's input: printed as one line, no traceback."""
+
+
+def _load_data(data_dir: str | None):
+    """The data set every run of the command shares, loaded once (bnlab.data's order)."""
+    from bnlab.data import load_cifar10
+
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
+        raise _UserError(f"--data-dir {data_dir} does not exist: pass a folder "
+                         "holding cifar-10-batches-py/ (or that folder itself)")
+    return load_cifar10(data_dir)
 
 
 # ---- the parser ----------------------------------------------------------------------------

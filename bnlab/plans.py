@@ -2,14 +2,14 @@
 
 A plan is a list of :class:`LayerSpec` (name, kind, constructor arguments) in forward
 order. The manual engine (:func:`bnlab.manual.all_cnn_c`, :func:`bnlab.manual.post_net`)
-and the autograd models (:class:`bnlab.models.AllCNNC`, :class:`bnlab.models.PostNet`) walk
+and the autograd models (:class:`bnlab.models.AllCNNC`, :class:`bnlab.post.net.PostNet`) walk
 the same plan, so their layers, names and ``state_dict`` keys are the same, and
 :func:`initial_parameters` draws a plan's initial weights once, from one generator, for
 whichever engine loads them.
 
 - :func:`all_cnn_c_plan`: All-CNN-C (Springenberg et al. 2015, model C; the layer table
   is in :mod:`bnlab.manual.allcnn`).
-- :func:`post_net_plan`: the blog post's network (its table is in :mod:`bnlab.manual.postnet`).
+- :func:`post_net_plan`: the blog post's network (its table is in :mod:`bnlab.post.manual_net`).
 
     >>> plan = all_cnn_c_plan(bn=True, width=0.125)
     >>> sorted(initial_parameters(plan, "default", torch.Generator().manual_seed(0)))[:2]

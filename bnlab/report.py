@@ -488,7 +488,7 @@ def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png") -> s
 def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, labels,
                       markdown: str) -> str:
     """The post presets' section (bnlab.post.report), in summary.json and the report."""
-    from bnlab.post_report import post_section, post_summary, write_post_figures
+    from bnlab.post.report import post_section, post_summary, write_post_figures
 
     summary["post"] = _clean_json(post_summary(runs_by_case, summary["full_cifar10"]))
     atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)

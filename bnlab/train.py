@@ -17,11 +17,8 @@ exactly as an uninterrupted run would (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from bnlab.evidence.curves import plot_run
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
 from bnlab.plans import LayerSpec, all_cnn_c_plan, initial_parameters, post_net_plan
+from bnlab.progress import EPOCH_HEADER, Progress, cpu_allocator_tuned, format_epoch_row
 from bnlab.runs import RUN_INFO_KEYS
 
 __all__ = [
@@ -99,7 +97,7 @@ class TrainConfig:
     batch_size: int = 128             # images per step
     augment: bool = True              # random crop (4-pixel padding) + horizontal flip
     recipe: str = "standard"          # "standard" | "post" (25 + 25 augmented copies, per-
-                                      # batch standardisation: bnlab.post_recipe)
+                                      # batch standardisation: bnlab.post.recipe)
     batch_order: str = "shuffled"     # "shuffled" | "class_sorted" (batches mostly one class)
     subset: int | None = None         # train on N images (seeded choice), None = all
     data_dir: str | None = None       # None: cache, download, else the embedded sample
@@ -355,7 +353,7 @@ def _load_initial(state: dict, initial: dict, load: Callable) -> None:
 def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:
     """The run's ``nn.Module``, its conv weights undrawn (the caller loads them)."""
     if config.arch == "post":
-        from bnlab.models import PostNet
+        from bnlab.post.net import PostNet
         return PostNet(norm=config.norm, bn_kind=config.bn_kind, width=config.width,
                        momentum=config.bn_momentum, eps=config.bn_eps, init=False)
     return AllCNNC(norm=config.norm, dropout=config.dropout, width=config.width,
@@ -367,7 +365,7 @@ def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
     """The run's :class:`bnlab.manual.Sequential`, its conv weights undrawn."""
     bn = config.norm != "none"
     if config.arch == "post":
-        from bnlab.manual.postnet import post_net
+        from bnlab.post.manual_net import post_net
         return post_net(bn=config.bn_kind if bn else "none", width=config.width,
                         gradient_errors=config.gradient_errors, momentum=config.bn_momentum,
                         eps=config.bn_eps, init=False)
@@ -410,76 +408,6 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "inverse":  # the post's lr / (1 + 0.001 epoch), epoch from 0
         return config.lr / (1.0 + 0.001 * (epoch - 1))
     return config.lr
-
-
-# ---- CPU speed: the allocator ---------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@contextlib.contextmanager
-def cpu_allocator_tuned(enabled: bool = True) -> Iterator[None]:
-    """Serve large tensors from the reused heap instead of fresh mmaps (glibc only).
-
-    glibc hands out every block over 32 MiB with a new ``mmap`` and unmaps it on free, so
-    a (128, 96, 32, 32) float32 activation page-faults on every training step (measured:
-    70-80% of a channels_last BN's time). ``mallopt(M_MMAP_MAX, 0)`` keeps such blocks on
-    the heap, and a high trim threshold keeps freed memory for the next step. The previous
-    settings (glibc's defaults) are restored on exit. A no-op where glibc is absent.
-    """
-    libc = None
-    if enabled and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt  # noqa: B018 - probe that this libc has mallopt
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, 65536)          # glibc's default
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
-
-
-# ---- progress -------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line progress bar on stderr with the live loss and accuracy (TTY only)."""
-
-    def __init__(self, enabled: bool, prefix: str) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.prefix = prefix
-        self.last = 0.0
-
-    def update(self, step: int, steps: int, loss: float, acc: float, images_per_s: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.25 and step < steps):
-            return
-        self.last = now
-        filled = int(20 * step / max(steps, 1))
-        bar = "#" * filled + "." * (20 - filled)
-        print(f"\r\033[K{self.prefix} [{bar}] {step}/{steps}  loss {loss:.4f}  acc {acc:.4f}  "
-              f"{images_per_s:.0f} img/s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-    def wants_update(self) -> bool:
-        return self.enabled and time.perf_counter() - self.last >= 0.25
-
-
-EPOCH_HEADER = (f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
-                f"{'test acc':>8}  {'time s':>7}  {'img/s':>7}")
-
-
-def format_epoch_row(m: dict) -> str:
-    return (f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['train_acc']:>9.4f}  "
-            f"{m['test_loss']:>9.4f}  {m['test_acc']:>8.4f}  {m['epoch_time_s']:>7.1f}  "
-            f"{m['images_per_s']:>7.0f}")
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -580,7 +508,7 @@ def epoch_batches(config: TrainConfig, dataset: bdata.CIFAR10, generator: torch.
                   dtype: torch.dtype = torch.float32) -> tuple[Iterator, int]:
     """One epoch of training batches as the config's recipe makes them, and their number."""
     if config.recipe == "post":
-        from bnlab import post_recipe
+        from bnlab.post import recipe as post_recipe
         batches = post_recipe.post_train_batches(
             dataset, config.batch_size, generator=generator,
             channels_last=config.channels_last, dtype=dtype)
@@ -595,7 +523,7 @@ def test_set_batches(config: TrainConfig, dataset: bdata.CIFAR10,
                      dtype: torch.dtype = torch.float32) -> Iterator:
     """The test set in batches of ``eval_batch_size``, prepared as the config's recipe says."""
     if config.recipe == "post":
-        from bnlab import post_recipe
+        from bnlab.post import recipe as post_recipe
         return post_recipe.post_test_batches(dataset, config.eval_batch_size,
                                              channels_last=config.channels_last, dtype=dtype)
     return bdata.test_batches(dataset, config.eval_batch_size,

@@ -18,6 +18,8 @@ from bnlab.data import load_cifar10_dir
 from bnlab.functional import bias_corrected_running_stats
 from bnlab.studies import q5
 from bnlab.studies.common import StudyContext, StudyScale, read_summary
+from bnlab.studies.q5 import experiment as q5_experiment
+from bnlab.studies.q5 import replay as q5_replay
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
@@ -222,18 +224,19 @@ def test_replay_matches_runs_trained_with_that_momentum(study, dataset, tmp_path
 def test_interrupted_run_resumes_with_the_same_result(study, dataset, tmp_path, monkeypatch):
     out, _ = study
     small = q5.ewa_experiment((0.9,), replicates=10)
-    monkeypatch.setattr(q5, "ewa_experiment", lambda: small)  # not what this test is about
-    call = q5._Probe.__call__
+    # not what this test is about
+    monkeypatch.setattr(q5_experiment, "ewa_experiment", lambda: small)
+    call = q5_replay._Probe.__call__
 
     def interrupted(self, model, epoch, step):
         if epoch == 2 and step == 2:
             raise KeyboardInterrupt
         call(self, model, epoch, step)
 
-    monkeypatch.setattr(q5._Probe, "__call__", interrupted)
+    monkeypatch.setattr(q5_replay._Probe, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         q5.run(_context(tmp_path, dataset))
-    monkeypatch.setattr(q5._Probe, "__call__", call)
+    monkeypatch.setattr(q5_replay._Probe, "__call__", call)
     assert not (tmp_path / "runs" / "bn-seed0" / "result.json").exists()
     q5.run(_context(tmp_path, dataset))
     got = json.loads((tmp_path / "runs" / "bn-seed0" / "final.json").read_text())

@@ -12,6 +12,7 @@ import torch
 from bnlab import train as T
 from bnlab.cases import case_config
 from bnlab.data import load_cifar10_dir
+from bnlab.progress import cpu_allocator_tuned
 from bnlab.runs import read_metrics
 from tests.cifar_fixtures import write_cifar10_folder
 
@@ -236,7 +237,7 @@ def test_bias_correction_reaches_the_bn_layers_of_both_engines():
 
 
 def test_cpu_allocator_tuning_is_restored():
-    with T.cpu_allocator_tuned():
+    with cpu_allocator_tuned():
         x = torch.empty(64, 1024, 1024)  # 256 MiB, from the heap while tuned
         del x
     y = torch.ones(10)

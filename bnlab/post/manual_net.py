@@ -22,7 +22,7 @@ No conv bias, no dropout; conv weights ~ N(0, 0.05²) (:func:`post_init_`). BN s
 the ELU (conv → ELU → BN → pool) and has a scale gamma but no shift beta.
 
 The plan (:func:`post_net_plan`) is shared with the autograd twin
-(``bnlab.models.PostNet``): same layers, same names, same ``state_dict`` keys, and from
+(``bnlab.post.net.PostNet``): same layers, same names, same ``state_dict`` keys, and from
 the same generator the same weights.
 
 Case c's hand-written backward has three errors (:data:`GRADIENT_ERRORS`), each a switch
@@ -31,7 +31,8 @@ of :func:`post_net`; with all switches off the manual engine computes the true g
 Usage::
 
     >>> import torch
-    >>> from bnlab.manual import post_net, train_step
+    >>> from bnlab.manual import train_step
+    >>> from bnlab.post.manual_net import post_net
     >>> from bnlab.optim import Adam
     >>> net = post_net(bn="activation", width=0.125, gradient_errors=("elu", "pool", "loss"))
     >>> opt = Adam(net.parameters(), lr=3e-4, betas=(0.9, 0.9))
@@ -169,7 +170,7 @@ def post_net(
             loss: the returned network's ``mean_gradient`` attribute is False then, and
             the trainer passes it to :func:`~bnlab.manual.network.train_step`.
         generator: draws the conv weights, N(0, 0.05²), in layer order (None: the global
-            RNG); nothing else is drawn, so ``bnlab.models.PostNet`` built with a
+            RNG); nothing else is drawn, so ``bnlab.post.net.PostNet`` built with a
             generator in the same state gets the same weights.
         init: False draws nothing (weights loaded next, as the trainer does).
         device, dtype, memory_format: of the parameters and buffers.

@@ -13,7 +13,7 @@ folders and the post's logged metrics (``bnlab/assets/post_logged_metrics.csv``)
   mean ± std over seeds of the paired (same seed) difference in final test accuracy;
 - a Markdown section whose every number is read from that summary.
 
-    >>> from bnlab.post_report import post_summary          # doctest: +SKIP
+    >>> from bnlab.post.report import post_summary          # doctest: +SKIP
     >>> post_summary(runs_by_case)["cases"]["b"]["logged_final"]
     0.8939
 """
@@ -28,6 +28,7 @@ from typing import Any
 
 from bnlab.evidence.figures import color
 from bnlab.evidence.stats import mean_std, paired_difference
+from bnlab.post.ladder import LADDER
 
 __all__ = ["plot_scaled_cost", "post_section", "post_summary", "write_post_figures"]
 
@@ -50,8 +51,7 @@ def _paired(upper: Sequence, lower: Sequence) -> dict[str, Any]:
 
 def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = False) -> dict:
     """The numbers of the post section (see the module docstring)."""
-    from bnlab.cases import LADDER
-    from bnlab.postlog import LOGGED_FINAL
+    from bnlab.post.log import LOGGED_FINAL
 
     cases = {}
     for case, runs in runs_by_case.items():
@@ -86,7 +86,7 @@ def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = Fals
 
 def _logged_curves() -> dict[str, dict[int, dict[str, float]]]:
     """case → {epoch (1-based, as bnlab's) → metrics} from the post's logs."""
-    from bnlab.postlog import load_logged_metrics
+    from bnlab.post.log import load_logged_metrics
 
     return {case: {int(row["epoch"]) + 1: row for row in rows}
             for case, rows in load_logged_metrics().items()}
