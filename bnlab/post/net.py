@@ -141,11 +141,11 @@ class ScaleOnlyBatchNorm(nn.Module):
                 xf, self.running_mean, self.running_var, self.weight, None, True,
                 self.momentum, self.eps,
             )
-        with torch.no_grad():  # the biased variance: update the buffers ourselves
+        with torch.no_grad():  # the biased variance: torch's kernel cannot, bnlab's rule can
             dims = (0, *range(2, xf.dim()))
             var, mean = torch.var_mean(xf, dims, correction=0)
-            self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
+            bF.update_running_stats(self.running_mean, self.running_var, mean, var,
+                                    xf.numel() // xf.shape[1], self.momentum, unbiased=False)
         return functional.batch_norm(xf, None, None, self.weight, None, True, 0.0, self.eps)
 
     def _normalize_bnlab(self, xf: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ __all__ = [
     "ProbeLog",
     "StudyContext",
     "StudyScale",
+    "note_lines",
     "read_summary",
     "write_summary",
 ]
@@ -149,6 +150,13 @@ class StudyContext:
             self.finished_runs.setdefault(key, run_dir)
         return result
 
+    def schedule(self, notes: list[str]) -> tuple[int, int, int]:
+        """(batch size, steps per epoch, total steps) of a run at this scale; a clamped
+        batch size is said in ``notes``."""
+        batch_size = self.batch_size(notes)
+        steps_per_epoch = self.train_images() // batch_size
+        return batch_size, steps_per_epoch, self.scale.epochs * steps_per_epoch
+
     def seed_list(self) -> list[int]:
         return list(range(self.seeds))
 
@@ -174,6 +182,11 @@ def write_summary(study_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(study_dir) / "summary.json"
     atomic_write_json(path, _clean(summary))
     return path
+
+
+def note_lines(notes: list[str]) -> list[str]:
+    """A section's notes as Markdown lines: a paragraph ``Note: ....`` each."""
+    return [line for note in notes for line in ("", f"Note: {note}.")]
 
 
 def read_summary(study_dir: Path) -> dict[str, Any]:

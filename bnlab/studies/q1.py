@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from bnlab import data as bdata
 from bnlab.evidence.figures import color, save_figure
 from bnlab.evidence.stats import compare_means, fmt_pct, fmt_pm, mean_std, verdict, verdict_phrase
-from bnlab.studies.common import StudyContext, read_summary, write_summary
+from bnlab.studies.common import StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import (
     DivergenceError,
     Model,
@@ -636,8 +636,7 @@ def render(study_dir: Path) -> str:
             f"At the training batch size ({noise['training_batch_size']}) BN's relative std "
             f"is {fmt_pm(trained['at_training_batch'], 3)}, "
             f"{_num(noise['bn_over_dropout_at_training_batch'], 2)} times dropout's.")
-    for note in noise["notes"]:
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(noise["notes"])
     slope = trained["slope"]
     lines += [
         "",

@@ -36,7 +36,7 @@ from typing import Any
 
 from bnlab.evidence.figures import color, save_figure
 from bnlab.evidence.stats import compare_means, fmt_pct, fmt_pm, mean_std, verdict, verdict_phrase
-from bnlab.studies.common import StudyContext, read_summary, write_summary
+from bnlab.studies.common import StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import DivergenceError, RunResult, TrainConfig
 
 __all__ = [
@@ -465,8 +465,7 @@ def render(study_dir: Path) -> str:
                      f"{_reach_cell(row['torch'], 'seconds', 1)} |")
     if not conv["thresholds"]:
         lines.append("| – | no run got above chance: no thresholds | | | | |")
-    for note in conv["notes"]:
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(conv["notes"])
     per_epoch = conv["curves"]
     lines += [
         "",

@@ -48,7 +48,7 @@ from bnlab import data as bdata
 from bnlab.bnstats import batch_mode
 from bnlab.evidence.figures import mean_band, new_figure, save_figure
 from bnlab.evidence.stats import fmt_pm, mean_std, plural, relation
-from bnlab.studies.common import ProbeLog, StudyContext, read_summary, write_summary
+from bnlab.studies.common import ProbeLog, StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import Model, TrainConfig, prepare_dataset, resolve_device
 
 NAME = "q4"
@@ -277,9 +277,7 @@ def run(ctx: StudyContext) -> dict:
     dataset = ctx.load_data()
     n_train = ctx.train_images()
     notes: list[str] = []
-    batch_size = ctx.batch_size(notes)
-    steps_per_epoch = n_train // batch_size
-    total = ctx.scale.epochs * steps_per_epoch
+    batch_size, steps_per_epoch, total = ctx.schedule(notes)
     pct_every, shift_every = _every(total, PERCENTILE_POINTS), _every(total, SHIFT_POINTS)
 
     curves: dict[str, dict[str, Any]] = {}
@@ -535,8 +533,7 @@ def render(study_dir: Path) -> str:
         f"{fmt_pm(s['final_test_acc']['none'], 3)} without BN, "
         f"{fmt_pm(s['final_test_acc']['torch'], 3)} with BN.",
     ]
-    for note in s.get("notes", []):
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(s.get("notes", []))
     return "\n".join(lines) + "\n"
 
 

@@ -35,9 +35,7 @@ def run(ctx: StudyContext) -> dict:
     dataset = ctx.load_data()
     n_train = ctx.train_images()
     notes: list[str] = []
-    batch_size = ctx.batch_size(notes)
-    steps_per_epoch = n_train // batch_size
-    total = ctx.scale.epochs * steps_per_epoch
+    batch_size, steps_per_epoch, total = ctx.schedule(notes)
     window = min(WINDOW, total)
 
     probes: list[dict[int, dict[str, Any]]] = []

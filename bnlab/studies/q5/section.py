@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from bnlab.evidence.stats import fmt_pm, plural
-from bnlab.studies.common import read_summary
+from bnlab.studies.common import note_lines, read_summary
 from bnlab.studies.q5.plan import (
     TITLE,
     VERDICT_TEXT,
@@ -188,6 +188,5 @@ def render(study_dir: Path) -> str:
         f"in the first steps (here the first {s['early_steps']}): "
         f"{VERDICT_TEXT[v['bias_correction']]}.",
     ]
-    for note in s.get("notes", []):
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(s.get("notes", []))
     return "\n".join(lines) + "\n"
