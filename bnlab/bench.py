@@ -212,12 +212,13 @@ def bench_train(
     (contiguous) memory format, ``torch.optim.Adam(amsgrad=True)``, ``zero_grad``,
     ``backward``, ``step``, under glibc's default allocator. bnlab's trainer step
     (:class:`bnlab.train.Model`) runs channels_last with the allocator tuned
-    (:func:`bnlab.train.cpu_allocator_tuned`), for the autograd engine (torch BN) and the
+    (:func:`bnlab.progress.cpu_allocator_tuned`), for the autograd engine (torch BN) and the
     manual engine (bnlab BN, bnlab AMSGrad). All see the same fixed batch; the variants
     take turns, ``steps`` steps each per round, and the median round counts.
     """
     from bnlab.models import AllCNNC
-    from bnlab.train import Model, TrainConfig, cpu_allocator_tuned
+    from bnlab.progress import cpu_allocator_tuned
+    from bnlab.train import Model, TrainConfig
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device)

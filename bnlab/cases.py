@@ -17,18 +17,10 @@ combines them into a :class:`~bnlab.train.TrainConfig`.
 initial weights, same batches) it follows b's trajectory up to float rounding.
 
 The ``post`` and ``post-quick`` presets run the post's network and recipe as its code ran
-them (``../post/README.md``; :mod:`bnlab.manual.postnet`, :mod:`bnlab.post_recipe`). There
-case ``c`` is the post's case c *as it ran*, and a ladder walks from b to c one difference
-at a time:
-
-| step       | = the step above plus                                         |
-|------------|---------------------------------------------------------------|
-| b          | (TF autodiff → autograd; per-channel scale-only BN; Adam β2 0.9) |
-| b-manual   | the manual engine and bnlab's BN (hand-written vs framework)  |
-| b-act      | per-activation BN (statistics over the batch axis only)       |
-| b-act-rule | the post's optimizer rule (whole-tensor-sum AMSGrad, no bias correction) |
-| c          | the three gradient errors (ELU' = 2, pool not /4, loss not /N, /64) |
-| c-fixed    | c with true gradients and standard AMSGrad (per-activation BN kept) |
+them (``../post/README.md``; :mod:`bnlab.post.manual_net`, :mod:`bnlab.post.recipe`). There
+case ``c`` is the post's case c *as it ran*; the ladder from b to c, one difference per step
+(b, b-manual, b-act, b-act-rule, c), is :data:`bnlab.post.ladder.LADDER` (its table is
+there); ``c-fixed`` is c with true gradients and standard AMSGrad (per-activation BN kept).
 
     >>> cfg = case_config("b", "quick", seed=0)
     >>> cfg.engine, cfg.norm, cfg.optimizer
@@ -40,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from bnlab.post.ladder import LADDER
 from bnlab.train import ConfigError, TrainConfig
 
 __all__ = ["CASES", "LADDER", "POST_CASES", "PRESETS", "Case", "Preset", "case_config",
@@ -89,7 +82,6 @@ POST_CASES: dict[str, Case] = {
               "its three gradient errors)",
               {**CASES["b-act-rule"].fields, "gradient_errors": ("elu", "pool", "loss")}),
 }
-LADDER = ("b", "b-manual", "b-act", "b-act-rule", "c")
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,7 @@ class Preset:
 
 
 # The post's recipe (../post/README.md, "What all three cases share"); the post net's BN
-# flavours fix eps 1e-8 and the running averages' start (bnlab.manual.postnet).
+# flavours fix eps 1e-8 and the running averages' start (bnlab.post.manual_net).
 POST_RECIPE = {"arch": "post", "recipe": "post", "batch_size": 50, "lr": 3e-4,
                "lr_schedule": "inverse", "betas": (0.9, 0.9), "bn_momentum": 0.1,
                "eval_batch_size": 50, "augment": False, "dropout": False}

@@ -306,9 +306,9 @@ def network_gradcheck_rows(progress: Callable[[str], None] | None = None) -> lis
 
     All-CNN-C at width 0.125 on a batch of 4 16x16 images, float64: the input gradient and
     every parameter gradient (``dweights`` is the worst of them) of
-    :func:`bnlab.manual.check.compare_engines`.
+    :func:`bnlab.check_engines.compare_engines`.
     """
-    from bnlab.manual.check import compare_engines
+    from bnlab.check_engines import compare_engines
 
     rows = []
     for name, options in NETWORK_CASES.items():

@@ -176,12 +176,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resume:
         plan = resume_plan(args.resume)
     else:
+        dataset = _load_data(args.data_dir)  # once, here at the top, passed down
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device}
         plan = plan_comparison(
             args.cases, args.seeds, args.preset, args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
+            dataset=dataset,
         )
     args.resume_folder = plan.out
     args.resume_command = f"bnlab compare --resume {shlex.quote(str(plan.out))}"
@@ -228,8 +230,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/study-{args.name}-{args.preset}-"
                           f"{time.strftime('%Y%m%d-%H%M%S')}")
     log = (lambda _: None) if args.quiet else print
+    try:
+        studies.check_scale(args.preset, args.seeds)  # before the data is read
+    except ValueError as error:
+        raise _UserError(str(error)) from None
     kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
-              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log}
+              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log,
+              "dataset": _load_data(args.data_dir)}  # once, here at the top, passed down
     argv = list(sys.argv[1:] if args.argv is None else args.argv)
     args.resume_folder = out
     args.resume_command = "bnlab " + shlex.join(
@@ -387,6 +394,14 @@ def _interrupted(args: argparse.Namespace) -> str:
         return "\ninterrupted (nothing to continue)"
     return (f"\ninterrupted: what finished is kept in {folder}; to continue, run:\n"
             f"  {args.resume_command}")
+def _load_data(data_dir: str | None):
+    """The data set every run of the command shares, loaded once (bnlab.data's order)."""
+    from bnlab.data import load_cifar10
+
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
+        raise _UserError(f"--data-dir {data_dir} does not exist: pass a folder "
+                         "holding cifar-10-batches-py/ (or that folder itself)")
+    return load_cifar10(data_dir)
 
 
 # ---- the parser ----------------------------------------------------------------------------

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnlab import data as bdata
+from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
+from bnlab.runs import atomic_write_json
 from bnlab.train import (
     ConfigError,
     DivergenceError,
     TrainConfig,
-    atomic_write_json,
     resolve_device,
     train,
 )
@@ -80,8 +81,13 @@ def plan_comparison(
     out: str | Path | None = None,
     overrides: dict | None = None,
     command: str = "",
+    dataset: bdata.CIFAR10 | None = None,
 ) -> ComparisonPlan:
-    """Check every input and load the data; raise ConfigError/DataError before any file."""
+    """Check every input; raise ConfigError/DataError before any file is made.
+
+    ``dataset``: the data, loaded once by the caller (the CLI); None loads it here from
+    ``overrides["data_dir"]`` (the cache, a download, else the embedded sample).
+    """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     cases = list(cases) if cases else list(PRESETS[preset].cases)
@@ -103,9 +109,9 @@ def plan_comparison(
     if out.exists():
         raise FileExistsError(f"{out} exists: bnlab never overwrites a comparison "
                               f"(use --resume {out} to continue it, or choose another --out)")
-    some = configs[cases[0]][0]
-    resolve_device(some.device)
-    dataset = bdata.load_cifar10(some.data_dir)
+    resolve_device(configs[cases[0]][0].device)
+    if dataset is None:
+        dataset = bdata.load_cifar10(overrides.get("data_dir"))
     _check_fits(configs, dataset)
     return ComparisonPlan(out, preset, cases, list(range(n_seeds)), configs, dataset, command)
 
@@ -164,7 +170,6 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
             except DivergenceError as error:
                 print(f"bnlab: run diverged: {error}", file=sys.stderr)
                 diverged.append(f"{case}/seed{seed}")
-    from bnlab import report
     summary = report.write_report(plan.out)
     log(f"\nwrote {plan.out}/summary.json, curves.png, report.md, report.html")
     summary = dict(summary)

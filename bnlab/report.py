@@ -24,32 +24,35 @@ cross-entropy in nats; ``std`` is the sample standard deviation over seeds (ddof
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import os
-import re
 import statistics
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bnlab.evidence.curves import curves_title, plot_curves
+from bnlab.evidence.page import markdown_to_html
+from bnlab.evidence.stats import mean_std
+from bnlab.runs import (
+    MissingFileError,
+    ReportError,
+    Run,
+    atomic_write_json,
+    atomic_write_text,
+    load_compare,
+    load_run,
+)
 
 __all__ = [
     "THRESHOLDS",
     "MissingFileError",
     "ReportError",
     "Run",
-    "curves_title",
     "data_is_full_cifar10",
     "load_compare",
     "load_run",
-    "plot_curves",
-    "plot_run",
     "reading",
-    "render_html",
     "render_markdown",
     "summarize",
     "summarize_runs",
@@ -59,182 +62,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
-REQUIRED_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
-PANELS = (  # (row, column, metric key, y label, panel title): the post's layout
-    (0, 0, "train_acc", "accuracy (fraction)", "train accuracy"),
-    (1, 0, "train_loss", "cross-entropy loss (nats)", "train cost"),
-    (0, 1, "test_acc", "accuracy (fraction)", "test accuracy"),
-    (1, 1, "test_loss", "cross-entropy loss (nats)", "test cost"),
-)
-LOSS_CLIP = 3 * math.log(10)  # 3x the loss of a uniform guess over 10 classes
-_METRIC_ALIASES = {"train_cost": "train_loss", "test_cost": "test_loss"}  # the post's CSV names
-
-
-class ReportError(ValueError):
-    """A run or comparison folder is malformed; the message names the file and what to do."""
-
-
-class MissingFileError(ReportError, FileNotFoundError):
-    """A file a run or comparison folder must hold is absent; the message names it."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading run folders
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run folder, as read from disk.
-
-    Attributes:
-        path: the run folder.
-        config: ``config.json`` (the run's TrainConfig and ``data``, versions, device).
-        metrics: one dict per finished epoch, sorted by ``epoch`` (1-based).
-        result: ``result.json`` (``status``, ``message``, ``wall_time_s``), or None while the
-            run has not ended (still training, or killed).
-        notes: what was tolerated while reading (a truncated last line, duplicate epochs).
-    """
-
-    path: Path
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    result: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        """``"finished"``, ``"diverged"`` (from result.json) or ``"in progress"`` (none yet)."""
-        return "in progress" if self.result is None else str(self.result["status"])
-
-    @property
-    def case(self) -> str:
-        """The case name from config.json, e.g. ``"a"``."""
-        return str(self.config.get("case", "?"))
-
-    @property
-    def seed(self) -> int | None:
-        """The seed from config.json."""
-        return self.config.get("seed")
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """The last epoch's metrics ({} before the first epoch ended)."""
-        return self.metrics[-1] if self.metrics else {}
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found: {what}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReportError(f"{path} is not valid JSON ({error}); {what}") from error
-    if not isinstance(value, dict):
-        raise ReportError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _parse_metric_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    value = json.loads(line)  # JSONDecodeError is handled by the caller
-    if not isinstance(value, dict):
-        raise ReportError(f"{path} line {number}: expected a JSON object, got {line[:80]!r}")
-    missing = [key for key in REQUIRED_METRICS if key not in value]
-    if missing:
-        raise ReportError(
-            f"{path} line {number}: missing {', '.join(missing)} "
-            f"(every epoch needs {', '.join(REQUIRED_METRICS)})"
-        )
-    return value
-
-
-def _read_metrics(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """Epoch dicts from ``metrics.jsonl``; an unreadable *last* line is skipped with a warning."""
-    lines = [(n, s) for n, s in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
-    lines = [(n, s) for n, s in lines if s.strip()]
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for index, (number, line) in enumerate(lines):
-        try:
-            record = _parse_metric_line(path, number, line)
-        except json.JSONDecodeError as error:
-            if index < len(lines) - 1:
-                raise ReportError(
-                    f"{path} line {number} is not valid JSON ({error}): {line[:80]!r}. "
-                    "Only the last line may be incomplete (a run killed while writing)."
-                ) from error
-            note = f"{path} line {number} is incomplete (run killed while writing?); skipped"
-            warnings.warn(note, RuntimeWarning, stacklevel=3)
-            notes.append(note)
-            continue
-        epoch = int(record["epoch"])
-        if epoch in by_epoch:
-            notes.append(f"{path}: epoch {epoch} appears twice (resumed run?); kept the last")
-        by_epoch[epoch] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def load_run(path: str | os.PathLike[str]) -> Run:
-    """Read one run folder.
-
-    ``config.json`` must exist. ``metrics.jsonl`` may be absent only while the run has not
-    finished its first epoch (no ``result.json``, or a run that diverged in epoch 1).
-    Raises :class:`MissingFileError` / :class:`ReportError` naming the file otherwise.
-
-        >>> run = load_run("runs/compare-quick/a/seed0")   # doctest: +SKIP
-        >>> [m["test_acc"] for m in run.metrics]           # doctest: +SKIP
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise MissingFileError(f"run folder {folder} not found (expected config.json inside)")
-    config = _read_json(folder / "config.json", "every run folder needs its config.json")
-    result_path = folder / "result.json"
-    what = (
-        "the trainer writes it when the run ends; rerun or delete it to see the run as unfinished"
-    )
-    result = _read_json(result_path, what) if result_path.exists() else None
-    if result is not None and result.get("status") not in ("finished", "diverged"):
-        raise ReportError(
-            f"{result_path}: status must be 'finished' or 'diverged', got {result.get('status')!r}"
-        )
-    notes: list[str] = []
-    metrics_path = folder / "metrics.jsonl"
-    if metrics_path.is_file():
-        metrics = _read_metrics(metrics_path, notes)
-    elif result is None or result["status"] == "diverged":
-        metrics = []
-    else:
-        raise MissingFileError(
-            f"{metrics_path} not found, but {result_path} says the run finished: "
-            "the folder is incomplete (copied partly?); rerun the case or restore the file"
-        )
-    return Run(folder, config, metrics, result, notes)
-
-
-def load_compare(
-    compare_dir: str | os.PathLike[str],
-) -> tuple[dict[str, Any], dict[str, list[Run]], list[str]]:
-    """Read ``compare.json`` and every run folder it lists.
-
-    Returns ``(compare, runs_by_case, missing)``: runs in the order of ``compare["cases"]``
-    and ``compare["seeds"]``; ``missing`` names the ``<case>/seed<k>`` folders not started.
-    """
-    folder = Path(compare_dir)
-    compare_path = folder / "compare.json"
-    compare = _read_json(compare_path, "is this a comparison folder written by 'bnlab compare'?")
-    for key in ("cases", "seeds"):
-        if not isinstance(compare.get(key), list) or not compare[key]:
-            raise ReportError(f"{compare_path}: '{key}' must be a non-empty list")
-    runs_by_case: dict[str, list[Run]] = {}
-    missing: list[str] = []
-    for case in compare["cases"]:
-        runs_by_case[case] = []
-        for seed in compare["seeds"]:
-            run_dir = folder / str(case) / f"seed{seed}"
-            if (run_dir / "config.json").exists():
-                runs_by_case[case].append(load_run(run_dir))
-            else:
-                missing.append(f"{case}/seed{seed}")
-    return compare, runs_by_case, missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,21 +79,10 @@ def data_is_full_cifar10(description: str) -> bool:
     )
 
 
-def _short_data(description: str) -> str:
-    """'CIFAR-10 embedded sample (5085 train / 1017 test) — not the full data set' →
-    'CIFAR-10 embedded sample (5085/1017)', for titles."""
-    text = re.sub(r"\s*—\s*not the full data set", "", description)
-    text = re.sub(r" from \S+", "", text)
-    return re.sub(r"\((?:full: )?(\d+) train / (\d+) test\)", r"(\1/\2)", text).strip()
-
-
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
     """{mean, std (sample, 0 for one value), values}; None entries are not averaged."""
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return {"mean": None, "std": None, "values": list(values)}
-    std = statistics.stdev(present) if len(present) > 1 else 0.0
-    return {"mean": statistics.fmean(present), "std": std, "values": list(values)}
+    stat = mean_std(values)
+    return {"mean": stat["mean"], "std": stat["std"], "values": list(values)}
 
 
 def _first_epoch_reaching(metrics: Sequence[Mapping[str, Any]], threshold: float) -> int | None:
@@ -370,16 +186,6 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
-def _write_text(path: Path, text: str | bytes) -> None:
-    """Write through a temporary file, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _version() -> str:
     from bnlab import __version__
 
@@ -465,201 +271,13 @@ def summarize(compare_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def _summarize_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[Run]]]:
     compare, runs_by_case, missing = load_compare(folder)
     summary = summarize_runs(runs_by_case, compare, missing=missing, root=folder)
-    _write_text(folder / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)
     return summary, runs_by_case
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-
-
-def curves_title(
-    compared: str, data: str, n_seeds: int | tuple[int, int], band: str | None = "minmax"
-) -> str:
-    """'<compared> on the CIFAR-10 embedded sample (5085/1017), 3 seeds: line = mean, band =
-    min–max over seeds'. ``n_seeds`` may be a (fewest, most) pair when cases differ."""
-    low, high = n_seeds if isinstance(n_seeds, tuple) else (n_seeds, n_seeds)
-    seeds = (f"{low}" if low == high else f"{low}–{high}") + " seed" + ("" if high == 1 else "s")
-    if low != high:
-        seeds += " per case"
-    band_text = {"minmax": "min–max", "std": "±1 std"}.get(band or "", "")
-    if high > 1 and band_text:
-        seeds += f": line = mean, band = {band_text} over seeds"
-    return f"{compared} on the {_short_data(data)}, {seeds}"
-
-
-def _series(runs: Sequence[Run], key: str) -> tuple[list[int], list[Any]]:
-    """Epochs and, per epoch, the array of values of the runs that reached it."""
-    import numpy as np
-
-    per_epoch: dict[int, list[float]] = {}
-    for run in runs:
-        for m in run.metrics:
-            value = m.get(key)
-            per_epoch.setdefault(int(m["epoch"]), []).append(
-                float("nan") if value is None else float(value)
-            )
-    epochs = sorted(per_epoch)
-    return epochs, [np.asarray(per_epoch[e]) for e in epochs]
-
-
-def _finished(runs: Sequence[Run]) -> list[Run]:
-    return [run for run in runs if run.status == "finished" and run.metrics]
-
-
-def _draw_mean(axes, runs: Sequence[Run], label: str, color, band: str | None) -> None:
-    """The mean over ``runs`` per epoch as a line, with a band when there are several."""
-    for row, col, key, _, _ in PANELS:
-        ax = axes[row][col]
-        epochs, arrays = _series(runs, key)
-        mean = [a.mean() for a in arrays]
-        ax.plot(epochs, mean, color=color, lw=1.8, marker="o", ms=3, label=label)
-        if len(runs) > 1 and band:
-            if band == "std":
-                std = [a.std(ddof=1) if len(a) > 1 else 0.0 for a in arrays]
-                low = [m - s for m, s in zip(mean, std, strict=True)]
-                high = [m + s for m, s in zip(mean, std, strict=True)]
-            else:
-                low, high = [a.min() for a in arrays], [a.max() for a in arrays]
-            ax.fill_between(epochs, low, high, color=color, alpha=0.2, lw=0)
-
-
-def _draw_unfinished(axes, run: Run, label: str, color) -> None:
-    """A run in progress or diverged: a thin dotted line of its own, never averaged in."""
-    for row, col, key, _, _ in PANELS:
-        epochs, arrays = _series([run], key)
-        axes[row][col].plot(
-            epochs, [a[0] for a in arrays], color=color, lw=1, ls=":", marker=".", label=label
-        )
-
-
-def _draw_reference(axes, curves: Mapping[int, Mapping[str, float]], label: str, color) -> None:
-    epochs = sorted(curves)
-    for row, col, key, _, _ in PANELS:
-        values = []
-        for e in epochs:
-            record = {_METRIC_ALIASES.get(k, k): v for k, v in curves[e].items()}
-            values.append(record.get(key, float("nan")))
-        axes[row][col].plot(epochs, values, color=color, lw=1.4, ls="--", label=label)
-
-
-def _finish_axes(axes, loss_limits: Mapping[tuple[int, int], tuple[float, float]]) -> None:
-    """Labels, grid, integer epochs; accuracy within [0, 1]; a loss axis keeps the range of
-    the averaged and reference curves (``loss_limits``) when an unfinished run would blow it
-    up, else is cut at ``LOSS_CLIP``; a note says when values are not shown."""
-    limits = [axes[row][col].get_xlim() for row, col, _, _, _ in PANELS]
-    x_range = (min(low for low, _ in limits), max(high for _, high in limits))
-    for row, col, key, ylabel, title in PANELS:
-        ax = axes[row][col]
-        ax.set_xlim(*x_range)  # one epoch range on all four panels
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        low, high = ax.get_ylim()
-        if key.endswith("_acc"):
-            ax.set_ylim(max(low, 0.0), min(high, 1.0))
-            continue
-        kept = loss_limits.get((row, col))
-        top = (
-            kept[1] if kept and high > 1.5 * kept[1] else (LOSS_CLIP if high > LOSS_CLIP else None)
-        )
-        if top is not None:
-            ax.set_ylim(max(low, 0.0), top)
-            ax.annotate(
-                f"values above {top:.2f} not shown",
-                (0.98, 0.95),
-                xycoords="axes fraction",
-                ha="right",
-                va="top",
-                fontsize=8,
-            )
-
-
-def _case_color(index: int):
-    from matplotlib import colormaps
-
-    return colormaps["tab10"](index % 10)
-
-
-def plot_curves(
-    runs_by_case: Mapping[str, Sequence[Run]],
-    path: str | os.PathLike[str],
-    title: str,
-    *,
-    labels: Mapping[str, str] | None = None,
-    band: str | None = "minmax",
-    reference: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None,
-    dpi: int = 110,
-) -> Path:
-    """Draw the post's 2x2 figure and save it as PNG: train accuracy (top) and cost (bottom)
-    on the left, test accuracy and cost on the right, x = epoch.
-
-    Args:
-        runs_by_case: case → its runs (one per seed). Finished runs are averaged per epoch
-            (line) with a band over seeds; runs in progress or diverged are drawn one by
-            one as thin dotted lines, so they are visible but not averaged in (and do not
-            set the range of a loss axis: their values far above it are cut, with a note).
-        path: the PNG to write.
-        title: the figure title; say what is compared and name the data
-            (:func:`curves_title` builds one).
-        labels: case → legend label (default: the case name).
-        band: ``"minmax"`` (min–max over seeds), ``"std"`` (mean ± 1 sample std) or None.
-        reference: extra curves drawn dashed, legend label → {epoch: {metric: value}}, with
-            metric names ``train_acc``, ``train_loss``, ``test_acc``, ``test_loss`` (the
-            post's ``train_cost`` / ``test_cost`` are accepted). A label equal to a case, or
-            starting with ``"<case>:"`` or ``"<case> "``, takes that case's colour.
-
-        >>> plot_curves({"a": runs_a, "b": runs_b}, "curves.png",        # doctest: +SKIP
-        ...             "Cases a and b on the CIFAR-10 embedded sample (5085/1017), 3 seeds",
-        ...             reference={"a: post's log": {1: {"test_acc": 0.61}}})
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 8.5), layout="constrained")
-    FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
-    grid = fig.subplots(2, 2)
-    axes = [[grid[0, 0], grid[0, 1]], [grid[1, 0], grid[1, 1]]]
-    labels = labels or {}
-    colors = {case: _case_color(index) for index, case in enumerate(runs_by_case)}
-    for case, runs in runs_by_case.items():
-        if _finished(runs):
-            _draw_mean(axes, _finished(runs), labels.get(case, case), colors[case], band)
-    for index, (label, curves) in enumerate((reference or {}).items(), len(colors)):
-        case = next((c for c in colors if label == c or label.startswith((f"{c}:", f"{c} "))), None)
-        _draw_reference(axes, curves, label, colors.get(case, _case_color(index)))
-    loss_limits = {}
-    for row, col, key, _, _ in PANELS:
-        if key.endswith("_loss") and axes[row][col].lines:
-            loss_limits[(row, col)] = axes[row][col].get_ylim()
-    for case, runs in runs_by_case.items():
-        for run in runs:
-            if run not in _finished(runs) and run.metrics:
-                _draw_unfinished(axes, run, f"{case} seed {run.seed} ({run.status})", colors[case])
-    _finish_axes(axes, loss_limits)
-    handles, names = axes[0][1].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 3), fontsize=9)
-    fig.suptitle(title, fontsize=11, wrap=True)
-    out = Path(path)
-    fig.savefig(out, dpi=dpi, format="png")
-    return out
-
-
-def plot_run(run: Run, path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """One run's own curves (the layout of :func:`plot_curves`), whatever its status.
-
-    >>> plot_run(load_run("runs/x/a/seed0"), "runs/x/a/seed0/curves.png")  # doctest: +SKIP
-    """
-    label = f"{run.case} seed {run.seed}" + ("" if run.status == "finished" else f" ({run.status})")
-    if title is None:
-        data = str(run.config.get("data") or "unknown data")
-        title = f"Run {label}: train and test curves on the {_short_data(data)}"
-    as_finished = Run(run.path, run.config, run.metrics, {"status": "finished"}, run.notes)
-    return plot_curves({run.case: [as_finished]}, path, title, labels={run.case: label}, band=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,65 +485,15 @@ def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png") -> s
     return "\n\n".join(parts) + "\n"
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}
-.data{background:#fff4d6;border-left:5px solid #e0a000;padding:.6em 1em;margin:1em 0}
-table{border-collapse:collapse;font-size:.9em;margin:1em 0}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
-code{background:#f4f4f4;padding:.1em .3em}figure{margin:1em 0}img{max-width:100%}
-figcaption{font-size:.9em;color:#555}
-"""
-
-
-def render_html(summary: Mapping[str, Any], png: bytes) -> str:
-    """report.html: the content of report.md, self-contained (inline CSS, the figure as a
-    base64 data: URI, nothing loaded from elsewhere)."""
-    e = html.escape
-    rows = table_rows(summary)
-    head = "".join(f"<th>{e(cell)}</th>" for cell in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:]
-    )
-    image = base64.b64encode(png).decode("ascii")
-    items = "".join(f"<li>{e(line)}</li>" for line in reading(summary))
-    notes = "".join(f"<li>{e(note)}</li>" for note in summary.get("notes", []))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>{e(_report_title(summary))}</title><style>{_CSS}</style></head><body>
-<h1>{e(_report_title(summary))}</h1>
-<div class="data"><strong>Data: {e(summary["data"])}.</strong> {e(_data_sentence(summary))}</div>
-<p>Command: <code>{e(summary.get("command") or "unknown")}</code><br>
-Epochs: {e(str(summary.get("epochs")))}, seeds: {e(str(summary.get("seeds")))},
-generated by {e(summary["generated_by"])} from summary.json.</p>
-<h2>Results per case</h2>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p>Accuracies are fractions; ± is the sample standard deviation over seeds; "epochs to 70%"
-is the mean first epoch with test accuracy ≥ 0.7 over the seeds that reached it
-(reached/finished).</p>
-<h2>Curves</h2>
-<figure><img alt="train and test accuracy and loss per epoch"
-src="data:image/png;base64,{image}"><figcaption>{e(_caption(summary))}</figcaption></figure>
-<h2>Reading</h2><ul>{items}</ul>
-{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
-</body></html>
-"""
-
-
 def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, labels,
-                      markdown: str, page: str) -> tuple[str, str]:
-    """The post presets' section (bnlab.post_report), in summary.json and both reports."""
-    from bnlab.post_report import post_section, post_summary, write_post_figures
-    from bnlab.studies.common import markdown_body
+                      markdown: str) -> str:
+    """The post presets' section (bnlab.post.report), in summary.json and the report."""
+    from bnlab.post.report import post_section, post_summary, write_post_figures
 
     summary["post"] = _clean_json(post_summary(runs_by_case, summary["full_cifar10"]))
-    _write_text(folder / "summary.json",
-                json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)
     write_post_figures(folder, runs_by_case, summary["data"], labels)
-    section = post_section(summary["post"], summary["data"])
-    body = markdown_body(section, folder)
-    return markdown + "\n" + section, page.replace("</body></html>", body + "\n</body></html>")
+    return markdown + "\n" + post_section(summary["post"], summary["data"])
 
 
 def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -949,14 +517,13 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
         labels=labels,
     )
     markdown_text = render_markdown(summary, curves.name)
-    page_text = render_html(summary, curves.read_bytes())
     if str(summary.get("preset") or "").startswith("post"):
-        markdown_text, page_text = _add_post_section(folder, summary, runs_by_case, labels,
-                                                     markdown_text, page_text)
+        markdown_text = _add_post_section(folder, summary, runs_by_case, labels, markdown_text)
+    page_text = markdown_to_html(markdown_text, folder, _report_title(summary))
     markdown = folder / "report.md"
-    _write_text(markdown, markdown_text)
+    atomic_write_text(markdown, markdown_text)
     page = folder / "report.html"
-    _write_text(page, page_text)
+    atomic_write_text(page, page_text)
     return {
         "summary": folder / "summary.json",
         "curves": curves,

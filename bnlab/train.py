@@ -17,13 +17,8 @@ exactly as an uninterrupted run would (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,10 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as TF
 
-from bnlab import __version__
+from bnlab import __version__, runs
 from bnlab import data as bdata
+from bnlab.evidence.curves import plot_run
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
+from bnlab.plans import LayerSpec, all_cnn_c_plan, initial_parameters, post_net_plan
+from bnlab.progress import EPOCH_HEADER, Progress, cpu_allocator_tuned, format_epoch_row
+from bnlab.runs import RUN_INFO_KEYS
 
 __all__ = [
     "ConfigError",
@@ -55,6 +54,8 @@ ARCHS = ("allcnn", "post")
 RECIPES = ("standard", "post")
 BATCH_ORDERS = ("shuffled", "class_sorted")
 PRECISIONS = ("fp32", "bf16", "fp64")
+# BN's epsilon by architecture: PyTorch's default for All-CNN-C, the post's 1e-8 for its net
+BN_EPS = {"allcnn": 1e-5, "post": 1e-8}
 
 
 class ConfigError(ValueError):
@@ -63,10 +64,6 @@ class ConfigError(ValueError):
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite; the run folder keeps the last good epoch."""
-
-
-# what a run folder's config.json holds beside the TrainConfig: where and with what it ran
-RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,7 @@ class TrainConfig:
     width: float = 1.0                # All-CNN-C channel multiplier (96, 192 → ×width)
     dropout: bool = False             # the paper's dropout: 20% input, 50% after stride-2 convs
     bn_momentum: float | None = 0.1   # PyTorch's convention: weight of the *new* batch
+    bn_eps: float | None = None       # BN's epsilon; None: the arch's (see BN_EPS), recorded
     bn_bias_correction: bool = False  # bnlab BN only: bias-corrected running stats (Q5)
     arch: str = "allcnn"              # "allcnn" (Springenberg's C) | "post" (the post's net)
     bn_kind: str = "channel"          # post net: "channel" (case b) | "activation" (case c)
@@ -99,7 +97,7 @@ class TrainConfig:
     batch_size: int = 128             # images per step
     augment: bool = True              # random crop (4-pixel padding) + horizontal flip
     recipe: str = "standard"          # "standard" | "post" (25 + 25 augmented copies, per-
-                                      # batch standardisation: bnlab.post_recipe)
+                                      # batch standardisation: bnlab.post.recipe)
     batch_order: str = "shuffled"     # "shuffled" | "class_sorted" (batches mostly one class)
     subset: int | None = None         # train on N images (seeded choice), None = all
     data_dir: str | None = None       # None: cache, download, else the embedded sample
@@ -110,6 +108,10 @@ class TrainConfig:
     channels_last: bool = True        # memory format of activations (faster convs)
     compile: bool = False             # torch.compile the autograd model (GPU)
     eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.bn_eps is None and self.arch in BN_EPS:  # config.json records the value
+            object.__setattr__(self, "bn_eps", BN_EPS[self.arch])
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the bad field and value; return self."""
@@ -135,6 +137,8 @@ class TrainConfig:
             raise ConfigError("the manual engine steps bnlab.optim: set optimizer_impl 'bnlab'")
         if self.optimizer_impl == "torch" and self.amsgrad_rule != "torch":
             raise ConfigError("AMSGrad rules other than 'torch' need optimizer_impl 'bnlab'")
+        if self.bn_eps is None or not self.bn_eps > 0 or not math.isfinite(self.bn_eps):
+            raise ConfigError(f"bn_eps must be positive, got {self.bn_eps!r}")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1] or None, got {self.bn_momentum}")
         if self.arch == "allcnn" and self.bn_kind != "channel":
@@ -235,18 +239,20 @@ class Model:
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.dropout_generator = torch.Generator(device=device)
-        twin = _autograd_model(config, self.dropout_generator)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
-        twin = twin.to(self.dtype)
+        # one plan, one draw of the initial weights from the run's generator, either engine
+        initial = initial_parameters(*network_plan(config), _generator(config.seed, _INIT))
         self.mean_gradient = True
         if config.engine == "autograd":
-            self.module = twin.to(device=device, memory_format=memory_format)
+            module = _autograd_model(config, self.dropout_generator)
+            _load_initial(module.state_dict(), initial, module.load_state_dict)
+            self.module = module.to(self.dtype).to(device=device, memory_format=memory_format)
             self.forward = torch.compile(self.module) if config.compile else self.module
             params = list(self.module.parameters())
         else:
             self.network = _manual_network(config, self.dropout_generator)
-            self.network.load_state_dict(twin.state_dict())
+            _load_initial(self.network.state_dict(), initial, self.network.load_state_dict)
             self.network.to(device=device, dtype=self.dtype, memory_format=memory_format)
             self.mean_gradient = getattr(self.network, "mean_gradient", True)
             params = self.network.parameters()
@@ -321,41 +327,51 @@ def load_model(run_dir: str | Path, device: torch.device | str | None = None) ->
     >>> model = load_model("runs/compare/b/seed0")          # doctest: +SKIP
     >>> model.module.eval()(images)                         # doctest: +SKIP
     """
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint.pt in {run_dir}: not a bnlab run folder, or "
-                                f"its first epoch never finished")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = runs.load_checkpoint(run_dir)
     config = TrainConfig.from_json(state["config"])
     model = Model(config, resolve_device(str(device) if device is not None else config.device))
     model.load_state_dict(state)
     return model
 
 
-def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:
-    """The run's ``nn.Module``; for the manual engine, the twin its initial weights come from."""
-    norm = config.norm if config.engine == "autograd" else \
-        "none" if config.norm == "none" else "bnlab"
-    generator = _generator(config.seed, _INIT)
+def network_plan(config: TrainConfig) -> tuple[list[LayerSpec], str]:
+    """The run's network plan and its initialization scheme (see :mod:`bnlab.plans`)."""
+    bn = config.norm != "none"
     if config.arch == "post":
-        from bnlab.models import PostNet
-        return PostNet(norm=norm, bn_kind=config.bn_kind, width=config.width,
-                       momentum=config.bn_momentum, generator=generator)
-    return AllCNNC(norm=norm, dropout=config.dropout, width=config.width,
-                   momentum=config.bn_momentum, generator=generator,
+        return post_net_plan(config.bn_kind if bn else "none", config.width), "post"
+    return all_cnn_c_plan(bn, config.dropout, config.width), "default"
+
+
+def _load_initial(state: dict, initial: dict, load: Callable) -> None:
+    """Load the initial weights into a freshly built network (its other entries as built)."""
+    missing = sorted(set(initial) - set(state))
+    if missing:
+        raise RuntimeError(f"the plan's parameters {missing} are not in the network")
+    load({**state, **initial})
+
+
+def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> torch.nn.Module:
+    """The run's ``nn.Module``, its conv weights undrawn (the caller loads them)."""
+    if config.arch == "post":
+        from bnlab.post.net import PostNet
+        return PostNet(norm=config.norm, bn_kind=config.bn_kind, width=config.width,
+                       momentum=config.bn_momentum, eps=config.bn_eps, init=False)
+    return AllCNNC(norm=config.norm, dropout=config.dropout, width=config.width,
+                   momentum=config.bn_momentum, eps=config.bn_eps, init=False,
                    dropout_generator=dropout_generator)
 
 
 def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
-    """The run's :class:`bnlab.manual.Sequential` (weights are then copied from the twin)."""
+    """The run's :class:`bnlab.manual.Sequential`, its conv weights undrawn."""
     bn = config.norm != "none"
     if config.arch == "post":
-        from bnlab.manual.postnet import post_net
+        from bnlab.post.manual_net import post_net
         return post_net(bn=config.bn_kind if bn else "none", width=config.width,
-                        gradient_errors=config.gradient_errors, momentum=config.bn_momentum)
+                        gradient_errors=config.gradient_errors, momentum=config.bn_momentum,
+                        eps=config.bn_eps, init=False)
     return all_cnn_c(bn=bn, dropout=config.dropout, width=config.width,
-                     momentum=config.bn_momentum, dropout_generator=dropout_generator,
-                     generator=_generator(config.seed, _INIT))
+                     momentum=config.bn_momentum, eps=config.bn_eps,
+                     dropout_generator=dropout_generator, init=False)
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -392,99 +408,6 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "inverse":  # the post's lr / (1 + 0.001 epoch), epoch from 0
         return config.lr / (1.0 + 0.001 * (epoch - 1))
     return config.lr
-
-
-# ---- CPU speed: the allocator ---------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@contextlib.contextmanager
-def cpu_allocator_tuned(enabled: bool = True) -> Iterator[None]:
-    """Serve large tensors from the reused heap instead of fresh mmaps (glibc only).
-
-    glibc hands out every block over 32 MiB with a new ``mmap`` and unmaps it on free, so
-    a (128, 96, 32, 32) float32 activation page-faults on every training step (measured:
-    70-80% of a channels_last BN's time). ``mallopt(M_MMAP_MAX, 0)`` keeps such blocks on
-    the heap, and a high trim threshold keeps freed memory for the next step. The previous
-    settings (glibc's defaults) are restored on exit. A no-op where glibc is absent.
-    """
-    libc = None
-    if enabled and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt  # noqa: B018 - probe that this libc has mallopt
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, 65536)          # glibc's default
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
-
-
-# ---- files ----------------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, value: object) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import io
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-# ---- progress -------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line progress bar on stderr with the live loss and accuracy (TTY only)."""
-
-    def __init__(self, enabled: bool, prefix: str) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.prefix = prefix
-        self.last = 0.0
-
-    def update(self, step: int, steps: int, loss: float, acc: float, images_per_s: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.25 and step < steps):
-            return
-        self.last = now
-        filled = int(20 * step / max(steps, 1))
-        bar = "#" * filled + "." * (20 - filled)
-        print(f"\r\033[K{self.prefix} [{bar}] {step}/{steps}  loss {loss:.4f}  acc {acc:.4f}  "
-              f"{images_per_s:.0f} img/s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-    def wants_update(self) -> bool:
-        return self.enabled and time.perf_counter() - self.last >= 0.25
-
-
-EPOCH_HEADER = (f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  "
-                f"{'test acc':>8}  {'time s':>7}  {'img/s':>7}")
-
-
-def format_epoch_row(m: dict) -> str:
-    return (f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['train_acc']:>9.4f}  "
-            f"{m['test_loss']:>9.4f}  {m['test_acc']:>8.4f}  {m['epoch_time_s']:>7.1f}  "
-            f"{m['images_per_s']:>7.0f}")
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -537,27 +460,25 @@ def train(
     dataset = prepare_dataset(config, device, dataset)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    result_path, ckpt_path = run_dir / "result.json", run_dir / "checkpoint.pt"
-    if resume and result_path.exists():
-        done = json.loads(result_path.read_text())
-        metrics = _read_metrics(run_dir / "metrics.jsonl")
-        return RunResult(run_dir, metrics, done.get("status", "finished"), done.get("message", ""))
+    result = runs.read_result(run_dir) if resume else None
+    if result is not None:
+        return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
+                         result.get("status", "finished"), result.get("message", ""))
 
     config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
                    "torch_version": torch.__version__, "device": str(device)}
     model = Model(config, device)
     metrics: list[dict] = []
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if resume and (run_dir / runs.CHECKPOINT).exists():
+        state = runs.load_checkpoint(run_dir, map_location=device)
         model.load_state_dict(state)
         metrics = list(state["metrics"])
         log(f"resuming {config.case} seed {config.seed} after epoch {len(metrics)}")
     else:
-        atomic_write_json(run_dir / "config.json", config_json)
+        runs.atomic_write_json(run_dir / runs.CONFIG, config_json)
     # metrics.jsonl mirrors the checkpoint: a row appended after a checkpoint that a kill
     # prevented is dropped, so the file always matches the state we continue from.
-    atomic_write_bytes(run_dir / "metrics.jsonl",
-                       "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    runs.write_metrics(run_dir, metrics)
 
     dtype = model.dtype
     started = time.perf_counter()
@@ -567,21 +488,18 @@ def train(
             try:
                 row = _run_epoch(config, model, dataset, epoch, dtype, progress, on_step)
             except DivergenceError as error:
-                message = str(error)
-                atomic_write_json(result_path, {"status": "diverged", "message": message,
-                                                "wall_time_s": time.perf_counter() - started})
+                runs.write_result(run_dir, "diverged", str(error),
+                                  time.perf_counter() - started)
                 raise
             metrics.append(row)
-            _save_checkpoint(ckpt_path, {**model.state_dict(), "metrics": metrics,
-                                         "config": config.to_json()})
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            runs.save_checkpoint(run_dir, {**model.state_dict(), "metrics": metrics,
+                                           "config": config.to_json()})
+            runs.append_metrics(run_dir, row)
             if epoch == first_epoch:  # the table's header, also when resuming
                 log(EPOCH_HEADER)
             log(format_epoch_row(row))
 
-    atomic_write_json(result_path, {"status": "finished", "message": "",
-                                    "wall_time_s": time.perf_counter() - started})
+    runs.write_result(run_dir, "finished", "", time.perf_counter() - started)
     _plot_run(run_dir)
     return RunResult(run_dir, metrics)
 
@@ -590,7 +508,7 @@ def epoch_batches(config: TrainConfig, dataset: bdata.CIFAR10, generator: torch.
                   dtype: torch.dtype = torch.float32) -> tuple[Iterator, int]:
     """One epoch of training batches as the config's recipe makes them, and their number."""
     if config.recipe == "post":
-        from bnlab import post_recipe
+        from bnlab.post import recipe as post_recipe
         batches = post_recipe.post_train_batches(
             dataset, config.batch_size, generator=generator,
             channels_last=config.channels_last, dtype=dtype)
@@ -605,7 +523,7 @@ def test_set_batches(config: TrainConfig, dataset: bdata.CIFAR10,
                      dtype: torch.dtype = torch.float32) -> Iterator:
     """The test set in batches of ``eval_batch_size``, prepared as the config's recipe says."""
     if config.recipe == "post":
-        from bnlab import post_recipe
+        from bnlab.post import recipe as post_recipe
         return post_recipe.post_test_batches(dataset, config.eval_batch_size,
                                              channels_last=config.channels_last, dtype=dtype)
     return bdata.test_batches(dataset, config.eval_batch_size,
@@ -670,21 +588,6 @@ def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch:
     return row
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
 def _plot_run(run_dir: Path) -> None:
-    """Draw the run's own curves.png (skipped quietly if the report module is absent)."""
-    try:
-        from bnlab import report
-    except ImportError:
-        return
-    report.plot_run(report.load_run(run_dir), run_dir / "curves.png")
+    """Draw the run's own curves.png from its folder."""
+    plot_run(runs.load_run(run_dir), run_dir / runs.CURVES)

@@ -38,8 +38,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from bnlab import functional as F
+from bnlab.check_engines import relative_error  # max|a - b| / max|b|
 from bnlab.data import load_embedded_sample, normalize
-from bnlab.manual.check import relative_error  # max|a - b| / max|b|
 from bnlab.nn import BatchNorm2d
 
 # Tiny tensors: a second intra-op thread buys nothing, and on a busy machine it spin-waits.

@@ -43,11 +43,11 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
+from bnlab.check_engines import compare_engines, relative_error  # max|a - b| / max|b|
 from bnlab.data import load_embedded_sample
 from bnlab.manual import BatchNorm2d, Conv2d, ReLU, Sequential
-from bnlab.manual.check import compare_engines, relative_error  # max|a - b| / max|b|
 from bnlab.optim import AMSGrad
-from bnlab.postlog import load_logged_metrics
+from bnlab.post.log import load_logged_metrics
 from bnlab.train import TrainConfig, train
 
 # Small tensors: a second intra-op thread buys little, and on a busy machine it spin-waits.
@@ -108,7 +108,7 @@ for name, ours, ref in rows:
 # %% [markdown]
 # ## The whole network against autograd
 #
-# `bnlab.manual.check.compare_engines` builds All-CNN-C twice from one seed — the manual
+# `bnlab.check_engines.compare_engines` builds All-CNN-C twice from one seed — the manual
 # network and the `nn.Module` — gives every BN random parameters and running statistics,
 # runs one forward and backward pass on random images in float64 and returns the relative
 # error of every output, gradient and buffer. (This is what `bnlab gradcheck` runs.) Float64
@@ -226,7 +226,7 @@ plt.show()
 # ## The post's own curves
 #
 # The post trained each case once (seed 678) for 21 epochs on the full CIFAR-10 with its own
-# network (close to, not exactly, All-CNN-C) and logged every epoch; `bnlab.postlog` carries
+# network (close to, not exactly, All-CNN-C) and logged every epoch; `bnlab.post.log` carries
 # those numbers. Its case c also differs from b in more than the engine: per-activation BN,
 # a different optimizer rule, and three gradient errors (see the README, "The post as it
 # ran"; `bnlab compare --preset post-quick` separates them one at a time).

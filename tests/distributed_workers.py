@@ -90,7 +90,8 @@ def manual_dp_setup(size: int = 9, batch: int = 8, steps: int = 2):
 
 def manual_network(name: str):
     """The manual networks of the data-parallel check, float64, seeded."""
-    from bnlab.manual import GRADIENT_ERRORS, all_cnn_c, post_net
+    from bnlab.manual import all_cnn_c
+    from bnlab.post.manual_net import GRADIENT_ERRORS, post_net
 
     gen = torch.Generator().manual_seed(0)
     if name == "all-cnn-c":  # per-channel BN (BatchNorm2d)

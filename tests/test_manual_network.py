@@ -23,8 +23,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bnlab.check_engines import compare_engines, randomize_batchnorm_, relative_error
 from bnlab.manual import all_cnn_c, softmax_cross_entropy, train_step
-from bnlab.manual.check import compare_engines, randomize_batchnorm_, relative_error
 from bnlab.models import AllCNNC
 
 TOL = 1e-10

@@ -13,8 +13,8 @@ from bnlab import train as T
 from bnlab.cases import LADDER, PRESETS, case_config
 from bnlab.cli import main
 from bnlab.data import load_cifar10_dir
-from bnlab.post_report import post_section, post_summary
-from bnlab.postlog import LOGGED_FINAL
+from bnlab.post.log import LOGGED_FINAL
+from bnlab.post.report import post_section, post_summary
 from bnlab.report import Run
 from tests.cifar_fixtures import write_cifar10_folder
 

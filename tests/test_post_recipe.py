@@ -1,4 +1,4 @@
-"""What bnlab.post_recipe and bnlab.postlog promise: the post's data recipe and its logged numbers.
+"""What bnlab.post.recipe and bnlab.post.log promise: the post's data recipe and its logged numbers.
 
 Batches are built from small random data sets whose train label i names image i, so every
 image of a batch can be traced back to its source; the raw (unstandardised) batch is read by
@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import post_recipe
 from bnlab.data import CIFAR10
-from bnlab.post_recipe import (
+from bnlab.post import recipe as post_recipe
+from bnlab.post.log import LOGGED_FINAL, load_logged_metrics
+from bnlab.post.recipe import (
     AUGMENT_PROBABILITY,
     ROTATE,
     SCALE,
@@ -31,7 +32,6 @@ from bnlab.post_recipe import (
     post_train_batches,
     standardize_per_pixel,
 )
-from bnlab.postlog import LOGGED_FINAL, load_logged_metrics
 
 SHARED_METRICS = Path(__file__).resolve().parents[1].parent / "shared/post/logged-metrics.csv"
 

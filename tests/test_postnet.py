@@ -7,7 +7,7 @@ What is promised, checked in float64:
 - the two BN flavours as the post ran them: forward and running statistics against a
   reference written here, the per-activation one also against ``torch.nn.BatchNorm1d``;
 - the whole post net: the manual engine with every switch off computes autograd's
-  gradients of ``bnlab.models.PostNet`` (both BN engines), evaluation mode agrees, and
+  gradients of ``bnlab.post.net.PostNet`` (both BN engines), evaluation mode agrees, and
   state dicts copy both ways;
 - each switch of ``GRADIENT_ERRORS`` changes the gradients by exactly its documented
   factor, and all three together are autograd of a network whose backward has the same
@@ -30,18 +30,17 @@ import torch.nn.functional as TF
 from bnlab import functional as F
 from bnlab.manual import (
     ELU,
-    GRADIENT_ERRORS,
     AvgPool2d,
     BatchNorm2d,
     GlobalAvgPool2d,
     PerActivationBatchNorm,
     Sequential,
-    post_net,
-    post_net_plan,
     softmax_cross_entropy,
     train_step,
 )
-from bnlab.models import PostNet
+from bnlab.plans import post_net_plan
+from bnlab.post.manual_net import GRADIENT_ERRORS, post_net
+from bnlab.post.net import PostNet
 
 TOL = 1e-10
 F64 = torch.float64

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from bnlab import report
+from bnlab.evidence.curves import curves_title, plot_curves, plot_run
 from bnlab.report import (
     MissingFileError,
     ReportError,
     load_run,
-    plot_curves,
-    plot_run,
     reading,
     summarize,
     write_report,
@@ -440,10 +439,10 @@ def test_plot_curves_accepts_reference_curves_and_plot_run_draws_one_run(tmp_pat
 
 
 def test_curves_title_names_the_data_and_seeds():
-    title = report.curves_title("Cases a, b, c", SAMPLE, 1)
+    title = curves_title("Cases a, b, c", SAMPLE, 1)
     assert title == "Cases a, b, c on the CIFAR-10 embedded sample (5085/1017), 1 seed"
-    title = report.curves_title("Cases a, b", FULL, 3)
+    title = curves_title("Cases a, b", FULL, 3)
     assert "CIFAR-10 (50000/10000)" in title and "3 seeds" in title and "min–max" in title
-    assert report.curves_title("Cases", SAMPLE, (2, 3)).endswith(
+    assert curves_title("Cases", SAMPLE, (2, 3)).endswith(
         "(5085/1017), 2–3 seeds per case: line = mean, band = min–max over seeds"
     )

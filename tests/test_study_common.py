@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bnlab.data import load_cifar10_dir
+from bnlab.evidence.stats import compare_means, fmt_pct, mean_std, plural, verdict, verdict_phrase
 from bnlab.studies import run_all, run_study
-from bnlab.studies.common import (
-    SCALES,
-    ProbeLog,
-    StudyContext,
-    StudyScale,
-    compare_means,
-    fmt_pct,
-    mean_std,
-    plural,
-    verdict,
-    verdict_phrase,
-)
+from bnlab.studies.common import SCALES, ProbeLog, StudyContext, StudyScale
 from tests.cifar_fixtures import write_cifar10_folder
 
 # ---- verdicts ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.data import load_cifar10_dir
+from bnlab.evidence.stats import fmt_pct, fmt_pm
 from bnlab.models import Dropout
 from bnlab.studies import common, q1, run_study
 from bnlab.train import TrainConfig, prepare_dataset, train
@@ -189,10 +190,10 @@ def test_section_is_drawn_from_the_summary(study):
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40
     bn = summary["configs"]["bn"]["final"]
-    assert common.fmt_pct(bn["test_acc"]) in section
-    assert common.fmt_pct(bn["acc_gap_eval"]) in section
+    assert fmt_pct(bn["test_acc"]) in section
+    assert fmt_pct(bn["acc_gap_eval"]) in section
     first = summary["noise"]["bn_trained"]["relative_std"][0]
-    assert common.fmt_pm(first, 3) in section
+    assert fmt_pm(first, 3) in section
     assert any(p in section for p in ("The data support it.", "The data contradict it.",
                                       "Inconclusive at this scale."))
     # change a number in summary.json: the section follows it

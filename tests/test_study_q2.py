@@ -9,6 +9,7 @@ import math
 import pytest
 
 from bnlab.data import load_cifar10_dir
+from bnlab.evidence.stats import fmt_pct, mean_std
 from bnlab.studies import common, q2, run_study
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
@@ -80,7 +81,7 @@ def test_compare_ranges():
 def test_reach_verdict():
     def entry(reached, runs, epochs):
         return {"reached": reached, "runs": runs,
-                "epochs": common.mean_std(epochs)}
+                "epochs": mean_std(epochs)}
     fast = {"torch": entry(2, 2, [2, 2]), "none": entry(2, 2, [5, 6])}
     assert q2._reach_verdict(fast)[0] == "supported"
     slow = {"torch": entry(2, 2, [5, 6]), "none": entry(2, 2, [2, 2])}
@@ -153,7 +154,7 @@ def test_section_is_drawn_from_the_summary(study):
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40
     final = s["convergence"]["final_test_acc"]
-    assert common.fmt_pct(final["torch"]) in section and common.fmt_pct(final["none"]) in section
+    assert fmt_pct(final["torch"]) in section and fmt_pct(final["none"]) in section
     assert " ×" in section  # diverged points are marked
     assert any(p in section for p in ("The data support it.", "The data contradict it.",
                                       "Inconclusive at this scale."))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bnlab.train
+from bnlab import bnstats
 from bnlab.data import load_cifar10_dir
 from bnlab.studies import SCALES, q3, run_study
 from bnlab.studies.common import StudyScale
@@ -88,7 +89,7 @@ def test_recompute_exact_is_the_population_statistics_layer_by_layer(path):
     net = two_bn_net()
     target, limit = {"segments": (net, 1 << 30), "prefixes (cache too small)": (net, 1000),
                      "prefixes (module)": (Wrapped(net), 1 << 30)}[path]
-    assert q3.recompute_exact(target, lambda: float64_batches(x, 7),
+    assert bnstats.recompute_exact(target, lambda: float64_batches(x, 7),
                               cache_limit_bytes=limit) == 2
     # reference: layer 1 from the data, layer 2 from layer 1's eval-mode output
     mean1, var1 = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
@@ -108,7 +109,7 @@ def test_recompute_cumulative_averages_batch_means_and_unbiased_variances():
     x = torch.randn(40, 3, 4, 4, generator=g, dtype=torch.float64)
     x += torch.arange(40, dtype=torch.float64).view(40, 1, 1, 1) / 4  # batch means differ
     bn = nn.Sequential(nn.BatchNorm2d(3, momentum=0.1).double())
-    assert q3.recompute_cumulative(bn, float64_batches(x, 10)) == 4
+    assert bnstats.recompute_cumulative(bn, float64_batches(x, 10)) == 4
     chunks = x.split(10)
     want_mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
     want_var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in chunks]).mean(0)
@@ -137,29 +138,29 @@ def toy_classifier(num_classes: int = 4) -> tuple[nn.Module, torch.Tensor, torch
 def test_accuracy_running_vs_batch_statistics_and_recomputed():
     net, x, y = toy_classifier()
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    q3.recompute_exact(net, lambda: batches)
-    right = q3.accuracy(net, batches)
+    bnstats.recompute_exact(net, lambda: batches)
+    right = bnstats.accuracy(net, batches)
     bn = net[0]
     bn.running_mean[0] = -100.0  # wrong running statistics: channel 0 wins every image
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    wrong = q3.accuracy(net, batches)
-    with_batch = q3.accuracy(net, batches, "batch")
+    wrong = bnstats.accuracy(net, batches)
+    with_batch = bnstats.accuracy(net, batches, "batch")
     print(f"running (right) {right:.3f}  running (wrong) {wrong:.3f}  batch {with_batch:.3f}")
     assert right > 0.95 and with_batch > 0.95
     assert wrong == pytest.approx(0.25)  # only class 0 is right
     for key, value in bn.state_dict().items():  # the batch-statistics pass touched nothing
         torch.testing.assert_close(value, before[key])
     assert bn.training  # the mode it had
-    q3.recompute_exact(net, lambda: batches)
-    assert q3.accuracy(net, batches) == right  # recomputing repairs it
-    mismatch = q3.stats_mismatch(net, net)
+    bnstats.recompute_exact(net, lambda: batches)
+    assert bnstats.accuracy(net, batches) == right  # recomputing repairs it
+    mismatch = bnstats.stats_mismatch(net, net)
     assert mismatch == {"mean_shift": 0.0, "log_var_ratio": 0.0}
 
 
 def test_accuracy_refuses_unknown_statistics():
     net, x, y = toy_classifier()
     with pytest.raises(ValueError, match="statistics"):
-        q3.accuracy(net, [(x, y)], "population")
+        bnstats.accuracy(net, [(x, y)], "population")
 
 
 # ---- end to end ----------------------------------------------------------------------------

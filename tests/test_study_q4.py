@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from bnlab.data import load_cifar10_dir
+from bnlab.evidence.stats import mean_std, relation
 from bnlab.models import AllCNNC
 from bnlab.studies import q4
-from bnlab.studies.common import StudyContext, StudyScale, mean_std, read_summary
+from bnlab.studies.common import StudyContext, StudyScale, read_summary
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
@@ -68,7 +69,7 @@ def test_percentile_drift():
     ([1.0], [2.0], "undetermined"),
 ])
 def test_compare(a, b, want):
-    assert q4.compare(mean_std(a), mean_std(b)) == want
+    assert relation(mean_std(a), mean_std(b)) == want
 
 
 # ---- gradient_shift ----------------------------------------------------------------------

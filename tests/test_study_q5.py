@@ -12,11 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from bnlab import bnstats
 from bnlab import train as T
 from bnlab.data import load_cifar10_dir
 from bnlab.functional import bias_corrected_running_stats
 from bnlab.studies import q5
 from bnlab.studies.common import StudyContext, StudyScale, read_summary
+from bnlab.studies.q5 import experiment as q5_experiment
+from bnlab.studies.q5 import replay as q5_replay
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
@@ -89,7 +92,7 @@ def test_population_statistics_are_algorithm_2():
     bn = nn.BatchNorm2d(3)
     model = nn.Sequential(bn)
     batches = [torch.randn(4, 3, 2, 2) * 2 + 1 for _ in range(3)]
-    got = q5.population_statistics(model, batches)
+    got = bnstats.population_statistics(model, batches)
     means = torch.stack([b.mean((0, 2, 3)) for b in batches]).double()
     variances = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).double()
     assert torch.allclose(got[0][0], means.mean(0), rtol=1e-6)
@@ -99,9 +102,9 @@ def test_population_statistics_are_algorithm_2():
 
 def test_statistics_error():
     population = [(torch.tensor([1.0, -1.0]), torch.tensor([4.0, 1.0]))]
-    assert q5.statistics_error(population, population) == (0.0, 0.0)
+    assert bnstats.statistics_error(population, population) == (0.0, 0.0)
     off = [(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 1.5]))]  # mean off by 1 std
-    mean_error, var_error = q5.statistics_error(off, population)
+    mean_error, var_error = bnstats.statistics_error(off, population)
     assert mean_error == pytest.approx(1.0) and var_error == pytest.approx(0.5)
 
 
@@ -221,18 +224,19 @@ def test_replay_matches_runs_trained_with_that_momentum(study, dataset, tmp_path
 def test_interrupted_run_resumes_with_the_same_result(study, dataset, tmp_path, monkeypatch):
     out, _ = study
     small = q5.ewa_experiment((0.9,), replicates=10)
-    monkeypatch.setattr(q5, "ewa_experiment", lambda: small)  # not what this test is about
-    call = q5._Probe.__call__
+    # not what this test is about
+    monkeypatch.setattr(q5_experiment, "ewa_experiment", lambda: small)
+    call = q5_replay._Probe.__call__
 
     def interrupted(self, model, epoch, step):
         if epoch == 2 and step == 2:
             raise KeyboardInterrupt
         call(self, model, epoch, step)
 
-    monkeypatch.setattr(q5._Probe, "__call__", interrupted)
+    monkeypatch.setattr(q5_replay._Probe, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         q5.run(_context(tmp_path, dataset))
-    monkeypatch.setattr(q5._Probe, "__call__", call)
+    monkeypatch.setattr(q5_replay._Probe, "__call__", call)
     assert not (tmp_path / "runs" / "bn-seed0" / "result.json").exists()
     q5.run(_context(tmp_path, dataset))
     got = json.loads((tmp_path / "runs" / "bn-seed0" / "final.json").read_text())

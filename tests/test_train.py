@@ -12,6 +12,8 @@ import torch
 from bnlab import train as T
 from bnlab.cases import case_config
 from bnlab.data import load_cifar10_dir
+from bnlab.progress import cpu_allocator_tuned
+from bnlab.runs import read_metrics
 from tests.cifar_fixtures import write_cifar10_folder
 
 TINY = {"width": 0.125, "epochs": 2, "batch_size": 8, "device": "cpu", "eval_batch_size": 16,
@@ -42,6 +44,7 @@ BAD = {
                           "own BN"),
     "manual + torch.optim": ({"engine": "manual", "norm": "bnlab"}, "bnlab"),
     "bn momentum": ({"bn_momentum": 1.5}, "bn_momentum"),
+    "bn eps": ({"bn_eps": 0.0}, "bn_eps"),
     "arch": ({"arch": "resnet"}, "arch"),
     "per-activation on All-CNN-C": ({"bn_kind": "activation"}, "arch 'post'"),
     "gradient error name": ({"engine": "manual", "norm": "bnlab", "optimizer_impl": "bnlab",
@@ -58,6 +61,37 @@ def test_bad_config_is_refused(case):
     fields, word = BAD[case]
     with pytest.raises(T.ConfigError, match=word):
         T.TrainConfig(**fields).validate()
+
+
+def test_bn_eps_is_the_architectures_unless_given_and_reaches_every_bn():
+    assert T.TrainConfig().bn_eps == 1e-5 and T.TrainConfig(arch="post").bn_eps == 1e-8
+    assert T.TrainConfig(bn_eps=1e-3).to_json()["bn_eps"] == 1e-3
+    # an old config.json without the field: the architecture's value, as before
+    old = {k: v for k, v in T.TrainConfig(arch="post").to_json().items() if k != "bn_eps"}
+    assert T.TrainConfig.from_json(old).bn_eps == 1e-8
+    for engine, norm, impl in (("autograd", "torch", "torch"), ("manual", "bnlab", "bnlab")):
+        for arch in ("allcnn", "post"):
+            cfg = T.TrainConfig(engine=engine, norm=norm, optimizer_impl=impl, arch=arch,
+                                width=0.125, bn_eps=3e-4, device="cpu").validate()
+            layers = T.Model(cfg, torch.device("cpu")).bn_layers()
+            assert layers and all(layer.eps == 3e-4 for layer in layers), (engine, arch)
+
+
+@pytest.mark.parametrize("arch", ["allcnn", "post"])
+@pytest.mark.parametrize("engine", ["autograd", "manual"])
+def test_a_model_is_built_without_touching_the_global_rng(engine, arch):
+    """Its initial weights come once from the run's generator: the same for both engines."""
+    norm, impl = ("torch", "torch") if engine == "autograd" else ("bnlab", "bnlab")
+    cfg = T.TrainConfig(engine=engine, norm=norm, optimizer_impl=impl, arch=arch, width=0.125,
+                        dropout=arch == "allcnn", seed=3, device="cpu").validate()
+    before = torch.random.get_rng_state()
+    model = T.Model(cfg, torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    twin = T.Model(T.TrainConfig(**{**cfg.to_json(), "engine": "autograd", "norm": "torch",
+                                    "optimizer_impl": "torch"}), torch.device("cpu"))
+    weights = {k: v for k, v in model.state_dict()["model"].items() if k.startswith("conv")}
+    for key, value in weights.items():
+        assert torch.equal(value, twin.state_dict()["model"][key]), key
 
 
 def test_config_round_trips_through_json():
@@ -132,7 +166,7 @@ def test_resume_after_interruption_gives_the_same_run(case, tiny_data, tmp_path,
     monkeypatch.setattr(T.Model, "step", step_then_die)
     with pytest.raises(Interrupt):
         T.train(cfg, tmp_path / "cut", dataset=tiny_data, progress=False, log=print)
-    assert len(T._read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1
     monkeypatch.setattr(T.Model, "step", real_step)
     resumed = T.train(cfg, tmp_path / "cut", dataset=tiny_data, resume=True, progress=False,
                       log=print)
@@ -162,7 +196,7 @@ def test_divergence_stops_with_a_clear_message(tiny_data, tmp_path, monkeypatch)
         assert part in message, (part, message)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "diverged" and "epoch 2" in result["message"]
-    assert len(T._read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
     assert len(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["metrics"]) == 1
 
 
@@ -203,7 +237,7 @@ def test_bias_correction_reaches_the_bn_layers_of_both_engines():
 
 
 def test_cpu_allocator_tuning_is_restored():
-    with T.cpu_allocator_tuned():
+    with cpu_allocator_tuned():
         x = torch.empty(64, 1024, 1024)  # 256 MiB, from the heap while tuned
         del x
     y = torch.ones(10)

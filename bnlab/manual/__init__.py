@@ -1,13 +1,11 @@
 """The manual engine: back propagation through a whole network with no autograd.
 
-One idea per module:
+One idea per module (the post's network for this engine is :mod:`bnlab.post.manual_net`):
 
 - :mod:`bnlab.manual.layers`  — layers with ``forward(x, training)`` / ``backward(dy)``
 - :mod:`bnlab.manual.loss`    — softmax cross-entropy and its gradient
 - :mod:`bnlab.manual.network` — ``Sequential`` of named layers, ``train_step``
 - :mod:`bnlab.manual.allcnn`  — All-CNN-C, built from the plan the autograd twin shares
-- :mod:`bnlab.manual.postnet` — the blog post's network, with case c's gradient errors
-- :mod:`bnlab.manual.check`   — the whole-network comparison against autograd
 
 Usage::
 
@@ -38,11 +36,9 @@ from bnlab.manual.layers import (
 )
 from bnlab.manual.loss import softmax_cross_entropy
 from bnlab.manual.network import Sequential, train_step
-from bnlab.manual.postnet import GRADIENT_ERRORS, post_init_, post_net, post_net_plan
 
 __all__ = [
     "ELU",
-    "GRADIENT_ERRORS",
     "MIN_INPUT_SIZE",
     "AvgPool2d",
     "BatchNorm2d",
@@ -58,9 +54,6 @@ __all__ = [
     "all_cnn_c",
     "all_cnn_c_plan",
     "dropout_mask",
-    "post_init_",
-    "post_net",
-    "post_net_plan",
     "softmax_cross_entropy",
     "train_step",
 ]

@@ -34,8 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import torch
 
 from bnlab.manual.layers import (
@@ -48,81 +46,9 @@ from bnlab.manual.layers import (
     ReLU,
 )
 from bnlab.manual.network import Sequential
+from bnlab.plans import MIN_INPUT_SIZE, LayerSpec, all_cnn_c_plan
 
 __all__ = ["MIN_INPUT_SIZE", "LayerSpec", "all_cnn_c", "all_cnn_c_plan", "build_layer"]
-
-# (out channels at width 1, kernel, stride, padding) of conv1 ... conv8; conv9 is 1x1 to K.
-_CONVS = [
-    (96, 3, 1, 1),
-    (96, 3, 1, 1),
-    (96, 3, 2, 1),
-    (192, 3, 1, 1),
-    (192, 3, 1, 1),
-    (192, 3, 2, 1),
-    (192, 3, 1, 0),
-    (192, 1, 1, 0),
-]
-# The smallest square input: two stride-2 convs (9 → 5 → 3), then a valid 3x3 (3 → 1).
-MIN_INPUT_SIZE = 9
-# Dropout before conv1 (on the input) and after the ReLUs of the stride-2 convs.
-_DROPOUT = {0: 0.2, 3: 0.5, 6: 0.5}
-
-
-class LayerSpec(NamedTuple):
-    """One layer of a plan: its name, its kind and its constructor arguments.
-
-    kinds: ``dropout`` (p), ``conv`` (in_channels, out_channels, kernel_size, stride,
-    padding, bias), ``bn`` (num_features), ``relu``, ``pool``, ``flatten``.
-    """
-
-    name: str
-    kind: str
-    args: dict[str, Any]
-
-
-def all_cnn_c_plan(
-    bn: bool = True,
-    dropout: bool = False,
-    width: float = 1.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-) -> list[LayerSpec]:
-    """The layers of All-CNN-C in order, shared by both engines (see the module docstring).
-
-    >>> [s.name for s in all_cnn_c_plan(bn=False)][:3]
-    ['conv1', 'relu1', 'conv2']
-    """
-    if width <= 0:
-        raise ValueError(f"width must be positive, got {width}")
-    if num_classes < 1 or in_channels < 1:
-        raise ValueError(
-            f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
-        )
-    plan: list[LayerSpec] = []
-    channels = in_channels
-    drops = 0
-    for index, (base, kernel, stride, padding) in enumerate([*_CONVS, (None, 1, 1, 0)], start=1):
-        if dropout and index - 1 in _DROPOUT:
-            drops += 1
-            plan.append(LayerSpec(f"drop{drops}", "dropout", {"p": _DROPOUT[index - 1]}))
-        last = base is None
-        out = num_classes if last else max(1, round(base * width))
-        with_bn = bn and not last
-        plan.append(
-            LayerSpec(
-                f"conv{index}", "conv",
-                {"in_channels": channels, "out_channels": out, "kernel_size": kernel,
-                 "stride": stride, "padding": padding, "bias": not with_bn},
-            )
-        )
-        if with_bn:
-            plan.append(LayerSpec(f"bn{index}", "bn", {"num_features": out}))
-        plan.append(LayerSpec(f"relu{index}", "relu", {}))
-        channels = out
-    plan.append(LayerSpec("pool", "pool", {}))
-    plan.append(LayerSpec("flatten", "flatten", {}))
-    return plan
-
 
 def build_layer(
     spec: LayerSpec,
@@ -131,12 +57,13 @@ def build_layer(
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
     dropout_generator: torch.Generator | None = None,
+    init: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Layer:
-    """The manual layer for one :class:`LayerSpec`."""
+    """The manual layer for one :class:`LayerSpec` (``init=False``: conv weights undrawn)."""
     if spec.kind == "conv":
-        return Conv2d(**spec.args, generator=generator, device=device, dtype=dtype)
+        return Conv2d(**spec.args, generator=generator, init=init, device=device, dtype=dtype)
     if spec.kind == "bn":
         return BatchNorm2d(
             spec.args["num_features"], eps=eps, momentum=momentum, device=device, dtype=dtype
@@ -163,6 +90,7 @@ def all_cnn_c(
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
     dropout_generator: torch.Generator | None = None,
+    init: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     memory_format: torch.memory_format | None = None,
@@ -173,7 +101,8 @@ def all_cnn_c(
     after conv1-conv8; ``dropout`` adds the paper's 20% input and 50% hidden dropout, its
     masks drawn from ``dropout_generator`` (None: the global RNG). The convolutions get
     PyTorch's default initialization drawn in layer order from ``generator`` (None: the
-    global RNG), so ``bnlab.models.AllCNNC`` built from the same seed has the same weights.
+    global RNG), so ``bnlab.models.AllCNNC`` built from the same seed has the same weights;
+    ``init=False`` draws nothing (weights loaded next, as the trainer does).
 
     >>> net = all_cnn_c(bn=False, width=0.125, dtype=torch.float64)
     >>> sorted(net.named_parameters())[:2]
@@ -185,7 +114,7 @@ def all_cnn_c(
             spec.name,
             build_layer(
                 spec, momentum=momentum, eps=eps, generator=generator,
-                dropout_generator=dropout_generator, device=device, dtype=dtype,
+                dropout_generator=dropout_generator, init=init, device=device, dtype=dtype,
             ),
         )
         for spec in plan

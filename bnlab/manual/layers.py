@@ -35,13 +35,13 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bnlab import functional as F
+from bnlab.initializers import conv_default_init_, dropout_mask
 
 __all__ = [
     "ELU",
@@ -164,48 +164,6 @@ class Layer:
 # ---------------------------------------------------------------------------------------
 # Convolution
 # ---------------------------------------------------------------------------------------
-
-
-def conv_default_init_(
-    weight: Tensor, bias: Tensor | None, generator: torch.Generator | None = None
-) -> None:
-    r"""PyTorch's default ``nn.Conv2d`` initialization, in place, drawn from ``generator``.
-
-    ``weight ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (Kaiming-uniform with ``a = sqrt(5)``)
-    and then ``bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, with
-    ``fan_in = C_in * kH * kW``. The draws come in the same order as in
-    ``torch.nn.Conv2d.reset_parameters``, so with ``generator=None`` (the global RNG) a
-    network built after ``torch.manual_seed(s)`` equals its ``nn.Module`` twin built after
-    the same seed.
-
-    A ``generator`` on another device than the tensors (a CPU generator for CUDA weights)
-    draws on its own device, and the values are copied over.
-    """
-    with torch.no_grad():
-        target = _draw_target(weight, generator)
-        torch.nn.init.kaiming_uniform_(target, a=math.sqrt(5), generator=generator)
-        if target is not weight:
-            weight.copy_(target)
-        if bias is not None:
-            fan_in = weight[0].numel()
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-            target = _draw_target(bias, generator)
-            torch.nn.init.uniform_(target, -bound, bound, generator=generator)
-            if target is not bias:
-                bias.copy_(target)
-
-
-def _draw_target(t: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``t`` itself, or a contiguous tensor on the generator's device to draw into first.
-
-    Random draws fill memory in order, so a channels_last tensor is drawn contiguous (as
-    ``nn.Conv2d`` does) to give the same values in every memory format.
-    """
-    same_device = generator is None or generator.device.type == t.device.type
-    if same_device and t.is_contiguous():
-        return t
-    device = t.device if generator is None else generator.device
-    return torch.empty(t.shape, dtype=t.dtype, device=device)
 
 
 class Conv2d(Layer):
@@ -698,27 +656,6 @@ class ELU(Layer):
     def extra_repr(self) -> str:
         slope = f", positive_slope={self.positive_slope}" if self.positive_slope != 1 else ""
         return f"alpha={self.alpha}{slope}"
-
-
-def dropout_mask(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    r"""The scaled mask of inverted dropout: ``b / (1 - p)`` with ``b ~ Bernoulli(1 - p)``.
-
-    Shape, dtype, device and memory format of ``x``; the draws come from ``generator``
-    (the default generator of ``x``'s device when None). Both engines draw their masks
-    with this one function, so the same generator state gives the same masks.
-
-    >>> mask = dropout_mask(torch.ones(1000), 0.5, torch.Generator().manual_seed(0))
-    >>> sorted(set(mask.tolist()))
-    [0.0, 2.0]
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
-    if generator is None or generator.device.type == x.device.type:
-        mask = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-    else:  # e.g. a CPU generator for CUDA activations: draw there, then move
-        mask = torch.empty_like(x, device=generator.device).bernoulli_(1.0 - p, generator=generator)
-        mask = mask.to(x.device)
-    return mask.div_(1.0 - p)
 
 
 class Dropout(Layer):

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from bnlab.studies.common import SCALES, StudyContext, markdown_to_html
+from bnlab import data as bdata
+from bnlab.evidence.page import markdown_to_html
+from bnlab.studies.common import SCALES, StudyContext
 
-__all__ = ["STUDIES", "render_report", "run_all", "run_study"]
+__all__ = ["STUDIES", "check_scale", "render_report", "run_all", "run_study"]
 
 STUDIES: dict[str, str] = {
     "q1": "Is BN a regularizer?",
@@ -46,7 +48,8 @@ def study_module(name: str) -> ModuleType:
     return importlib.import_module(f"bnlab.studies.{name}")
 
 
-def _check_scale(preset: str, seeds: int | None) -> None:
+def check_scale(preset: str, seeds: int | None) -> None:
+    """Raise ValueError for an unknown preset or fewer than one seed."""
     if preset not in SCALES:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(SCALES)}")
     if seeds is not None and seeds < 1:
@@ -80,7 +83,7 @@ def run_study(
     runs between the studies of one ``bnlab study all``.
     """
     module = study_module(name)
-    _check_scale(preset, seeds)
+    check_scale(preset, seeds)
     out = Path(out)
     _prepare_out(out, resume)
     scale = SCALES[preset]
@@ -109,14 +112,18 @@ def run_all(
     resume: bool = False,
     quiet: bool = False,
     log: Callable[[str], None] = print,
+    dataset: bdata.CIFAR10 | None = None,
 ) -> dict:
-    """All five studies into ``out/q1`` ... ``out/q5``, then the combined report."""
-    from bnlab import data as bdata
+    """All five studies into ``out/q1`` ... ``out/q5``, then the combined report.
 
-    _check_scale(preset, seeds)  # before any folder is made or data is read
+    ``dataset`` (loaded once by the caller, or here from ``data_dir``) is shared by every
+    study.
+    """
+    check_scale(preset, seeds)  # before any folder is made or data is read
     out = Path(out)
     _prepare_out(out, resume)
-    dataset = bdata.load_cifar10(data_dir)  # once, shared by every study
+    if dataset is None:
+        dataset = bdata.load_cifar10(data_dir)
     started = time.perf_counter()
     times = {}
     finished_runs: dict[str, Path] = {}  # a run two studies need is trained once

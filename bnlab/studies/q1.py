@@ -51,18 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import data as bdata
-from bnlab.studies.common import (
-    StudyContext,
-    compare_means,
-    fmt_pct,
-    fmt_pm,
-    mean_std,
-    read_summary,
-    save_figure,
-    verdict,
-    verdict_phrase,
-    write_summary,
-)
+from bnlab.evidence.figures import color, save_figure
+from bnlab.evidence.stats import compare_means, fmt_pct, fmt_pm, mean_std, verdict, verdict_phrase
+from bnlab.studies.common import StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import (
     DivergenceError,
     Model,
@@ -450,10 +441,12 @@ def _measure_noise(ctx: StudyContext, train_set: bdata.CIFAR10,
 # ---- figures ------------------------------------------------------------------------------
 
 def _colors() -> dict[str, Any]:
-    from matplotlib import colormaps
+    """A config's colour is its normalization's (the one palette); dropout is told by a
+    dashed line (:data:`_STYLES`)."""
+    return {key: color(norm) for key, norm, *_rest in CONFIGS}
 
-    tab10 = colormaps["tab10"]
-    return {key: tab10(i) for i, (key, *_rest) in enumerate(CONFIGS)}
+
+_STYLES = {key: "--" if dropout else "-" for key, _norm, dropout, _label in CONFIGS}
 
 
 def _plot_gap(summary: dict[str, Any], path: Path) -> None:
@@ -470,7 +463,7 @@ def _plot_gap(summary: dict[str, Any], path: Path) -> None:
         for ax, name in ((ax_acc, "acc_gap"), (ax_loss, "loss_gap")):
             mean = config["curves"][name]["mean"]
             std = config["curves"][name]["std"]
-            ax.plot(epochs, mean, color=colors[key], marker="o", ms=3, lw=1.8,
+            ax.plot(epochs, mean, _STYLES[key], color=colors[key], marker="o", ms=3, lw=1.8,
                     label=config["label"])
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)],
@@ -643,8 +636,7 @@ def render(study_dir: Path) -> str:
             f"At the training batch size ({noise['training_batch_size']}) BN's relative std "
             f"is {fmt_pm(trained['at_training_batch'], 3)}, "
             f"{_num(noise['bn_over_dropout_at_training_batch'], 2)} times dropout's.")
-    for note in noise["notes"]:
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(noise["notes"])
     slope = trained["slope"]
     lines += [
         "",

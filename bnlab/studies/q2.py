@@ -34,18 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.studies.common import (
-    StudyContext,
-    compare_means,
-    fmt_pct,
-    fmt_pm,
-    mean_std,
-    read_summary,
-    save_figure,
-    verdict,
-    verdict_phrase,
-    write_summary,
-)
+from bnlab.evidence.figures import color, save_figure
+from bnlab.evidence.stats import compare_means, fmt_pct, fmt_pm, mean_std, verdict, verdict_phrase
+from bnlab.studies.common import StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import DivergenceError, RunResult, TrainConfig
 
 __all__ = [
@@ -335,7 +326,7 @@ def run(ctx: StudyContext) -> dict:
 
 # ---- figures ------------------------------------------------------------------------------
 
-_COLORS = {"none": "tab:blue", "torch": "tab:orange"}
+_COLORS = {norm: color(norm) for norm in ("none", "torch")}  # the one palette
 
 
 def _plot_convergence(summary: dict[str, Any], path: Path) -> None:
@@ -474,8 +465,7 @@ def render(study_dir: Path) -> str:
                      f"{_reach_cell(row['torch'], 'seconds', 1)} |")
     if not conv["thresholds"]:
         lines.append("| – | no run got above chance: no thresholds | | | | |")
-    for note in conv["notes"]:
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(conv["notes"])
     per_epoch = conv["curves"]
     lines += [
         "",

@@ -32,12 +32,11 @@ and an interrupted one resumes and re-measures the steps it replays.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import re
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +45,10 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from bnlab import data as bdata
-from bnlab.studies.common import (
-    ProbeLog,
-    StudyContext,
-    bn_modules,
-    compare_means,
-    fmt_pm,
-    mean_band,
-    mean_std,
-    new_figure,
-    plural,
-    read_summary,
-    save_figure,
-    write_summary,
-)
+from bnlab.bnstats import batch_mode
+from bnlab.evidence.figures import mean_band, new_figure, save_figure
+from bnlab.evidence.stats import fmt_pm, mean_std, plural, relation
+from bnlab.studies.common import ProbeLog, StudyContext, note_lines, read_summary, write_summary
 from bnlab.train import Model, TrainConfig, prepare_dataset, resolve_device
 
 NAME = "q4"
@@ -81,7 +70,6 @@ __all__ = [
     "TITLE",
     "ProbeLog",
     "channel_percentiles",
-    "compare",
     "gradient_shift",
     "percentile_drift",
     "relu_input_percentiles",
@@ -121,27 +109,6 @@ def channel_percentiles(x: Tensor, q: Sequence[float] = PERCENTILES,
 
 
 
-@contextlib.contextmanager
-def _bn_training_mode(module: nn.Module) -> Iterator[None]:
-    """BN layers in training mode (batch statistics), everything else (dropout) in eval mode;
-    BN's running buffers and the modules' modes are restored on exit."""
-    modes = {m: m.training for m in module.modules()}
-    saved = [(b, {k: v.clone() for k, v in b.named_buffers(recurse=False)})
-             for b in bn_modules(module)]
-    module.eval()
-    for bn, _ in saved:
-        bn.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for bn, buffers in saved:
-                for key, value in bn.named_buffers(recurse=False):
-                    value.copy_(buffers[key])
-        for m, mode in modes.items():
-            m.training = mode
-
-
 @torch.no_grad()
 def relu_input_percentiles(module: nn.Module, images: Tensor, layers: Sequence[int] = LAYERS,
                            q: Sequence[float] = PERCENTILES,
@@ -151,7 +118,7 @@ def relu_input_percentiles(module: nn.Module, images: Tensor, layers: Sequence[i
     positions per channel), keyed by ``str(i)``.
 
     Read by forward pre-hooks (before the in-place ReLU overwrites its input), with BN in
-    training mode and its running buffers restored afterwards (:func:`_bn_training_mode`).
+    training mode and its running buffers restored afterwards (:func:`bnlab.bnstats.batch_mode`).
     """
     found: dict[str, list[float]] = {}
     handles = []
@@ -161,7 +128,7 @@ def relu_input_percentiles(module: nn.Module, images: Tensor, layers: Sequence[i
             lambda _m, args, key=str(i): found.__setitem__(
                 key, channel_percentiles(args[0], q, max_values))))
     try:
-        with _bn_training_mode(module):
+        with batch_mode(module):
             module(images)
     finally:
         for handle in handles:
@@ -202,7 +169,7 @@ def gradient_shift(
     params = dict(twin.named_parameters())
     weights = {i: params[f"conv{i}.weight"] for i in layers}
     out: dict[str, dict[str, float]] = {}
-    with _bn_training_mode(twin):
+    with batch_mode(twin):
         for p in params.values():
             p.grad = None
         loss_fn(twin(x), y).backward()
@@ -240,19 +207,6 @@ def percentile_drift(series: Sequence[Sequence[float]]) -> float:
     spread = (p[:, -1] - p[:, 0]).mean().item()
     move = (p - p[0]).abs().max().item()
     return move / spread if spread > 0 else float("nan")
-
-
-def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """``a`` vs ``b`` (two :func:`mean_std` dicts): "lower" or "higher" when the means differ
-    by more than the sum of the two seed standard deviations, "within" when they do not,
-    "undetermined" with fewer than two seeds on either side (no spread to judge by); the
-    words of :func:`~bnlab.studies.common.compare_means`' directions.
-
-    >>> compare({"mean": 0.1, "std": 0.01, "n": 2}, {"mean": 0.8, "std": 0.05, "n": 2})
-    'lower'
-    """
-    return {"above": "higher", "below": "lower", "within spread": "within"}.get(
-        compare_means(a, b)["direction"], "undetermined")
 
 
 # ---- measurements in a training run -------------------------------------------------------
@@ -323,9 +277,7 @@ def run(ctx: StudyContext) -> dict:
     dataset = ctx.load_data()
     n_train = ctx.train_images()
     notes: list[str] = []
-    batch_size = ctx.batch_size(notes)
-    steps_per_epoch = n_train // batch_size
-    total = ctx.scale.epochs * steps_per_epoch
+    batch_size, steps_per_epoch, total = ctx.schedule(notes)
     pct_every, shift_every = _every(total, PERCENTILE_POINTS), _every(total, SHIFT_POINTS)
 
     curves: dict[str, dict[str, Any]] = {}
@@ -407,8 +359,8 @@ _VERDICT_TEXT = {
 
 def _verdicts(summary: dict[str, Any]) -> dict[str, str]:
     """Each claim against the numbers: "support", "contradict" or "inconclusive"."""
-    drift = compare(summary["drift"]["torch"]["all"], summary["drift"]["none"]["all"])
-    grad = compare(summary["shift"]["torch"]["rel_diff"]["all"],
+    drift = relation(summary["drift"]["torch"]["all"], summary["drift"]["none"]["all"])
+    grad = relation(summary["shift"]["torch"]["rel_diff"]["all"],
                    summary["shift"]["none"]["rel_diff"]["all"])
     to_post = {"lower": "support", "higher": "contradict"}
     # Santurkar et al.: BN does *not* reduce ICS in the gradient sense.
@@ -416,7 +368,7 @@ def _verdicts(summary: dict[str, Any]) -> dict[str, str]:
     return {
         "drift_comparison": drift,
         "gradient_comparison": grad,
-        "cosine_comparison": compare(summary["shift"]["torch"]["cosine"]["all"],
+        "cosine_comparison": relation(summary["shift"]["torch"]["cosine"]["all"],
                                      summary["shift"]["none"]["cosine"]["all"]),
         "post_distribution": to_post.get(drift, "inconclusive"),
         "post_gradient": to_post.get(grad, "inconclusive"),
@@ -581,8 +533,7 @@ def render(study_dir: Path) -> str:
         f"{fmt_pm(s['final_test_acc']['none'], 3)} without BN, "
         f"{fmt_pm(s['final_test_acc']['torch'], 3)} with BN.",
     ]
-    for note in s.get("notes", []):
-        lines += ["", f"Note: {note}."]
+    lines += note_lines(s.get("notes", []))
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ No conv bias, no dropout; conv weights ~ N(0, 0.05²) (:func:`post_init_`). BN s
 the ELU (conv → ELU → BN → pool) and has a scale gamma but no shift beta.
 
 The plan (:func:`post_net_plan`) is shared with the autograd twin
-(``bnlab.models.PostNet``): same layers, same names, same ``state_dict`` keys, and from
+(``bnlab.post.net.PostNet``): same layers, same names, same ``state_dict`` keys, and from
 the same generator the same weights.
 
 Case c's hand-written backward has three errors (:data:`GRADIENT_ERRORS`), each a switch
@@ -31,7 +31,8 @@ of :func:`post_net`; with all switches off the manual engine computes the true g
 Usage::
 
     >>> import torch
-    >>> from bnlab.manual import post_net, train_step
+    >>> from bnlab.manual import train_step
+    >>> from bnlab.post.manual_net import post_net
     >>> from bnlab.optim import Adam
     >>> net = post_net(bn="activation", width=0.125, gradient_errors=("elu", "pool", "loss"))
     >>> opt = Adam(net.parameters(), lr=3e-4, betas=(0.9, 0.9))
@@ -46,9 +47,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor
 
-from bnlab.manual.allcnn import LayerSpec
+from bnlab.initializers import INIT_STD, post_init_
 from bnlab.manual.layers import (
     ELU,
     AvgPool2d,
@@ -58,9 +58,9 @@ from bnlab.manual.layers import (
     GlobalAvgPool2d,
     Layer,
     PerActivationBatchNorm,
-    _draw_target,
 )
 from bnlab.manual.network import Sequential
+from bnlab.plans import BN_FLAVOURS, MIN_IMAGE_SIZE, LayerSpec, post_net_plan
 
 __all__ = [
     "BN_FLAVOURS",
@@ -82,104 +82,6 @@ GRADIENT_ERRORS = ("elu", "pool", "loss")
   post fed softmax − onehot straight into the 8x8 map. Together a factor N·H·W
   (50·64 = 3200 in the post).
 """
-
-BN_FLAVOURS = ("none", "channel", "activation")
-"""``bn`` of :func:`post_net`: case a (none), case b (per channel), case c (per activation)."""
-
-INIT_STD = 0.05  # the post's tf.random_normal(stddev=0.05) for every conv weight
-MIN_IMAGE_SIZE = 4  # two 2x2 pools leave a 1x1 map
-
-# (out channels at width 1, kernel) of conv1 ... conv8; conv9 is 1x1 to the classes.
-_CONVS = [(96, 3), (96, 3), (192, 3), (192, 3), (192, 3), (192, 3), (192, 3), (192, 1)]
-# After the ELU of these convs: BN (when on), then a 2x2 average pool.
-_POOL_AFTER = {3: 1, 6: 2}
-
-
-def post_net_plan(
-    bn: str = "none",
-    width: float = 1.0,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 32,
-) -> list[LayerSpec]:
-    """The post net's layers in order, shared by both engines (see the module docstring).
-
-    Kinds and arguments: ``conv`` (in_channels, out_channels, kernel_size, stride,
-    padding, bias=False), ``elu`` {}, ``bn`` (num_features, flavour ``"channel"`` or
-    ``"activation"``, and for ``"activation"`` the ``shape`` (C, H, W) it normalizes;
-    ``num_features`` is C or C·H·W), ``avgpool`` (kernel_size 2), ``gap`` {},
-    ``flatten`` {}.
-
-    >>> [s.name for s in post_net_plan(bn="channel")][6:10]
-    ['bn1', 'pool1', 'conv4', 'elu4']
-    >>> post_net_plan(bn="activation", width=0.125, image_size=8)[6].args
-    {'num_features': 1536, 'flavour': 'activation', 'shape': (24, 8, 8)}
-    """
-    if bn not in BN_FLAVOURS:
-        raise ValueError(f"bn must be one of {BN_FLAVOURS}, got {bn!r}")
-    if not width > 0:
-        raise ValueError(f"width must be positive, got {width}")
-    if num_classes < 1 or in_channels < 1:
-        raise ValueError(
-            f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
-        )
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(
-            f"image_size must be at least {MIN_IMAGE_SIZE} (two 2x2 pools), got {image_size}"
-        )
-    plan: list[LayerSpec] = []
-    channels, size = in_channels, image_size
-    for index, (base, kernel) in enumerate([*_CONVS, (None, 1)], start=1):
-        out = num_classes if base is None else max(1, round(base * width))
-        plan.append(
-            LayerSpec(
-                f"conv{index}", "conv",
-                {"in_channels": channels, "out_channels": out, "kernel_size": kernel,
-                 "stride": 1, "padding": kernel // 2, "bias": False},
-            )
-        )
-        plan.append(LayerSpec(f"elu{index}", "elu", {}))
-        channels = out
-        if index in _POOL_AFTER:
-            k = _POOL_AFTER[index]
-            if bn == "channel":
-                plan.append(
-                    LayerSpec(f"bn{k}", "bn", {"num_features": out, "flavour": "channel"})
-                )
-            elif bn == "activation":
-                plan.append(
-                    LayerSpec(
-                        f"bn{k}", "bn",
-                        {"num_features": out * size * size, "flavour": "activation",
-                         "shape": (out, size, size)},
-                    )
-                )
-            plan.append(LayerSpec(f"pool{k}", "avgpool", {"kernel_size": 2}))
-            size //= 2
-    plan.append(LayerSpec("gap", "gap", {}))
-    plan.append(LayerSpec("flatten", "flatten", {}))
-    return plan
-
-
-def post_init_(weight: Tensor, generator: torch.Generator | None = None) -> None:
-    """The post's initialization, in place: ``weight ~ N(0, 0.05²)``, drawn from ``generator``.
-
-    None draws from the global RNG of the weight's device. As with
-    :func:`~bnlab.manual.layers.conv_default_init_`, a generator on another device draws
-    there and the values are copied over, and a channels_last weight gets the same values
-    as a contiguous one.
-
-    >>> w = torch.empty(192, 192, 3, 3)
-    >>> post_init_(w, torch.Generator().manual_seed(0))
-    >>> round(w.std().item(), 2)
-    0.05
-    """
-    with torch.no_grad():
-        target = _draw_target(weight, generator)
-        target.normal_(0.0, INIT_STD, generator=generator)
-        if target is not weight:
-            weight.copy_(target)
-
 
 def _check_gradient_errors(gradient_errors: Iterable[str]) -> frozenset[str]:
     if isinstance(gradient_errors, str):
@@ -231,6 +133,7 @@ def post_net(
     momentum: float = 0.1,
     eps: float = 1e-8,
     generator: torch.Generator | None = None,
+    init: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     memory_format: torch.memory_format | None = None,
@@ -267,8 +170,9 @@ def post_net(
             loss: the returned network's ``mean_gradient`` attribute is False then, and
             the trainer passes it to :func:`~bnlab.manual.network.train_step`.
         generator: draws the conv weights, N(0, 0.05²), in layer order (None: the global
-            RNG); nothing else is drawn, so ``bnlab.models.PostNet`` built with a
+            RNG); nothing else is drawn, so ``bnlab.post.net.PostNet`` built with a
             generator in the same state gets the same weights.
+        init: False draws nothing (weights loaded next, as the trainer does).
         device, dtype, memory_format: of the parameters and buffers.
 
     >>> net = post_net(bn="channel", width=0.125, gradient_errors=["pool"])
@@ -280,7 +184,7 @@ def post_net(
     factory = {"device": device, "dtype": dtype}
     network = Sequential([(s.name, _build_layer(s, errors, momentum, eps, factory)) for s in plan])
     for layer in network.layers.values():
-        if isinstance(layer, Conv2d):
+        if init and isinstance(layer, Conv2d):
             post_init_(layer.params["weight"], generator)
     if memory_format is not None:
         network.to(memory_format=memory_format)

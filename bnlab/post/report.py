@@ -13,7 +13,7 @@ folders and the post's logged metrics (``bnlab/assets/post_logged_metrics.csv``)
   mean ± std over seeds of the paired (same seed) difference in final test accuracy;
 - a Markdown section whose every number is read from that summary.
 
-    >>> from bnlab.post_report import post_summary          # doctest: +SKIP
+    >>> from bnlab.post.report import post_summary          # doctest: +SKIP
     >>> post_summary(runs_by_case)["cases"]["b"]["logged_final"]
     0.8939
 """
@@ -26,6 +26,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bnlab.evidence.figures import color
+from bnlab.evidence.stats import mean_std, paired_difference
+from bnlab.post.ladder import LADDER
+
 __all__ = ["plot_scaled_cost", "post_section", "post_summary", "write_post_figures"]
 
 
@@ -33,26 +37,21 @@ def _final(run) -> float | None:
     return run.metrics[-1]["test_acc"] if run.status == "finished" and run.metrics else None
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": []}
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """:func:`~bnlab.evidence.stats.mean_std` and the values averaged."""
+    return {**mean_std(values), "values": [v for v in values if v is not None]}
 
 
 def _paired(upper: Sequence, lower: Sequence) -> dict[str, Any]:
-    """final(upper) − final(lower) per seed both finished: mean ± std over those seeds."""
-    lows = {run.seed: _final(run) for run in lower}
-    diffs = [_final(run) - lows[run.seed] for run in upper
-             if _final(run) is not None and lows.get(run.seed) is not None]
-    return _stats(diffs)
+    """final(upper) − final(lower) per seed both finished: mean ± std and the 95% t
+    interval over those seeds (:func:`~bnlab.evidence.stats.paired_difference`)."""
+    return paired_difference({run.seed: _final(run) for run in upper},
+                             {run.seed: _final(run) for run in lower})
 
 
 def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = False) -> dict:
     """The numbers of the post section (see the module docstring)."""
-    from bnlab.cases import LADDER
-    from bnlab.postlog import LOGGED_FINAL
+    from bnlab.post.log import LOGGED_FINAL
 
     cases = {}
     for case, runs in runs_by_case.items():
@@ -87,7 +86,7 @@ def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = Fals
 
 def _logged_curves() -> dict[str, dict[int, dict[str, float]]]:
     """case → {epoch (1-based, as bnlab's) → metrics} from the post's logs."""
-    from bnlab.postlog import load_logged_metrics
+    from bnlab.post.log import load_logged_metrics
 
     return {case: {int(row["epoch"]) + 1: row for row in rows}
             for case, rows in load_logged_metrics().items()}
@@ -103,9 +102,7 @@ def plot_scaled_cost(runs_by_case: Mapping[str, Sequence], path: Path, title: st
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     logged = _logged_curves()
-    colors = {}
-    for index, case in enumerate(runs_by_case):
-        colors[case] = f"C{index}"
+    colors = {case: color(case, index) for index, case in enumerate(runs_by_case)}
     for col, key, logged_key in ((0, "train_loss", "train_cost"), (1, "test_loss", "test_cost")):
         ax = axes[col]
         for case, runs in runs_by_case.items():
@@ -140,7 +137,7 @@ def _minmax(values: Sequence[float]) -> list[float]:
 
 def write_post_figures(folder: Path, runs_by_case: Mapping[str, Sequence], data: str,
                        labels: Mapping[str, str]) -> dict[str, Path]:
-    from bnlab.report import plot_curves
+    from bnlab.evidence.curves import plot_curves
 
     logged = _logged_curves()
     reference = {f"{case}: the post's log (full CIFAR-10)": curves

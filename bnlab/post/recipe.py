@@ -24,7 +24,7 @@ stay in pixel units (0..255) until standardisation, as in the post (it never div
 
     >>> import torch
     >>> from bnlab.data import load_cifar10
-    >>> from bnlab.post_recipe import post_steps_per_epoch, post_test_batches, post_train_batches
+    >>> from bnlab.post.recipe import post_steps_per_epoch, post_test_batches, post_train_batches
     >>> ds = load_cifar10(download=False)                        # doctest: +SKIP
     >>> post_steps_per_epoch(50_000, 50)
     2000

@@ -7,7 +7,7 @@ in each, and returns the relative error of every output, gradient and buffer.
 
 Usage::
 
-    >>> from bnlab.manual.check import compare_engines
+    >>> from bnlab.check_engines import compare_engines
     >>> errors = compare_engines(norm="torch", dropout=True, training=True)
     >>> max(errors.values()) < 1e-10
     True

@@ -11,7 +11,7 @@ were transcribed into ``bnlab/assets/post_logged_metrics.csv``, one row per case
 means over the epoch's 2,000 training batches; test cost and accuracy are means over 200
 test batches of 50. One run per case, seed 678.
 
-    >>> from bnlab.postlog import LOGGED_FINAL, load_logged_metrics
+    >>> from bnlab.post.log import LOGGED_FINAL, load_logged_metrics
     >>> metrics = load_logged_metrics()
     >>> sorted(metrics), len(metrics["a"])
     (['a', 'b', 'c'], 21)

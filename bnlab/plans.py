@@ -1,0 +1,212 @@
+"""One plan per network: the layers both engines build, and the initial weights they share.
+
+A plan is a list of :class:`LayerSpec` (name, kind, constructor arguments) in forward
+order. The manual engine (:func:`bnlab.manual.all_cnn_c`, :func:`bnlab.manual.post_net`)
+and the autograd models (:class:`bnlab.models.AllCNNC`, :class:`bnlab.post.net.PostNet`) walk
+the same plan, so their layers, names and ``state_dict`` keys are the same, and
+:func:`initial_parameters` draws a plan's initial weights once, from one generator, for
+whichever engine loads them.
+
+- :func:`all_cnn_c_plan`: All-CNN-C (Springenberg et al. 2015, model C; the layer table
+  is in :mod:`bnlab.manual.allcnn`).
+- :func:`post_net_plan`: the blog post's network (its table is in :mod:`bnlab.post.manual_net`).
+
+    >>> plan = all_cnn_c_plan(bn=True, width=0.125)
+    >>> sorted(initial_parameters(plan, "default", torch.Generator().manual_seed(0)))[:2]
+    ['conv1.weight', 'conv2.weight']
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bnlab.initializers import conv_default_init_, post_init_
+
+__all__ = ["BN_FLAVOURS", "INIT_SCHEMES", "MIN_IMAGE_SIZE", "MIN_INPUT_SIZE", "LayerSpec",
+           "all_cnn_c_plan", "initial_parameters", "post_net_plan"]
+
+INIT_SCHEMES = ("default", "post")  # conv_default_init_ (PyTorch's) | post_init_ (N(0, 0.05²))
+
+# (out channels at width 1, kernel, stride, padding) of conv1 ... conv8; conv9 is 1x1 to K.
+_CONVS = [
+    (96, 3, 1, 1),
+    (96, 3, 1, 1),
+    (96, 3, 2, 1),
+    (192, 3, 1, 1),
+    (192, 3, 1, 1),
+    (192, 3, 2, 1),
+    (192, 3, 1, 0),
+    (192, 1, 1, 0),
+]
+# The smallest square input: two stride-2 convs (9 → 5 → 3), then a valid 3x3 (3 → 1).
+MIN_INPUT_SIZE = 9
+# Dropout before conv1 (on the input) and after the ReLUs of the stride-2 convs.
+_DROPOUT = {0: 0.2, 3: 0.5, 6: 0.5}
+
+
+BN_FLAVOURS = ("none", "channel", "activation")
+"""``bn`` of :func:`post_net_plan` (and :func:`bnlab.manual.post_net`): case a (none),
+case b (per channel), case c (per activation)."""
+
+MIN_IMAGE_SIZE = 4  # two 2x2 pools leave a 1x1 map
+
+# (out channels at width 1, kernel) of conv1 ... conv8; conv9 is 1x1 to the classes.
+_POST_CONVS = [(96, 3), (96, 3), (192, 3), (192, 3), (192, 3), (192, 3), (192, 3), (192, 1)]
+# After the ELU of these convs: BN (when on), then a 2x2 average pool.
+_POOL_AFTER = {3: 1, 6: 2}
+
+
+
+class LayerSpec(NamedTuple):
+    """One layer of a plan: its name, its kind and its constructor arguments.
+
+    kinds: ``dropout`` (p), ``conv`` (in_channels, out_channels, kernel_size, stride,
+    padding, bias), ``bn`` (num_features), ``relu``, ``pool``, ``flatten``.
+    """
+
+    name: str
+    kind: str
+    args: dict[str, Any]
+
+
+def all_cnn_c_plan(
+    bn: bool = True,
+    dropout: bool = False,
+    width: float = 1.0,
+    num_classes: int = 10,
+    in_channels: int = 3,
+) -> list[LayerSpec]:
+    """The layers of All-CNN-C in order, shared by both engines (see the module docstring).
+
+    >>> [s.name for s in all_cnn_c_plan(bn=False)][:3]
+    ['conv1', 'relu1', 'conv2']
+    """
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(
+            f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
+        )
+    plan: list[LayerSpec] = []
+    channels = in_channels
+    drops = 0
+    for index, (base, kernel, stride, padding) in enumerate([*_CONVS, (None, 1, 1, 0)], start=1):
+        if dropout and index - 1 in _DROPOUT:
+            drops += 1
+            plan.append(LayerSpec(f"drop{drops}", "dropout", {"p": _DROPOUT[index - 1]}))
+        last = base is None
+        out = num_classes if last else max(1, round(base * width))
+        with_bn = bn and not last
+        plan.append(
+            LayerSpec(
+                f"conv{index}", "conv",
+                {"in_channels": channels, "out_channels": out, "kernel_size": kernel,
+                 "stride": stride, "padding": padding, "bias": not with_bn},
+            )
+        )
+        if with_bn:
+            plan.append(LayerSpec(f"bn{index}", "bn", {"num_features": out}))
+        plan.append(LayerSpec(f"relu{index}", "relu", {}))
+        channels = out
+    plan.append(LayerSpec("pool", "pool", {}))
+    plan.append(LayerSpec("flatten", "flatten", {}))
+    return plan
+
+
+def post_net_plan(
+    bn: str = "none",
+    width: float = 1.0,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+) -> list[LayerSpec]:
+    """The post net's layers in order, shared by both engines (see the module docstring).
+
+    Kinds and arguments: ``conv`` (in_channels, out_channels, kernel_size, stride,
+    padding, bias=False), ``elu`` {}, ``bn`` (num_features, flavour ``"channel"`` or
+    ``"activation"``, and for ``"activation"`` the ``shape`` (C, H, W) it normalizes;
+    ``num_features`` is C or C·H·W), ``avgpool`` (kernel_size 2), ``gap`` {},
+    ``flatten`` {}.
+
+    >>> [s.name for s in post_net_plan(bn="channel")][6:10]
+    ['bn1', 'pool1', 'conv4', 'elu4']
+    >>> post_net_plan(bn="activation", width=0.125, image_size=8)[6].args
+    {'num_features': 1536, 'flavour': 'activation', 'shape': (24, 8, 8)}
+    """
+    if bn not in BN_FLAVOURS:
+        raise ValueError(f"bn must be one of {BN_FLAVOURS}, got {bn!r}")
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(
+            f"num_classes and in_channels must be positive, got {num_classes}, {in_channels}"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be at least {MIN_IMAGE_SIZE} (two 2x2 pools), got {image_size}"
+        )
+    plan: list[LayerSpec] = []
+    channels, size = in_channels, image_size
+    for index, (base, kernel) in enumerate([*_POST_CONVS, (None, 1)], start=1):
+        out = num_classes if base is None else max(1, round(base * width))
+        plan.append(
+            LayerSpec(
+                f"conv{index}", "conv",
+                {"in_channels": channels, "out_channels": out, "kernel_size": kernel,
+                 "stride": 1, "padding": kernel // 2, "bias": False},
+            )
+        )
+        plan.append(LayerSpec(f"elu{index}", "elu", {}))
+        channels = out
+        if index in _POOL_AFTER:
+            k = _POOL_AFTER[index]
+            if bn == "channel":
+                plan.append(
+                    LayerSpec(f"bn{k}", "bn", {"num_features": out, "flavour": "channel"})
+                )
+            elif bn == "activation":
+                plan.append(
+                    LayerSpec(
+                        f"bn{k}", "bn",
+                        {"num_features": out * size * size, "flavour": "activation",
+                         "shape": (out, size, size)},
+                    )
+                )
+            plan.append(LayerSpec(f"pool{k}", "avgpool", {"kernel_size": 2}))
+            size //= 2
+    plan.append(LayerSpec("gap", "gap", {}))
+    plan.append(LayerSpec("flatten", "flatten", {}))
+    return plan
+
+
+def initial_parameters(plan: list[LayerSpec], scheme: str,
+                       generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The initial conv weights (and biases) of ``plan``, drawn in layer order, float32.
+
+    ``scheme``: ``"default"`` (PyTorch's ``nn.Conv2d`` init: weight, then bias, per conv)
+    or ``"post"`` (the post's N(0, 0.05²) per weight; its convs have no bias). Keys are the
+    ``state_dict`` keys of both engines (``conv1.weight``, ``conv1.bias``, ...); the other
+    parameters (BN's gamma 1, beta 0) and buffers are the constructors' own. ``generator``
+    None draws from the global RNG. Raises ValueError for an unknown scheme.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    params: dict[str, Tensor] = {}
+    for spec in plan:
+        if spec.kind != "conv":
+            continue
+        a = spec.args
+        weight = torch.empty(a["out_channels"], a["in_channels"], a["kernel_size"],
+                             a["kernel_size"])
+        bias = torch.empty(a["out_channels"]) if a["bias"] else None
+        if scheme == "default":
+            conv_default_init_(weight, bias, generator)
+        else:
+            post_init_(weight, generator)
+        params[f"{spec.name}.weight"] = weight
+        if bias is not None:
+            params[f"{spec.name}.bias"] = bias
+    return params

@@ -1,0 +1,319 @@
+"""The run-folder format, read and written in one place (SPEC.md, "Run folders").
+
+A *run folder* (one case, one seed) holds:
+
+- ``config.json``: the TrainConfig and :data:`RUN_INFO_KEYS`, written when the run starts;
+- ``metrics.jsonl``: one JSON object per epoch, a line appended as each epoch ends;
+- ``checkpoint.pt``: model, optimizer, metrics, config and ``format_version``, replaced
+  as each epoch ends;
+- ``result.json``: ``status``, ``message``, ``wall_time_s``, written when the run ends;
+- ``curves.png``: the run's own curves, drawn when it finished.
+
+A *comparison folder* holds ``compare.json`` and one run folder per case and seed at
+``<case>/seed<k>/``. Every file is replaced atomically (write, fsync, rename), so a reader
+sees the old file or the new one, never half of one; ``metrics.jsonl`` is appended to, and
+its reader skips an incomplete last line (a run killed while writing).
+
+    >>> from bnlab.runs import load_run
+    >>> run = load_run("runs/compare-quick/a/seed0")           # doctest: +SKIP
+    >>> run.status, run.final["test_acc"]                      # doctest: +SKIP
+    ('finished', 0.61)
+
+This module needs no torch except to save and load checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "RUN_INFO_KEYS",
+    "MissingFileError",
+    "ReportError",
+    "Run",
+    "append_metrics",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_checkpoint",
+    "load_compare",
+    "load_run",
+    "read_metrics",
+    "save_checkpoint",
+    "write_metrics",
+    "write_result",
+]
+
+CONFIG, METRICS, CHECKPOINT, RESULT, CURVES = (
+    "config.json", "metrics.jsonl", "checkpoint.pt", "result.json", "curves.png")
+COMPARE = "compare.json"
+CHECKPOINT_FORMAT = 1  # checkpoint.pt's layout; a checkpoint without the key is format 1
+# what a run folder's config.json holds beside the TrainConfig: where and with what it ran
+RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
+REQUIRED_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+class ReportError(ValueError):
+    """A run or comparison folder is malformed; the message names the file and what to do."""
+
+
+class MissingFileError(ReportError, FileNotFoundError):
+    """A file a run or comparison folder must hold is absent; the message names it."""
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: object, *,
+                      ensure_ascii: bool = True) -> None:
+    """``value`` as indented JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=ensure_ascii) + "\n")
+
+
+def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    """Replace ``metrics.jsonl`` by ``metrics`` (one line each): it mirrors the checkpoint."""
+    atomic_write_text(Path(run_dir) / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """Append one epoch's row to ``metrics.jsonl``."""
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write_result(run_dir: Path, status: str, message: str, wall_time_s: float) -> None:
+    """``result.json``: how the run ended ("finished" or "diverged")."""
+    atomic_write_json(Path(run_dir) / RESULT,
+                      {"status": status, "message": message, "wall_time_s": wall_time_s})
+
+
+def atomic_torch_save(path: str | os.PathLike[str], value: object) -> None:
+    """``torch.save(value)`` into ``path``, atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """``checkpoint.pt`` (``state`` + ``format_version``), written atomically."""
+    atomic_torch_save(Path(run_dir) / CHECKPOINT, {**state, "format_version": CHECKPOINT_FORMAT})
+
+
+def load_checkpoint(run_dir: str | os.PathLike[str], map_location: Any = "cpu") -> dict:
+    """The state of a run folder's ``checkpoint.pt`` (tensors only: ``weights_only``).
+
+    Raises FileNotFoundError when there is none, :class:`ReportError` for a format newer
+    than this bnlab reads.
+    """
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir}: not a bnlab run folder, or "
+                                f"its first epoch never finished")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    version = state.get("format_version", 1)
+    if version > CHECKPOINT_FORMAT:
+        raise ReportError(f"{path} has checkpoint format {version}; this bnlab reads up to "
+                          f"{CHECKPOINT_FORMAT}: update bnlab")
+    return state
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder, as read from disk.
+
+    Attributes:
+        path: the run folder.
+        config: ``config.json`` (the run's TrainConfig and ``data``, versions, device).
+        metrics: one dict per finished epoch, sorted by ``epoch`` (1-based).
+        result: ``result.json`` (``status``, ``message``, ``wall_time_s``), or None while the
+            run has not ended (still training, or killed).
+        notes: what was tolerated while reading (a truncated last line, duplicate epochs).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``"finished"``, ``"diverged"`` (from result.json) or ``"in progress"`` (none yet)."""
+        return "in progress" if self.result is None else str(self.result["status"])
+
+    @property
+    def case(self) -> str:
+        """The case name from config.json, e.g. ``"a"``."""
+        return str(self.config.get("case", "?"))
+
+    @property
+    def seed(self) -> int | None:
+        """The seed from config.json."""
+        return self.config.get("seed")
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics ({} before the first epoch ended)."""
+        return self.metrics[-1] if self.metrics else {}
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; :class:`MissingFileError` / :class:`ReportError` naming
+    the file and ``what`` it is for otherwise."""
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: {what}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path} is not valid JSON ({error}); {what}") from error
+    if not isinstance(value, dict):
+        raise ReportError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_metric_line(path: Path, number: int, line: str) -> dict[str, Any]:
+    value = json.loads(line)  # JSONDecodeError is handled by the caller
+    if not isinstance(value, dict):
+        raise ReportError(f"{path} line {number}: expected a JSON object, got {line[:80]!r}")
+    missing = [key for key in REQUIRED_METRICS if key not in value]
+    if missing:
+        raise ReportError(
+            f"{path} line {number}: missing {', '.join(missing)} "
+            f"(every epoch needs {', '.join(REQUIRED_METRICS)})"
+        )
+    return value
+
+
+def read_metrics(path: str | os.PathLike[str],
+                 notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Epoch dicts from ``metrics.jsonl`` sorted by epoch ([] when the file is absent).
+
+    An unreadable *last* line is skipped with a warning (and a line in ``notes``); an
+    unreadable line before it, or one missing a required key, raises :class:`ReportError`.
+    An epoch written twice (a resumed run) keeps its last row.
+    """
+    path = Path(path)
+    notes = [] if notes is None else notes
+    if not path.exists():
+        return []
+    lines = [(n, s) for n, s in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(n, s) for n, s in lines if s.strip()]
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = _parse_metric_line(path, number, line)
+        except json.JSONDecodeError as error:
+            if index < len(lines) - 1:
+                raise ReportError(
+                    f"{path} line {number} is not valid JSON ({error}): {line[:80]!r}. "
+                    "Only the last line may be incomplete (a run killed while writing)."
+                ) from error
+            note = f"{path} line {number} is incomplete (run killed while writing?); skipped"
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+            notes.append(note)
+            continue
+        epoch = int(record["epoch"])
+        if epoch in by_epoch:
+            notes.append(f"{path}: epoch {epoch} appears twice (resumed run?); kept the last")
+        by_epoch[epoch] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``result.json`` (status checked), or None while the run has not ended."""
+    result_path = Path(run_dir) / RESULT
+    if not result_path.exists():
+        return None
+    what = ("the trainer writes it when the run ends; rerun or delete it to see the run "
+            "as unfinished")
+    result = read_json(result_path, what)
+    if result.get("status") not in ("finished", "diverged"):
+        raise ReportError(
+            f"{result_path}: status must be 'finished' or 'diverged', got {result.get('status')!r}"
+        )
+    return result
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read one run folder.
+
+    ``config.json`` must exist. ``metrics.jsonl`` may be absent only while the run has not
+    finished its first epoch (no ``result.json``, or a run that diverged in epoch 1).
+    Raises :class:`MissingFileError` / :class:`ReportError` naming the file otherwise.
+
+        >>> run = load_run("runs/compare-quick/a/seed0")   # doctest: +SKIP
+        >>> [m["test_acc"] for m in run.metrics]           # doctest: +SKIP
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MissingFileError(f"run folder {folder} not found (expected config.json inside)")
+    config = read_json(folder / CONFIG, "every run folder needs its config.json")
+    result = read_result(folder)
+    notes: list[str] = []
+    metrics_path = folder / METRICS
+    if metrics_path.is_file():
+        metrics = read_metrics(metrics_path, notes)
+    elif result is None or result["status"] == "diverged":
+        metrics = []
+    else:
+        raise MissingFileError(
+            f"{metrics_path} not found, but {folder / RESULT} says the run finished: "
+            "the folder is incomplete (copied partly?); rerun the case or restore the file"
+        )
+    return Run(folder, config, metrics, result, notes)
+
+
+def load_compare(
+    compare_dir: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, list[Run]], list[str]]:
+    """Read ``compare.json`` and every run folder it lists.
+
+    Returns ``(compare, runs_by_case, missing)``: runs in the order of ``compare["cases"]``
+    and ``compare["seeds"]``; ``missing`` names the ``<case>/seed<k>`` folders not started.
+    """
+    folder = Path(compare_dir)
+    compare_path = folder / COMPARE
+    compare = read_json(compare_path, "is this a comparison folder written by 'bnlab compare'?")
+    for key in ("cases", "seeds"):
+        if not isinstance(compare.get(key), list) or not compare[key]:
+            raise ReportError(f"{compare_path}: '{key}' must be a non-empty list")
+    runs_by_case: dict[str, list[Run]] = {}
+    missing: list[str] = []
+    for case in compare["cases"]:
+        runs_by_case[case] = []
+        for seed in compare["seeds"]:
+            run_dir = folder / str(case) / f"seed{seed}"
+            if (run_dir / CONFIG).exists():
+                runs_by_case[case].append(load_run(run_dir))
+            else:
+                missing.append(f"{case}/seed{seed}")
+    return compare, runs_by_case, missing

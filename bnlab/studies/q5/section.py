@@ -1,0 +1,192 @@
+"""Q5's Markdown section, drawn from its summary.json alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bnlab.evidence.stats import fmt_pm, plural
+from bnlab.studies.common import note_lines, read_summary
+from bnlab.studies.q5.plan import (
+    TITLE,
+    VERDICT_TEXT,
+)
+
+# ---- the section -------------------------------------------------------------------------
+
+def _steps(n: int | None) -> str:
+    return "never (within the series)" if n is None else str(n)
+
+
+_COMPARISON = {
+    "lower": "lower with bias correction, by more than the seed spread",
+    "higher": "higher with bias correction, by more than the seed spread",
+    "within": "the difference is within the seed spread",
+    "undetermined": "one seed gives no spread to judge the difference by",
+}
+
+
+def render(study_dir: Path) -> str:
+    """The Markdown section, from summary.json alone."""
+    s = read_summary(study_dir)
+    e, v = s["ewa"], s["verdicts"]
+    th = [f"{t:.6g}" for t in e["thresholds"]]
+    th_names = ["1/e" if abs(t - 1 / math.e) < 1e-9 else f"{t:g}" for t in e["thresholds"]]
+    lines = [
+        f"## {TITLE}",
+        "",
+        "**Conventions.** The post (after Andrew Ng) writes v_t = β v_(t−1) + (1 − β) x_t "
+        "with β the weight of the *old* value; PyTorch's BN momentum is the weight of the "
+        "*new* value, momentum = 1 − β. From v_0, the average still holds β^t of v_0 after "
+        "t steps; bias correction divides it out: (v_t − β^t v_0) / (1 − β^t).",
+        "",
+        "**The post's claim.** At test time BN standardizes with averages of the means and "
+        "variances seen in training (exponentially weighted), which stand in for the "
+        "statistics of the data; whether those averages need bias correction it leaves to "
+        "Ng's lecture, whose answer is that the correction matters only in the first steps.",
+        "",
+        "### The averages themselves",
+        "",
+        f"{e['replicates']} seeded series x_t = {e['mean']:g} + {e['noise']:g}·N(0, 1), "
+        f"{e['steps']} steps each, averaged from v_0 = 0. *Computed*: the first t with β^t "
+        f"below {th_names[0]} and below {th_names[1]}. *Measured*: the step from which the "
+        "error of the average over the realizations, |mean v_t − true mean| / true mean, "
+        "stays below the same fraction. *Noise*: the standard deviation of v_t over the "
+        "realizations at the last step, beside σ·√((1 − β)/(1 + β)).",
+        "",
+        f"| β | momentum | computed, {th_names[0]} | measured raw | measured corrected | "
+        f"computed, {th_names[1]} | measured raw | measured corrected | noise | formula |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, b in e["betas"].items():
+        lines.append(
+            f"| {key} | {b['momentum']:.3g} | {b['computed'][th[0]]} | "
+            f"{_steps(b['measured']['raw'][th[0]])} | "
+            f"{_steps(b['measured']['corrected'][th[0]])} | {b['computed'][th[1]]} | "
+            f"{_steps(b['measured']['raw'][th[1]])} | "
+            f"{_steps(b['measured']['corrected'][th[1]])} | {b['noise_measured']:.4f} | "
+            f"{b['noise_formula']:.4f} |")
+    lines += [
+        "",
+        "A raw average needs about as many steps as computed to forget its start (β^t is "
+        "its start value's weight); the bias-corrected one is unbiased from the first step. "
+        "A larger β leaves less noise and forgets its start more slowly. Bias correction "
+        "shortens the start-up for every β: "
+        f"{VERDICT_TEXT[v['ewa_startup']]}.",
+        "",
+        "![One realization of the noisy series (grey dots) and its exponentially weighted "
+        "averages for each β, raw (solid) and bias-corrected (dashed); x: step t (log "
+        "scale), y: value (arbitrary units)](q5_ewa_series.png)",
+        "",
+        f"![Start-up error of the averages over {e['replicates']} realizations, "
+        "|mean v_t − true mean| / true mean (fraction, log scale) vs step t (log scale), "
+        "raw (solid) and bias-corrected (dashed), with the thresholds (dotted) and the "
+        "computed steps (circles)](q5_ewa_startup.png)",
+        "",
+        "### BN's running statistics in the first steps",
+        "",
+        f"All-CNN-C at width {s['width']:g} with bnlab's BN (momentum {s['bn_momentum']:g}, "
+        f"PyTorch's convention), {s['train_images']} training images of {s['data']}, "
+        f"{plural(s['epochs'], 'epoch')} of {plural(s['steps_per_epoch'], 'step')} (batch "
+        f"{s['batch_size']}, Adam, peak lr {s['lr']:g}, cosine schedule), "
+        f"{plural(s['seeds'], 'seed')}; numbers are mean ± std over seeds. At steps "
+        f"{', '.join(map(str, s['probe_steps']))} the running statistics of every BN layer "
+        "are compared with the *population statistics* they estimate, computed for the "
+        "current weights by Ioffe & Szegedy's Algorithm 2 (the mean of the batch means and "
+        f"of the unbiased batch variances) over {s['population_images']} training images, "
+        f"not augmented, in batches of {s['batch_size']}. Errors: the mean's in units of the "
+        "population standard deviation, the variance's relative; averaged over channels and "
+        "layers.",
+        "",
+        "| statistic | raw, step " + str(s["probe_steps"][0]) + " | corrected, step "
+        + str(s["probe_steps"][0]) + f" | raw, steps ≤ {s['early_steps']} | corrected, "
+        f"steps ≤ {s['early_steps']} | raw, step {s['window']} | corrected, step "
+        f"{s['window']} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    f, early, end = s["first_step"], s["early"], s["window_end"]
+    rows = (("error of the running mean", "mean_error", 3),
+            ("error of the running variance", "var_error", 3),
+            ("test accuracy", "acc", 3))
+    for label, key, digits in rows:
+        lines.append(
+            f"| {label} | {fmt_pm(f[f'{key}_raw'], digits)} | "
+            f"{fmt_pm(f[f'{key}_corrected'], digits)} | {fmt_pm(early[f'{key}_raw'], digits)} | "
+            f"{fmt_pm(early[f'{key}_corrected'], digits)} | {fmt_pm(end[f'{key}_raw'], digits)} | "
+            f"{fmt_pm(end[f'{key}_corrected'], digits)} |")
+    lines += [
+        "",
+        f"Test accuracy with the population statistics: {fmt_pm(f['acc_population'], 3)} at "
+        f"step {s['probe_steps'][0]}, {fmt_pm(early['acc_population'], 3)} over steps ≤ "
+        f"{s['early_steps']}, {fmt_pm(end['acc_population'], 3)} at step {s['window']} "
+        f"({s['test_images']} test images).",
+        "",
+        f"Bias-corrected against raw, over the first {s['early_steps']} steps: the error of "
+        f"the running statistics (mean of the two errors) — "
+        f"{_COMPARISON[v['early_error_comparison']]}; the test accuracy — "
+        f"{_COMPARISON[v['early_acc_comparison']]}.",
+        "",
+        "![Error of BN's running mean (left, in population standard deviations) and running "
+        "variance (right, relative) against the population statistics vs training step, "
+        "PyTorch's raw convention vs bias-corrected, averaged over layers; log y; bands: ± "
+        "std over seeds](q5_bn_running_error.png)",
+        "",
+        "![Test accuracy in eval mode (fraction) vs training step, BN normalizing with the "
+        "raw running statistics, the bias-corrected ones, or the population statistics; "
+        "bands: ± std over seeds](q5_bn_early_accuracy.png)",
+        "",
+        "### Final accuracy across momentum values",
+        "",
+        f"After all {s['total_steps']} steps, on all {s['all_test_images']} test images. "
+        "Momentum changes only the running buffers (training mode normalizes with batch "
+        "statistics), so every momentum comes from the same runs: each step's batch "
+        "statistics are recovered from the run's own buffers and replayed into a running "
+        "average per momentum (the tests check a replay against a run trained with that "
+        "momentum). *Start weight*: the weight (1 − momentum)^steps the initial buffers "
+        "still hold.",
+        "",
+        "| momentum | start weight | accuracy, raw | accuracy, corrected | mean error, raw | "
+        "variance error, raw |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, m in s["momenta"].items():
+        weight = "none (cumulative)" if m["start_weight"] is None else f"{m['start_weight']:.2g}"
+        lines.append(f"| {key} | {weight} | {fmt_pm(m['acc_raw'], 3)} | "
+                     f"{fmt_pm(m['acc_corrected'], 3)} | {fmt_pm(m['mean_error_raw'], 3)} | "
+                     f"{fmt_pm(m['var_error_raw'], 3)} |")
+    own = s["momenta"][f"{s['bn_momentum']:g}"]
+    beta_key = f"{1 - s['bn_momentum']:g}"
+    beta_key = beta_key if beta_key in e["betas"] else next(iter(e["betas"]))
+    lines += [
+        "",
+        f"With the population statistics: {fmt_pm(s['final_acc_population'], 3)}.",
+        "",
+        "![Final test accuracy in eval mode (fraction) vs BN momentum (PyTorch's convention), "
+        "raw and bias-corrected running statistics, with the population statistics' "
+        "accuracy (dashed, band ± std); error bars: ± std over seeds]"
+        "(q5_momentum_accuracy.png)",
+        "",
+        f"**Answer.** An exponentially weighted average with weight β on the old value "
+        f"remembers about the last 1/(1 − β) values and starts biased toward its initial "
+        f"value, whose weight β^t needs {e['betas'][beta_key]['computed'][th[1]]} steps at "
+        f"β = {beta_key} to fall below {th_names[1]}; bias correction removes that start. "
+        "In BN, "
+        f"over the first {s['early_steps']} steps the raw running statistics are off by "
+        f"{fmt_pm(early['mean_error_raw'], 3)} (mean) and "
+        f"{fmt_pm(early['var_error_raw'], 3)} (variance), the bias-corrected ones by "
+        f"{fmt_pm(early['mean_error_corrected'], 3)} and "
+        f"{fmt_pm(early['var_error_corrected'], 3)}; test accuracy "
+        f"{fmt_pm(early['acc_raw'], 3)} vs {fmt_pm(early['acc_corrected'], 3)}. After "
+        f"training, the running statistics of momentum {s['bn_momentum']:g} give "
+        f"{fmt_pm(own['acc_raw'], 3)} against {fmt_pm(s['final_acc_population'], 3)} with "
+        "the population statistics.",
+        "",
+        f"Against the post's claim that the running averages stand in for the data's "
+        f"statistics at test time: {VERDICT_TEXT[v['running_stand_in']]}. Against the "
+        f"answer it points to, that bias correction reduces the running statistics' error "
+        f"in the first steps (here the first {s['early_steps']}): "
+        f"{VERDICT_TEXT[v['bias_correction']]}.",
+    ]
+    lines += note_lines(s.get("notes", []))
+    return "\n".join(lines) + "\n"
