@@ -59,6 +59,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -182,7 +183,7 @@ def _pow2_scale(amax: Tensor) -> Tensor:
     ``amax`` (C,) of a floating dtype; the exponent is clamped so that ``p`` stays a normal
     number of that dtype.
     """
-    limit = torch.finfo(amax.dtype).maxexp - 3
+    limit = math.frexp(torch.finfo(amax.dtype).max)[1] - 3  # 125 for float32
     e = torch.floor(torch.log2(amax)).clamp(-limit, limit) + 1
     ok = torch.isfinite(amax) & (amax > 0)
     return torch.where(ok, torch.exp2(-e), torch.ones_like(amax)).detach()

@@ -47,22 +47,12 @@ __all__ = [
 ]
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """The normalization step as an autograd node whose backward is bnlab's.
+class _BatchNormNode(torch.autograd.Function):
+    """:class:`BatchNormFunction` without forward-mode AD: what ``torch.compile`` traces.
 
-    ``BatchNormFunction.apply(x, weight, bias, saved)`` returns
-    :func:`~bnlab.functional.batch_norm_normalize` of ``x`` with the statistics in
-    ``saved`` (from :func:`~bnlab.functional.batch_norm_prepare`, computed outside autograd);
-    its backward is :func:`~bnlab.functional.batch_norm_backward`, which accounts for the
-    dependence of batch statistics on ``x``, and its forward-mode derivative is
-    :func:`~bnlab.functional.batch_norm_jvp`. Each calls one entry point of
-    :mod:`bnlab.functional`, so a fused kernel can replace it.
-
-    The modern form (``setup_context``, ``generate_vmap_rule``): ``torch.func.vmap``,
-    ``grad``, ``jacrev``, ``jacfwd``/``jvp`` and ``torch.autograd.forward_ad`` work through
-    it. The backward is itself differentiable (it switches to its composite form when
-    autograd records it), so double backward (``create_graph=True``, gradient penalties)
-    works in training and evaluation mode.
+    Dynamo cannot trace an ``autograd.Function`` that defines ``jvp`` (it breaks the graph
+    there), so under ``torch.compile`` :func:`batch_norm` applies this class; everything
+    else is shared.
     """
 
     generate_vmap_rule = True
@@ -87,6 +77,25 @@ class BatchNormFunction(torch.autograd.Function):
         dx, dgamma, dbeta = F.batch_norm_backward(dy, x, saved, weight)
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         return (dx if need_x else None, dgamma if need_w else None, dbeta if need_b else None, None)
+
+
+class BatchNormFunction(_BatchNormNode):
+    """The normalization step as an autograd node whose backward is bnlab's.
+
+    ``BatchNormFunction.apply(x, weight, bias, saved)`` returns
+    :func:`~bnlab.functional.batch_norm_normalize` of ``x`` with the statistics in
+    ``saved`` (from :func:`~bnlab.functional.batch_norm_prepare`, computed outside autograd);
+    its backward is :func:`~bnlab.functional.batch_norm_backward`, which accounts for the
+    dependence of batch statistics on ``x``, and its forward-mode derivative is
+    :func:`~bnlab.functional.batch_norm_jvp`. Each calls one entry point of
+    :mod:`bnlab.functional`, so a fused kernel can replace it.
+
+    The modern form (``setup_context``, ``generate_vmap_rule``): ``torch.func.vmap``,
+    ``grad``, ``jacrev``, ``jacfwd``/``jvp`` and ``torch.autograd.forward_ad`` work through
+    it. The backward is itself differentiable (it switches to its composite form when
+    autograd records it), so double backward (``create_graph=True``, gradient penalties)
+    works in training and evaluation mode.
+    """
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
@@ -127,7 +136,8 @@ def batch_norm(
         F.update_running_stats(
             running_mean, running_var, saved.mean, saved.var, F.num_per_channel(x), momentum
         )
-    return BatchNormFunction.apply(x, weight, bias, saved)
+    node = _BatchNormNode if torch.compiler.is_compiling() else BatchNormFunction
+    return node.apply(x, weight, bias, saved)
 
 
 def _verify_batch_size(x: Tensor) -> None:

@@ -405,11 +405,15 @@ class _BatchNorm(Layer):
             if self.momentum is None:  # the cumulative moving average
                 factor = 1.0 / float(buffers["num_batches_tracked"])
         use_batch_stats = training or not self.track_running_stats
-        if use_batch_stats and xf.numel() // xf.shape[1] <= 1:
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        F.validate_batch_norm_args(
+            xf, self.params.get("weight"), self.params.get("bias"), running_mean, running_var,
+            training=use_batch_stats, eps=self.eps,
+        )
+        if use_batch_stats and F.num_per_channel(xf) == 1:  # 0 values (empty) is a no-op
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {x.size()}"
             )
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         if not use_batch_stats and self.bias_correction:
             running_mean, running_var = F.bias_corrected_running_stats(
                 running_mean, running_var, int(buffers["num_batches_tracked"]), self.momentum,
@@ -421,7 +425,7 @@ class _BatchNorm(Layer):
         if training and self.track_running_stats:
             F.update_running_stats(
                 buffers["running_mean"], buffers["running_var"], saved.mean, saved.var,
-                xf.numel() // xf.shape[1], factor, unbiased=self.unbiased_running_var,
+                F.num_per_channel(xf), factor, unbiased=self.unbiased_running_var,
             )
         y = F.batch_norm_normalize(xf, saved, self.params.get("weight"), self.params.get("bias"))
         self._cache = (xf, saved, x.shape)
@@ -530,7 +534,8 @@ class PerActivationBatchNorm(_BatchNorm):
         self.feature_shape = (channels, height, width)
 
     def _features(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1)  # a copy in NCHW order when x is channels_last
+        # a copy in NCHW order when x is channels_last; sizes spelled out for N = 0
+        return x.reshape(x.shape[0], self.num_features)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.feature_shape:
