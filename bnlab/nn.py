@@ -129,6 +129,8 @@ def batch_norm(
                                eps=eps)
     if training:
         _verify_batch_size(x)
+    weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
+    bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
     saved = F.batch_norm_prepare(
         x.detach(), running_mean, running_var, training=training, eps=eps
     )
@@ -279,7 +281,9 @@ def _convert(
         converted = _convert_one(module, target)
     else:
         converted = module
-        for name, child in module.named_children():
+        for name, child in list(module._modules.items()):  # named_children skips repeats
+            if child is None:
+                continue
             new = _convert(child, mapping, done)
             if new is not child:
                 setattr(module, name, new)
