@@ -138,6 +138,25 @@ def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout of an output like ``x``, as PyTorch's kernels choose it.
+
+    ``channels_last`` (``channels_last_3d``) for a 4D (5D) input in that layout, else
+    contiguous: a transposed or strided input gives a contiguous output, as in
+    ``torch.nn.functional.batch_norm`` (ATen's ``suggest_memory_format``); an empty input's
+    strides are kept (PyTorch clones it).
+    """
+    if x.numel() == 0:
+        return torch.preserve_format
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """Split tensors of one batch into matching cache-sized chunks along the batch axis.
 
@@ -331,7 +350,7 @@ def batch_norm_normalize(
         t = t + k.to(s.dtype) * s
         y = (x.to(cdt) - _channel_view(k, x)) * _channel_view(s.to(cdt), x)
         return (y + _channel_view(t.to(cdt), x)).to(x.dtype)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, memory_format=_memory_format(x))
     if x.dtype == cdt and not _needs_shift(saved.shift, saved.invstd):
         s, t = _channel_view(s.to(cdt), x), _channel_view(t.to(cdt), x)
         for xc, yc in _chunks(x, y):
@@ -484,7 +503,7 @@ def batch_norm_backward(
     if not bool(ok.all()):
         return _backward_composite(dy, x, saved, weight)
     a, b, c = (_channel_view(v.to(cdt), x) for v in (a, b, c))
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, memory_format=_memory_format(x))
     for xc, dyc, dxc in _chunks(x, dy, dx):
         if not saved.training:
             dxc.copy_(dyc.to(cdt) * a)

@@ -9,6 +9,13 @@ replace only ``forward``. The forward and backward math is in
 :mod:`bnlab.functional`; autograd never traces it (the backward is a
 ``torch.autograd.Function``).
 
+Beyond plain training, the same things work on bnlab's modules as on PyTorch's (tested in
+``tests/test_dropin.py`` and against PyTorch's own module test database): empty inputs
+(a no-op that still counts the batch), double backward, the ``torch.func`` transforms
+(``vmap``, ``grad``, ``jacrev``, ``jacfwd``/``jvp``, forward-mode AD), ``torch.export`` in
+evaluation mode and ``torch.compile`` (without graph breaks). ``convert_batchnorm`` reuses
+the very parameter and buffer objects.
+
 One opt-in addition, off by default: ``bias_correction=True`` uses bias-corrected running
 averages in evaluation mode (the post's Q5; see
 :func:`bnlab.functional.bias_corrected_running_stats`). The buffers themselves stay in
