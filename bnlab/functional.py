@@ -268,8 +268,9 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     chunks = _chunks(x)
     # K: the mean of the first chunk, rounded to the compute dtype. Any value within a few
     # standard deviations of the mean will do; the correction term below removes the rest.
+    # A K that is not finite makes the sums NaN, which hands the input to the composite path.
     first = chunks[0][0]
-    shift = _finite_or_zero(first.sum(dims, dtype=cdt) / num_per_channel(first))
+    shift = first.sum(dims, dtype=cdt) / num_per_channel(first)
     k = _channel_view(shift, x)
     sum_d = torch.empty(len(chunks), x.shape[1], dtype=cdt, device=x.device)
     sum_d2 = torch.empty_like(sum_d)
@@ -498,9 +499,8 @@ def batch_norm_backward(
         b = torch.zeros_like(a)
         c = torch.zeros_like(a)
     # b * x is formed in the compute dtype: b must be 0 or a normal number there.
-    tiny = torch.finfo(cdt).tiny
-    ok = torch.isfinite(a + b + c + dgamma + dbeta) & ((b == 0) | (b.abs() >= tiny))
-    if not bool(ok.all()):
+    underflow = (b.abs() < torch.finfo(cdt).tiny) & (b != 0)
+    if not bool(torch.isfinite(torch.stack((a, b, c, dgamma, dbeta))).all() & ~underflow.any()):
         return _backward_composite(dy, x, saved, weight)
     a, b, c = (_channel_view(v.to(cdt), x) for v in (a, b, c))
     dx = torch.empty_like(x, memory_format=_memory_format(x))
