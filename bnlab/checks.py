@@ -1,8 +1,9 @@
 """Numerical checks behind ``bnlab gradcheck``: the hand-derived backward against autograd.
 
 Each row compares bnlab's closed-form gradients with autograd differentiating the textbook
-float64 formula, and also runs ``torch.autograd.gradcheck`` (finite differences) on the
-autograd Function.
+float64 formula, and also runs ``torch.autograd.gradcheck`` and ``gradgradcheck`` (finite
+differences of the gradients and of the backward itself, the double backward) on the
+autograd Function, in training and in evaluation mode.
 
     >>> rows = bn_gradcheck_rows(shapes={"(N, C)": (6, 3)})
     >>> rows[0].passed
@@ -50,7 +51,7 @@ class CheckRow:
     name: str
     shape: tuple[int, ...]
     errors: dict[str, float]
-    gradcheck: bool | None = None
+    gradcheck: bool | None = None  # gradcheck and gradgradcheck, train and eval; None: skipped
     tolerance: float = TOLERANCE
     notes: list[str] = field(default_factory=list)
 
@@ -117,7 +118,11 @@ def bn_gradcheck_rows(
         if finite_differences:
             small = [t[:4].detach().clone().requires_grad_(True) if i == 0 else t
                      for i, t in enumerate(inputs)]
-            ok = torch.autograd.gradcheck(ours, small, eps=1e-6, atol=1e-8, raise_exception=False)
+            ok = all(
+                check(f, small, eps=1e-6, atol=1e-8, raise_exception=False)
+                for f in (ours, _eval_mode(eps))
+                for check in (torch.autograd.gradcheck, torch.autograd.gradgradcheck)
+            )
         rows.append(CheckRow(name, tuple(shape), errors, ok))
     if variants or (variants is None and shapes is None):
         rows += variant_gradcheck_rows(seed, eps, finite_differences, progress)
@@ -292,6 +297,19 @@ def variant_gradcheck_rows(
                                           raise_exception=False)
         rows.append(CheckRow(name, tuple(shape), errors, ok))
     return rows
+
+
+def _eval_mode(eps: float) -> Callable[..., torch.Tensor]:
+    """BN in evaluation mode with fixed running statistics (mean 0.3, variance 1.7)."""
+
+    def f(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        rm = torch.full((c,), 0.3, dtype=x.dtype)
+        rv = torch.full((c,), 1.7, dtype=x.dtype)
+        saved = F.batch_norm_prepare(x.detach(), rm, rv, training=False, eps=eps)
+        return BatchNormFunction.apply(x, g, b, saved)
+
+    return f
 
 
 NETWORK_CASES: dict[str, dict] = {

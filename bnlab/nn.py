@@ -3,10 +3,18 @@
 Same constructor arguments, parameters, buffers, ``state_dict`` keys, train/eval
 behaviour, momentum semantics (``momentum=None`` is the cumulative average) and errors as
 ``torch.nn.BatchNorm*d`` of the installed PyTorch: the classes share PyTorch's own base
-(``_NormBase``), which owns the parameters, buffers, ``reset_*``, ``extra_repr`` and state
-loading, and replace only ``forward``. The forward and backward math is in
+(``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks treat them as BN),
+which owns the parameters, buffers, ``reset_*``, ``extra_repr`` and state loading, and
+replace only ``forward``. The forward and backward math is in
 :mod:`bnlab.functional`; autograd never traces it (the backward is a
 ``torch.autograd.Function``).
+
+Beyond plain training, the same things work on bnlab's modules as on PyTorch's (tested in
+``tests/test_dropin.py`` and against PyTorch's own module test database): empty inputs
+(a no-op that still counts the batch), double backward, the ``torch.func`` transforms
+(``vmap``, ``grad``, ``jacrev``, ``jacfwd``/``jvp``, forward-mode AD), ``torch.export`` in
+evaluation mode and ``torch.compile`` (without graph breaks). ``convert_batchnorm`` reuses
+the very parameter and buffer objects.
 
 One opt-in addition, off by default: ``bias_correction=True`` uses bias-corrected running
 averages in evaluation mode (the post's Q5; see
@@ -27,43 +35,81 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnlab import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "convert_batchnorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "batch_norm",
+    "convert_batchnorm",
+    "register_conversion",
+]
 
 
-class BatchNormFunction(torch.autograd.Function):
+class _BatchNormNode(torch.autograd.Function):
+    """:class:`BatchNormFunction` without forward-mode AD: what ``torch.compile`` traces.
+
+    Dynamo cannot trace an ``autograd.Function`` that defines ``jvp`` (it breaks the graph
+    there), so under ``torch.compile`` :func:`batch_norm` applies this class; everything
+    else is shared.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: F.BatchNormSaved
+    ) -> Tensor:
+        return F.batch_norm_normalize(x, saved, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, _, saved = inputs
+        ctx.training = saved.training
+        ctx.save_for_backward(x, weight, *saved[:4])
+        ctx.save_for_forward(x, weight, *saved[:4])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, *stats = ctx.saved_tensors
+        saved = F.BatchNormSaved(*stats, ctx.training)
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, x, saved, weight)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        return (dx if need_x else None, dgamma if need_w else None, dbeta if need_b else None, None)
+
+
+class BatchNormFunction(_BatchNormNode):
     """The normalization step as an autograd node whose backward is bnlab's.
 
     ``BatchNormFunction.apply(x, weight, bias, saved)`` returns
     :func:`~bnlab.functional.batch_norm_normalize` of ``x`` with the statistics in
     ``saved`` (from :func:`~bnlab.functional.batch_norm_prepare`, computed outside autograd);
     its backward is :func:`~bnlab.functional.batch_norm_backward`, which accounts for the
-    dependence of batch statistics on ``x``. Double backward is not supported:
-    ``once_differentiable`` raises a clear error if one is attempted.
+    dependence of batch statistics on ``x``, and its forward-mode derivative is
+    :func:`~bnlab.functional.batch_norm_jvp`. Each calls one entry point of
+    :mod:`bnlab.functional`, so a fused kernel can replace it.
+
+    The modern form (``setup_context``, ``generate_vmap_rule``): ``torch.func.vmap``,
+    ``grad``, ``jacrev``, ``jacfwd``/``jvp`` and ``torch.autograd.forward_ad`` work through
+    it. The backward is itself differentiable (it switches to its composite form when
+    autograd records it), so double backward (``create_graph=True``, gradient penalties)
+    works in training and evaluation mode.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: F.BatchNormSaved
-    ) -> Tensor:
-        ctx.saved = saved
-        ctx.save_for_backward(x, weight)
-        return F.batch_norm_normalize(x, saved, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, x, ctx.saved, weight)
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        return (dx if need_x else None, dgamma if need_w else None, dbeta if need_b else None, None)
+    def jvp(ctx: Any, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
+            _dsaved: Any) -> Tensor:
+        x, weight, *stats = ctx.saved_tensors
+        saved = F.BatchNormSaved(*stats, ctx.training)
+        return F.batch_norm_jvp(dx, dweight, dbias, x, saved, weight)
 
 
 def batch_norm(
@@ -79,36 +125,46 @@ def batch_norm(
     """``torch.nn.functional.batch_norm`` with bnlab's math (same arguments, same semantics).
 
     In training mode the running buffers, when given, are updated in place with
-    ``momentum`` weighting the new batch statistics.
+    ``momentum`` weighting the new batch statistics; an empty input (no values per
+    channel) gives an empty output and leaves them untouched. Bad arguments raise what
+    PyTorch raises (:func:`bnlab.functional.validate_batch_norm_args`).
 
     >>> x = torch.randn(8, 3, requires_grad=True)
     >>> batch_norm(x, None, None, training=True).sum().backward()
     """
+    F.validate_batch_norm_args(x, weight, bias, running_mean, running_var, training=training,
+                               eps=eps)
     if training:
         _verify_batch_size(x)
+    weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
+    bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
     saved = F.batch_norm_prepare(
         x.detach(), running_mean, running_var, training=training, eps=eps
     )
     if training and running_mean is not None and running_var is not None:
         F.update_running_stats(
-            running_mean, running_var, saved.mean, saved.var, x.numel() // x.shape[1], momentum
+            running_mean, running_var, saved.mean, saved.var, F.num_per_channel(x), momentum
         )
-    return BatchNormFunction.apply(x, weight, bias, saved)
+    node = _BatchNormNode if torch.compiler.is_compiling() else BatchNormFunction
+    return node.apply(x, weight, bias, saved)
 
 
 def _verify_batch_size(x: Tensor) -> None:
-    """PyTorch's check: training needs more than one value per channel."""
-    size_prods = x.shape[0]
-    for size in x.shape[2:]:
-        size_prods *= size
-    if size_prods == 1:
+    """PyTorch's check: training needs more than one value per channel (0 is fine)."""
+    if F.num_per_channel(x) == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.size()}"
         )
 
 
-class _BatchNorm(_NormBase):
-    """Shared forward of bnlab's BatchNorm1d/2d/3d (subclasses add only the input check)."""
+class _BatchNorm(_TorchBatchNorm):
+    """Shared forward of bnlab's BatchNorm1d/2d/3d (subclasses add only the input check).
+
+    A subclass of PyTorch's ``torch.nn.modules.batchnorm._BatchNorm``, so that the
+    ecosystem's ``isinstance`` checks (freezing helpers,
+    ``SyncBatchNorm.convert_sync_batchnorm``, ``torch.func.replace_all_batch_norm_modules_``)
+    treat bnlab's modules as batch norm.
+    """
 
     def __init__(self, *args: Any, bias_correction: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,14 +176,6 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if input.dim() >= 2 and input.shape[1] != self.num_features and (
-            self.affine or self.track_running_stats
-        ):
-            what = "running_mean" if self.running_mean is not None else "weight"
-            raise RuntimeError(
-                f"{what} should contain {input.shape[1]} elements not {self.num_features}"
-            )
-
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -184,46 +232,97 @@ _PAIRS: list[tuple[type[torch.nn.Module], type[torch.nn.Module]]] = [
     (torch.nn.BatchNorm3d, BatchNorm3d),
 ]
 
+# For each target name, the exact source types converted and the class each becomes.
+_CONVERSIONS: dict[str, dict[type[torch.nn.Module], type[torch.nn.Module]]] = {
+    "bnlab": {src: dst for src, dst in _PAIRS},
+    "torch": {dst: src for src, dst in _PAIRS},
+}
 
-def convert_batchnorm(
-    model: torch.nn.Module, to: Literal["bnlab", "torch"] = "bnlab"
-) -> torch.nn.Module:
+
+def register_conversion(
+    to: str, mapping: dict[type[torch.nn.Module], type[torch.nn.Module]]
+) -> None:
+    """Teach :func:`convert_batchnorm` a target: ``convert_batchnorm(model, to=to)`` then
+    turns every module whose exact type is a key of ``mapping`` into its value (the
+    value's constructor must take ``torch.nn.BatchNorm*d``'s arguments). Registering a
+    name again adds to its mapping.
+
+    >>> register_conversion("bnlab", {})  # e.g. {torch.nn.SyncBatchNorm: MySyncBatchNorm}
+    """
+    _CONVERSIONS.setdefault(to, {}).update(mapping)
+
+
+def convert_batchnorm(model: torch.nn.Module, to: str = "bnlab") -> torch.nn.Module:
     """Swap every ``BatchNorm*d`` in ``model`` for bnlab's (``to="bnlab"``) or PyTorch's.
 
-    Parameters, buffers (running statistics, ``num_batches_tracked``), hyperparameters,
-    device, dtype and train/eval mode are kept; the model is changed in place and
-    returned (a bare BN module is returned converted). Subclasses of PyTorch's BN (such
-    as ``SyncBatchNorm`` or ``LazyBatchNorm*d``) are left alone.
+    The new modules *reuse* the old ones' ``Parameter`` and buffer objects (running
+    statistics, ``num_batches_tracked``): ``requires_grad``, tensor hooks, sharing between
+    modules and an optimizer built before the conversion all keep working. Hyperparameters,
+    train/eval mode and the module's own hooks are kept; a module that appears several
+    times in ``model`` is converted once and the copy shared the same way. The model is
+    changed in place and returned (a bare BN module is returned converted). Only exact
+    types convert: subclasses of PyTorch's BN (such as ``SyncBatchNorm`` or
+    ``LazyBatchNorm*d``) are left alone. More targets: :func:`register_conversion`.
+
+    Raises ``ValueError`` for an unknown ``to``.
 
     >>> m = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
     >>> type(convert_batchnorm(m, to="torch")[0]) is torch.nn.BatchNorm1d
     True
     """
-    if to not in ("bnlab", "torch"):
-        raise ValueError(f"convert_batchnorm: to must be 'bnlab' or 'torch', got {to!r}")
-    mapping = {src: dst for src, dst in _PAIRS} if to == "bnlab" else {d: s for s, d in _PAIRS}
-    target = mapping.get(type(model))
+    if to not in _CONVERSIONS:
+        names = " or ".join(repr(k) for k in _CONVERSIONS)
+        raise ValueError(f"convert_batchnorm: to must be {names}, got {to!r}")
+    return _convert(model, _CONVERSIONS[to], {})
+
+
+def _convert(
+    module: torch.nn.Module,
+    mapping: dict[type[torch.nn.Module], type[torch.nn.Module]],
+    done: dict[int, torch.nn.Module],
+) -> torch.nn.Module:
+    if id(module) in done:
+        return done[id(module)]
+    target = mapping.get(type(module))
     if target is not None:
-        return _convert_one(model, target)
-    for name, child in model.named_children():
-        converted = convert_batchnorm(child, to)
-        if converted is not child:
-            setattr(model, name, converted)
-    return model
+        converted = _convert_one(module, target)
+    else:
+        converted = module
+        for name, child in list(module._modules.items()):  # named_children skips repeats
+            if child is None:
+                continue
+            new = _convert(child, mapping, done)
+            if new is not child:
+                setattr(module, name, new)
+    done[id(module)] = converted
+    return converted
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _convert_one(bn: torch.nn.Module, target: type[torch.nn.Module]) -> torch.nn.Module:
-    p = bn.weight if bn.weight is not None else bn.running_mean
+    """A ``target`` module with ``bn``'s hyperparameters holding ``bn``'s very tensors."""
     kwargs: dict[str, Any] = dict(
         eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
+        track_running_stats=bn.track_running_stats, device="meta",
     )
-    if p is not None:
-        kwargs.update(device=p.device, dtype=p.dtype)
     if getattr(bn, "bias", None) is None and bn.affine:
         kwargs["bias"] = False  # PyTorch >= 2.12's scale-only affine
-    new = target(bn.num_features, **kwargs)
-    new.load_state_dict(bn.state_dict())
+    new = target(bn.num_features, **kwargs)  # on "meta": its own tensors are replaced below
+    for name in list(new._parameters):
+        new._parameters[name] = bn._parameters.get(name)
+    for name in list(new._buffers):
+        new._buffers[name] = bn._buffers.get(name)
+    for name in _HOOK_DICTS:
+        if hasattr(bn, name) and hasattr(new, name):
+            getattr(new, name).update(getattr(bn, name))
+    for name in ("qconfig", "bias_correction"):
+        if hasattr(bn, name) and hasattr(new, name):
+            setattr(new, name, getattr(bn, name))
     new.train(bn.training)
     return new
 

@@ -360,10 +360,10 @@ class _BatchNorm(Layer):
 
         Batch statistics of ``xf`` itself, or the running ones; a subclass may merge them
         over processes (:mod:`bnlab.manual.distributed`). Raises ``ValueError`` when batch
-        statistics would rest on one value per feature.
+        statistics would rest on one value per feature (none at all is a no-op, as in torch).
         """
-        count = xf.numel() // xf.shape[1]
-        if use_batch_stats and count <= 1:
+        count = F.num_per_channel(xf)
+        if use_batch_stats and count == 1:  # 0 values (an empty input) is a no-op
             raise ValueError(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{xf.size()}"
@@ -395,6 +395,10 @@ class _BatchNorm(Layer):
                 factor = 1.0 / float(buffers["num_batches_tracked"])
         use_batch_stats = training or not self.track_running_stats
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        F.validate_batch_norm_args(
+            xf, self.params.get("weight"), self.params.get("bias"), running_mean, running_var,
+            training=use_batch_stats, eps=self.eps,
+        )
         if not use_batch_stats and self.bias_correction:
             running_mean, running_var = F.bias_corrected_running_stats(
                 running_mean, running_var, int(buffers["num_batches_tracked"]), self.momentum,
@@ -512,7 +516,8 @@ class PerActivationBatchNorm(_BatchNorm):
         self.feature_shape = (channels, height, width)
 
     def _features(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1)  # a copy in NCHW order when x is channels_last
+        # a copy in NCHW order when x is channels_last; sizes spelled out for N = 0
+        return x.reshape(x.shape[0], self.num_features)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.feature_shape:
