@@ -89,7 +89,10 @@ def test_a_network_without_bn_or_dropout_has_no_noise():
     net = nn.Sequential(nn.Linear(5, 10))
     x = torch.randn(64, 5)
     spread = q1.logit_spread(q1.noise_samples(net, x, 8, 3, torch.Generator().manual_seed(0)))
-    assert spread["relative_std"] == 0.0
+    # Only rounding may differ: a GEMM kernel may block a batch of 8 unlike one of 64 (seen on
+    # an AMD EPYC: 3e-8), and a 5-term float32 dot product rounds to within 5 u = 3e-7 of the
+    # exact value; BN's noise at batch 8 is ~0.4 (test_bn_noise_of_one_layer_follows_theory).
+    assert spread["relative_std"] <= 5 * torch.finfo(torch.float32).eps / 2
     assert spread["disagreement"] == 0.0
 
 
