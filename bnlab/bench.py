@@ -16,6 +16,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bnlab import functional as F
+from bnlab import kernels
 from bnlab import nn as bnn
 
 __all__ = ["BNBenchRow", "bench_bn", "bench_data", "crop_flip_per_image", "format_table",
-           "time_interleaved"]
+           "time_interleaved", "validate_bn_paths"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -69,7 +72,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 
 @dataclass(frozen=True)
 class BNBenchRow:
-    """One measurement of ``bnlab bench bn``: times in milliseconds, ratio = bnlab / native."""
+    """One measurement of ``bnlab bench bn``: times in milliseconds, ratios to native.
+
+    ``bnlab_ms`` is the eager reference (:mod:`bnlab.functional`), ``fused_ms`` the fused
+    kernel (:mod:`bnlab.kernels`); a path that was not timed (its outputs disagreed with the
+    eager reference, or the kernel is unavailable) has NaN and says why in ``note``.
+    """
 
     device: str
     shape: tuple[int, ...]
@@ -78,16 +86,23 @@ class BNBenchRow:
     pass_: str
     native_ms: float
     bnlab_ms: float
+    fused_ms: float = math.nan
+    note: str = ""
 
     @property
     def ratio(self) -> float:
         return self.bnlab_ms / self.native_ms
 
+    @property
+    def fused_ratio(self) -> float:
+        return self.fused_ms / self.native_ms
+
     def as_dict(self) -> dict:
         return {
             "device": self.device, "shape": list(self.shape), "memory_format": self.memory_format,
             "dtype": self.dtype, "pass": self.pass_, "native_ms": self.native_ms,
-            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio,
+            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio, "fused_ms": self.fused_ms,
+            "fused_ratio": self.fused_ratio, "note": self.note,
         }
 
 
@@ -99,11 +114,14 @@ def bench_bn(
     repeats: int = 15,
     progress: Callable[[str], None] | None = None,
 ) -> list[BNBenchRow]:
-    """Time training-mode BN forward, backward and forward+backward: PyTorch vs bnlab.
+    """Time training-mode BN forward, backward and forward+backward: native, eager, fused.
 
-    Both sides run as modules under autograd, the way a model uses them
-    (``torch.nn.BatchNorm2d`` and ``bnlab.nn.BatchNorm2d``); the backward computes the
-    input, weight and bias gradients from a saved graph (``retain_graph=True``).
+    All paths run as modules under autograd, the way a model uses them
+    (``torch.nn.BatchNorm2d``, ``bnlab.nn.BatchNorm2d`` and the same module with
+    :mod:`bnlab.kernels`' fused functions); the backward computes the input, weight and bias
+    gradients from a saved graph (``retain_graph=True``). Before timing, every path's output
+    and gradients are checked against the eager reference (:func:`validate_bn_paths`); a
+    path that disagrees is not timed.
     """
     rows: list[BNBenchRow] = []
     for shape in shapes:
@@ -114,6 +132,66 @@ def bench_bn(
     return rows
 
 
+class _FusedFunction(torch.autograd.Function):
+    """``bnlab.nn.BatchNormFunction`` with :mod:`bnlab.kernels`' functions (the bench's
+    stand-in until ``bnlab.nn`` calls the kernels itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, saved):  # type: ignore[override]
+        ctx.saved = saved
+        ctx.save_for_backward(x, weight)
+        return kernels.batch_norm_normalize(x, saved, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx, dgamma, dbeta = kernels.batch_norm_backward(dy, x, ctx.saved, weight)
+        return dx, dgamma, dbeta, None
+
+
+class _FusedBatchNorm2d(bnn.BatchNorm2d):
+    """Training-mode ``bnlab.nn.BatchNorm2d`` on the fused kernel (running stats updated)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        saved = kernels.batch_norm_prepare(input.detach(), training=True, eps=self.eps)
+        F.update_running_stats(self.running_mean, self.running_var, saved.mean, saved.var,
+                               input.numel() // input.shape[1], float(self.momentum or 0.1))
+        return _FusedFunction.apply(input, self.weight, self.bias, saved)
+
+
+# Largest error allowed, relative to the largest magnitude of the reference tensor, for a path
+# to count as agreeing with the eager reference: 2**-13 in float32 (11 of 24 bits) and 1e-10
+# in float64. Rounding differences stay far below it; a wrong term of the backward is O(1).
+_AGREE_RTOL = {torch.float32: 2.0**-13, torch.float64: 1e-10}
+
+
+def validate_bn_paths(
+    mods: dict[str, torch.nn.Module], x: torch.Tensor, dy: torch.Tensor, reference: str
+) -> dict[str, str]:
+    """Compare each module's ``y``, ``dx``, ``dgamma``, ``dbeta`` with ``mods[reference]``.
+
+    Returns name → ``""`` when it agrees, else a one-line reason naming the tensor and its
+    relative error (max |a - b| / max |b|); the reference itself maps to ``""``.
+    """
+    results = {}
+    for name, mod in mods.items():
+        y = mod(x)
+        grads = torch.autograd.grad(y, (x, mod.weight, mod.bias), dy)
+        results[name] = tuple(t.detach() for t in (y, *grads))
+    rtol = _AGREE_RTOL.get(x.dtype, 2.0**-7)
+    verdicts = {}
+    for name, outs in results.items():
+        verdicts[name] = ""
+        for label, a, b in zip(("y", "dx", "dgamma", "dbeta"), outs, results[reference],
+                               strict=True):
+            err = float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            if not err <= rtol:
+                verdicts[name] = f"{name} {label} disagrees with {reference} (rel. err {err:.1e})"
+                break
+    return verdicts
+
+
 def _bench_bn_case(
     shape: tuple[int, ...], fmt: str, device: str, dtype: torch.dtype, repeats: int
 ) -> list[BNBenchRow]:
@@ -122,10 +200,23 @@ def _bench_bn_case(
     x = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
     x.requires_grad_(True)
     dy = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
-    mods = {
+    mods: dict[str, torch.nn.Module] = {
         "native": torch.nn.BatchNorm2d(shape[1]).to(device, dtype),
         "bnlab": bnn.BatchNorm2d(shape[1]).to(device, dtype),
     }
+    note = ""
+    if kernels.fused_applies(x.detach()):
+        mods["fused"] = _FusedBatchNorm2d(shape[1]).to(device, dtype)
+    else:
+        note = "fused: " + kernels.fused_status() if device == "cpu" else "fused: CPU only"
+    with torch.no_grad():  # distinct gamma and beta, the same in every path
+        for mod in mods.values():
+            mod.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            mod.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    for name, why in validate_bn_paths(mods, x, dy, reference="bnlab").items():
+        if why:
+            del mods[name]
+            note = "; ".join(filter(None, [note, why + ": not timed"]))
     outs = {k: m(x) for k, m in mods.items()}
 
     def forward(k: str) -> Callable[[], object]:
@@ -144,17 +235,19 @@ def _bench_bn_case(
         ("forward", forward), ("backward", backward), ("forward+backward", forward_backward)
     ):
         med = time_interleaved({k: make(k) for k in mods}, repeats=repeats, device=device)
+        ms = {k: med.get(k, math.nan) * 1e3 for k in ("native", "bnlab", "fused")}
         rows.append(BNBenchRow(
             str(device), shape, fmt, str(dtype).replace("torch.", ""), name,
-            med["native"] * 1e3, med["bnlab"] * 1e3,
+            ms["native"], ms["bnlab"], ms["fused"], note,
         ))
     return rows
 
 
 BN_COLUMNS = [
     ("device", "device", ""), ("shape", "shape", ""), ("memory_format", "format", ""),
-    ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "bnlab ms", ".2f"),
-    ("ratio", "bnlab/native", ".2f"),
+    ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "eager ms", ".2f"),
+    ("fused_ms", "fused ms", ".2f"), ("ratio", "eager/native", ".2f"),
+    ("fused_ratio", "fused/native", ".2f"),
 ]
 
 

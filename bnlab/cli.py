@@ -96,6 +96,8 @@ def cmd_bench_bn(args: argparse.Namespace) -> int:
     print(f"BN, training mode, float32, median of {args.repeats} interleaved repeats "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print(format_table([r.as_dict() for r in rows], BN_COLUMNS))
+    for note in dict.fromkeys(r.note for r in rows if r.note):
+        print(f"note: {note}")
     _write_json(args.json, {"machine": _machine(), "rows": [r.as_dict() for r in rows]})
     return 0
 
