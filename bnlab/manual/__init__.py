@@ -35,6 +35,7 @@ from bnlab.manual.layers import (
     PerActivationBatchNorm,
     ReLU,
     dropout_mask,
+    set_compute_dtype,
 )
 from bnlab.manual.loss import softmax_cross_entropy
 from bnlab.manual.network import Sequential, train_step
@@ -61,6 +62,7 @@ __all__ = [
     "post_init_",
     "post_net",
     "post_net_plan",
+    "set_compute_dtype",
     "softmax_cross_entropy",
     "train_step",
 ]
