@@ -151,12 +151,13 @@ class _FusedFunction(torch.autograd.Function):
 
 
 class _FusedBatchNorm2d(bnn.BatchNorm2d):
-    """Training-mode ``bnlab.nn.BatchNorm2d`` on the fused kernel (running stats updated)."""
+    """Training-mode ``bnlab.nn.BatchNorm2d`` on the fused kernel, running statistics
+    updated as ``bnlab.nn`` does (the bench's modules keep the default momentum 0.1)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         saved = kernels.batch_norm_prepare(input.detach(), training=True, eps=self.eps)
         F.update_running_stats(self.running_mean, self.running_var, saved.mean, saved.var,
-                               input.numel() // input.shape[1], float(self.momentum or 0.1))
+                               input.numel() // input.shape[1], float(self.momentum))
         return _FusedFunction.apply(input, self.weight, self.bias, saved)
 
 

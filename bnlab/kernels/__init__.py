@@ -43,7 +43,7 @@ float32 against PyTorch's native kernel):
 - Triton generates code for GPUs; its interpreter runs on the CPU only to test, far
   slower than eager.
 - A C++/OpenMP extension built with ``torch.utils.cpp_extension.load`` compiles once per
-  machine (about 35 s of CPU time, with the compiler PyTorch extensions use), is cached
+  machine (about 25 s of CPU time, with the compiler PyTorch extensions use), is cached
   in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
   ``~/.cache/torch_extensions``; concurrent first builds wait on one lock) and loads in
   milliseconds afterwards. Threads come from ``at::parallel_for`` (OpenMP in PyTorch's CPU
