@@ -78,6 +78,8 @@ def _report(name, a, b, tol):
 def test_fused_equals_eager(name, shape, fmt, dtype, training, offset):
     x, dy, weight, bias = _make(shape, fmt, dtype, offset)
     assert kernels.fused_applies(x, dy, weight), "the fused path must be the one tested"
+    with torch.no_grad():  # as inside an autograd.Function, with a module's parameter
+        assert kernels.fused_applies(x, dy, torch.nn.Parameter(weight))
     c = shape[1]
     running_mean = torch.full((c,), offset, dtype=dtype) + 0.1
     running_var = torch.full((c,), 1.2, dtype=dtype)
@@ -284,3 +286,21 @@ def test_opt_out_by_environment(monkeypatch, capsys):
     monkeypatch.setenv("BNLAB_FUSED", "0")
     assert not kernels.load()
     assert "BNLAB_FUSED=0" in capsys.readouterr().err
+
+
+def test_a_module_runs_the_fused_path_end_to_end(monkeypatch):
+    """Through an autograd Function with nn.Parameter weights (the bench's module, and
+    bnlab.nn once wired), no eager function runs."""
+    from bnlab.bench import _FusedBatchNorm2d
+
+    def eager_called(*args, **kwargs):
+        raise AssertionError("the eager path ran")
+
+    for name in ("batch_norm_stats", "batch_norm_prepare", "batch_norm_normalize",
+                 "batch_norm_backward"):
+        monkeypatch.setattr(F, name, eager_called)
+    bn = _FusedBatchNorm2d(6)
+    x = torch.randn(8, 6, 5, 5, requires_grad=True)
+    y = bn(x)
+    dx, dgamma, dbeta = torch.autograd.grad(y, (x, bn.weight, bn.bias), torch.randn_like(y))
+    assert dx.shape == x.shape and dgamma.shape == dbeta.shape == (6,)

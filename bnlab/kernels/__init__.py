@@ -29,10 +29,10 @@ at least one element, in ``torch.contiguous_format`` or with the channel axis in
 (``channels_last``, ``channels_last_3d``, or (N, C) input), while autograd records nothing
 (no ``requires_grad`` input under grad mode: call it inside an ``autograd.Function``, as
 ``bnlab.nn`` does), outside ``torch.vmap``/functorch transforms, ``torch.compile`` and
-``torch.export`` tracing (plain ``torch.Tensor`` inputs only, no subclasses such as fake
-tensors). Everything else (CUDA, MPS, float16/bfloat16, strided views, empty input,
-double backward) takes the eager path, silently. ``BNLAB_FUSED=0`` switches the fused path
-off.
+``torch.export`` tracing (plain ``torch.Tensor`` or ``Parameter`` inputs only, no
+subclasses such as fake tensors). Everything else (CUDA, MPS, float16/bfloat16, strided
+views, empty input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0``
+switches the fused path off.
 
 Why a C++ extension (measured on a 2-core x86 CPU, forward+backward of (128, 96, 32, 32)
 float32 against PyTorch's native kernel):
@@ -96,6 +96,8 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("batch_norm.cpp")
 _DTYPES = (torch.float32, torch.float64)
+# Tensor types whose memory the kernel may read: not subclasses such as fake tensors.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # Compiler flags per CPU capability PyTorch reports (the instruction sets it dispatches to).
 _ARCH_FLAGS = {
@@ -206,13 +208,13 @@ def fused_applies(x: Tensor, *others: Tensor | None) -> bool:
 
     See the module docstring for the conditions. Builds/loads the extension on first use.
     """
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _DTYPES:
+    if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
     if x.dim() < 2 or x.numel() == 0 or _channels_last(x) is None:
         return False
     tensors = [x, *(t for t in others if t is not None)]
     for t in tensors[1:]:
-        if type(t) is not torch.Tensor or t.device != x.device or t.dtype != x.dtype:
+        if type(t) not in _PLAIN or t.device != x.device or t.dtype != x.dtype:
             return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
