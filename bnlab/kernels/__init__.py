@@ -34,14 +34,14 @@ subclasses such as fake tensors). Everything else (CUDA, MPS, float16/bfloat16, 
 views, empty input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0``
 switches the fused path off.
 
-Why a C++ extension (measured on a 2-core x86 CPU, forward+backward of (128, 96, 32, 32)
-float32 against PyTorch's native kernel):
+Why a C++ extension (forward+backward of (128, 96, 32, 32) float32 on a 2-core x86 CPU,
+against PyTorch's native kernel, as measured when this was chosen):
 
 - ``torch.compile`` of the functional code keeps one source of truth and reaches about
   0.9x native, but compiles for about 40 s in every new process (its cache saves only part
   of that), a cost paid again by every run of a 10-minute main job.
-- Triton generates code for GPUs; its interpreter runs on the CPU only to test, far
-  slower than eager.
+- Triton generates code for GPUs; its interpreter runs kernels on the CPU to test them,
+  not to run them fast.
 - A C++/OpenMP extension built with ``torch.utils.cpp_extension.load`` compiles once per
   machine (about 25 s of CPU time, with the compiler PyTorch extensions use), is cached
   in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
@@ -49,7 +49,9 @@ float32 against PyTorch's native kernel):
   milliseconds afterwards. Threads come from ``at::parallel_for`` (OpenMP in PyTorch's CPU
   builds), vector code from ``#pragma omp simd`` with the instruction set PyTorch itself
   dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), so the
-  cached library never uses an instruction the CPU lacks.
+  cached library never uses an instruction the CPU lacks. ``bnlab bench bn`` times it
+  beside native and eager (on a loaded 2-core CPU: 0.41-0.74x native forward+backward on
+  the four shape/format cases, where the eager path was 2.7-7x).
 
 Where the extension cannot be built or loaded (no C++ compiler, no ``ninja``), the first
 call prints one line to stderr and every call takes the eager path: never an error.
