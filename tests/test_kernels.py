@@ -44,7 +44,7 @@ def _compiler_present() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def fused_built():
     """The extension builds wherever a compiler is present (else these tests skip)."""
     if not _compiler_present():
@@ -71,6 +71,7 @@ def _report(name, a, b, tol):
     return err
 
 
+@pytest.mark.usefixtures("fused_built")
 @pytest.mark.parametrize("offset", OFFSETS, ids=["mean0", "mean1e4"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -127,6 +128,7 @@ def test_fused_equals_eager(name, shape, fmt, dtype, training, offset):
         assert err <= tol[k], f"{k}: {err:.3e} > {tol[k]:.3e}"
 
 
+@pytest.mark.usefixtures("fused_built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
@@ -153,6 +155,7 @@ def test_offset_input_normalizes_as_accurately_as_centred(dtype, fmt):
     assert err <= tol
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_dy_in_another_layout_than_x():
     x, dy, weight, bias = _make((8, 6, 5, 7), torch.channels_last, torch.float32, 0.0)
     _, saved = kernels.batch_norm_forward(x, weight, bias)
@@ -164,6 +167,7 @@ def test_dy_in_another_layout_than_x():
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_without_weight_and_bias():
     x, dy, _, _ = _make((8, 3, 4, 4), None, torch.float64, 0.0)
     y, saved = kernels.batch_norm_forward(x)
@@ -176,6 +180,7 @@ def test_without_weight_and_bias():
         assert (a - b).abs().max() < 1e-12
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_gradcheck_of_the_fused_path_in_float64():
     """The fused forward and backward, wrapped as an autograd Function (statistics
     recomputed from x on every call), match numerical gradients."""
@@ -212,6 +217,7 @@ def test_fused_does_not_apply(case):
     assert not kernels.fused_applies(x, other)
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_autograd_recording_takes_the_eager_path():
     x = torch.randn(8, 4, 3, 3, requires_grad=True)
     assert not kernels.fused_applies(x)  # its output would carry no graph
@@ -219,6 +225,7 @@ def test_autograd_recording_takes_the_eager_path():
         assert kernels.fused_applies(x)
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_vmap_takes_the_eager_path():
     """Under torch.vmap the kernel (which reads raw memory) must not see the batched tensor;
     whether the eager path supports vmap is bnlab.functional's business."""
@@ -288,6 +295,7 @@ def test_opt_out_by_environment(monkeypatch, capsys):
     assert "BNLAB_FUSED=0" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("fused_built")
 def test_a_module_runs_the_fused_path_end_to_end(monkeypatch):
     """Through an autograd Function with nn.Parameter weights (the bench's module, and
     bnlab.nn once wired), no eager function runs."""
