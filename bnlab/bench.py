@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bnlab import functional as F
+from bnlab import kernels
 from bnlab import nn as bnn
 
 __all__ = ["BENCH_LAYERS", "BNBenchRow", "bench_bn", "bench_data", "crop_flip_per_image",
-           "format_table", "time_interleaved"]
+           "format_table", "time_interleaved", "validate_bn_paths"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -70,10 +72,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 
 @dataclass(frozen=True)
 class BNBenchRow:
-    """One measurement of ``bnlab bench bn``: times in milliseconds, ratio = bnlab / native.
+    """One measurement of ``bnlab bench bn``: times in milliseconds, ratios to native.
 
     ``layer`` is bnlab's layer timed, ``native`` the closest native PyTorch op it is timed
     against (``torch.nn.BatchNorm2d``, or ``torch.nn.GroupNorm`` for GroupNorm).
+    ``bnlab_ms`` is the eager reference (:mod:`bnlab.functional`), ``fused_ms`` the fused
+    kernel (:mod:`bnlab.kernels`, BN rows only); a path that was not timed (its outputs
+    disagreed with the eager reference, or the kernel is unavailable) has NaN and says why in
+    ``note``.
     """
 
     device: str
@@ -83,6 +89,8 @@ class BNBenchRow:
     pass_: str
     native_ms: float
     bnlab_ms: float
+    fused_ms: float = math.nan
+    note: str = ""
     layer: str = "BatchNorm2d"
     native: str = "torch.nn.BatchNorm2d"
 
@@ -90,11 +98,16 @@ class BNBenchRow:
     def ratio(self) -> float:
         return self.bnlab_ms / self.native_ms
 
+    @property
+    def fused_ratio(self) -> float:
+        return self.fused_ms / self.native_ms
+
     def as_dict(self) -> dict:
         return {
             "device": self.device, "shape": list(self.shape), "memory_format": self.memory_format,
             "dtype": self.dtype, "pass": self.pass_, "native_ms": self.native_ms,
-            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio, "layer": self.layer,
+            "bnlab_ms": self.bnlab_ms, "ratio": self.ratio, "fused_ms": self.fused_ms,
+            "fused_ratio": self.fused_ratio, "note": self.note, "layer": self.layer,
             "native": self.native,
         }
 
@@ -120,6 +133,9 @@ BENCH_LAYERS: dict[str, tuple[Callable[[int], torch.nn.Module], Callable[[int], 
                       lambda c: bnn.GroupNorm(_groups(c), c), "torch.nn.GroupNorm"),
 }
 
+# the rows of BENCH_LAYERS whose native op computes the very same function as bnlab's layer
+SAME_FUNCTION_AS_NATIVE = ("BatchNorm2d", "GroupNorm(32)")
+
 
 def bench_bn(
     shapes: Sequence[tuple[int, ...]] = ((128, 96, 32, 32), (128, 192, 16, 16)),
@@ -130,13 +146,16 @@ def bench_bn(
     progress: Callable[[str], None] | None = None,
     layers: Sequence[str] = tuple(BENCH_LAYERS),
 ) -> list[BNBenchRow]:
-    """Time training-mode forward, backward and forward+backward: PyTorch vs bnlab.
+    """Time training-mode forward, backward and forward+backward: native, eager, fused.
 
-    Both sides run as modules under autograd, the way a model uses them (for BN,
-    ``torch.nn.BatchNorm2d`` and ``bnlab.nn.BatchNorm2d``; ``layers`` picks rows of
-    :data:`BENCH_LAYERS`: BN, Batch Renorm and ghost BN against native BN, GroupNorm
-    against ``torch.nn.GroupNorm``); the backward computes the input, weight and bias
-    gradients from a saved graph (``retain_graph=True``).
+    All paths run as modules under autograd, the way a model uses them (for BN,
+    ``torch.nn.BatchNorm2d``, ``bnlab.nn.BatchNorm2d`` on the eager functions and the same
+    module on :mod:`bnlab.kernels`' fused functions; ``layers`` picks rows of
+    :data:`BENCH_LAYERS`: BN, Batch Renorm and ghost BN against native BN, GroupNorm against
+    ``torch.nn.GroupNorm``); the backward computes the input, weight and bias gradients from a
+    saved graph (``retain_graph=True``). Before timing, every path's output and gradients are
+    checked against the eager reference (:func:`validate_bn_paths`); a path that disagrees is
+    not timed.
     """
     unknown = [name for name in layers if name not in BENCH_LAYERS]
     if unknown:
@@ -151,6 +170,67 @@ def bench_bn(
     return rows
 
 
+class _FusedFunction(torch.autograd.Function):
+    """``bnlab.nn.BatchNormFunction`` with :mod:`bnlab.kernels`' functions (the bench's
+    stand-in until ``bnlab.nn`` calls the kernels itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, saved):  # type: ignore[override]
+        ctx.saved = saved
+        ctx.save_for_backward(x, weight)
+        return kernels.batch_norm_normalize(x, saved, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx, dgamma, dbeta = kernels.batch_norm_backward(dy, x, ctx.saved, weight)
+        return dx, dgamma, dbeta, None
+
+
+class _FusedBatchNorm2d(bnn.BatchNorm2d):
+    """Training-mode ``bnlab.nn.BatchNorm2d`` on the fused kernel, running statistics
+    updated as ``bnlab.nn`` does (the bench's modules keep the default momentum 0.1)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        saved = kernels.batch_norm_prepare(input.detach(), training=True, eps=self.eps)
+        F.update_running_stats(self.running_mean, self.running_var, saved.mean, saved.var,
+                               input.numel() // input.shape[1], float(self.momentum))
+        return _FusedFunction.apply(input, self.weight, self.bias, saved)
+
+
+# Largest error allowed, relative to the largest magnitude of the reference tensor, for a path
+# to count as agreeing with the eager reference: 2**-13 in float32 (11 of 24 bits) and 1e-10
+# in float64. Rounding differences stay far below it; a wrong term of the backward is O(1).
+_AGREE_RTOL = {torch.float32: 2.0**-13, torch.float64: 1e-10}
+
+
+def validate_bn_paths(
+    mods: dict[str, torch.nn.Module], x: torch.Tensor, dy: torch.Tensor, reference: str
+) -> dict[str, str]:
+    """Compare each module's ``y``, ``dx``, ``dgamma``, ``dbeta`` with ``mods[reference]``.
+
+    Returns name → ``""`` when it agrees, else a one-line reason naming the tensor and its
+    relative error (max |a - b| / max |b|); the reference itself maps to ``""``.
+    """
+    results = {}
+    for name, mod in mods.items():
+        y = mod(x)
+        grads = torch.autograd.grad(y, (x, mod.weight, mod.bias), dy)
+        results[name] = tuple(t.detach() for t in (y, *grads))
+    rtol = _AGREE_RTOL.get(x.dtype, 2.0**-7)
+    verdicts = {}
+    for name, outs in results.items():
+        verdicts[name] = ""
+        for label, a, b in zip(("y", "dx", "dgamma", "dbeta"), outs, results[reference],
+                               strict=True):
+            err = float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            if not err <= rtol:
+                verdicts[name] = f"{name} {label} disagrees with {reference} (rel. err {err:.1e})"
+                break
+    return verdicts
+
+
 def _bench_bn_case(
     shape: tuple[int, ...], fmt: str, device: str, dtype: torch.dtype, repeats: int,
     layer: str = "BatchNorm2d",
@@ -161,10 +241,28 @@ def _bench_bn_case(
     x.requires_grad_(True)
     dy = torch.randn(shape, generator=gen, dtype=dtype).to(device, memory_format=mf)
     make_native, make_bnlab, native_name = BENCH_LAYERS[layer]
-    mods = {
+    mods: dict[str, torch.nn.Module] = {
         "native": make_native(shape[1]).to(device, dtype),
         "bnlab": make_bnlab(shape[1]).to(device, dtype),
     }
+    note = ""
+    if layer == "BatchNorm2d":  # the fused kernel is BN's
+        if kernels.fused_applies(x.detach()):
+            mods["fused"] = _FusedBatchNorm2d(shape[1]).to(device, dtype)
+        else:
+            note = "fused: " + kernels.fused_status() if device == "cpu" else "fused: CPU only"
+    with torch.no_grad():  # distinct gamma and beta, the same in every path
+        for mod in mods.values():
+            mod.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            mod.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    # Renorm and ghost BN are timed against the closest native op, not the same function:
+    # there only the paths that must compute the same numbers are checked.
+    same = mods if layer in SAME_FUNCTION_AS_NATIVE else {k: m for k, m in mods.items()
+                                                          if k != "native"}
+    for name, why in validate_bn_paths(same, x, dy, reference="bnlab").items():
+        if why:
+            del mods[name]
+            note = "; ".join(filter(None, [note, why + ": not timed"]))
     outs = {k: m(x) for k, m in mods.items()}
 
     def forward(k: str) -> Callable[[], object]:
@@ -183,9 +281,10 @@ def _bench_bn_case(
         ("forward", forward), ("backward", backward), ("forward+backward", forward_backward)
     ):
         med = time_interleaved({k: make(k) for k in mods}, repeats=repeats, device=device)
+        ms = {k: med.get(k, math.nan) * 1e3 for k in ("native", "bnlab", "fused")}
         rows.append(BNBenchRow(
             str(device), shape, fmt, str(dtype).replace("torch.", ""), name,
-            med["native"] * 1e3, med["bnlab"] * 1e3, layer, native_name,
+            ms["native"], ms["bnlab"], ms["fused"], note, layer, native_name,
         ))
     return rows
 
@@ -193,8 +292,9 @@ def _bench_bn_case(
 BN_COLUMNS = [
     ("layer", "layer", ""), ("native", "vs native", ""), ("device", "device", ""),
     ("shape", "shape", ""), ("memory_format", "format", ""),
-    ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "bnlab ms", ".2f"),
-    ("ratio", "bnlab/native", ".2f"),
+    ("pass", "pass", ""), ("native_ms", "native ms", ".2f"), ("bnlab_ms", "eager ms", ".2f"),
+    ("fused_ms", "fused ms", ".2f"), ("ratio", "eager/native", ".2f"),
+    ("fused_ratio", "fused/native", ".2f"),
 ]
 
 

@@ -1,7 +1,7 @@
 """The ``bnlab`` command: a thin map from flags onto bnlab's functions.
 
     bnlab gradcheck                 # the hand-derived backward against autograd, float64
-    bnlab bench bn [--json FILE]    # BN forward/backward: PyTorch native vs bnlab
+    bnlab bench bn [--json FILE]    # BN forward/backward: PyTorch native vs bnlab eager/fused
     bnlab bench engine              # one All-CNN-C training step: autograd vs manual engine
     bnlab bench train               # images/s: a plain PyTorch loop vs bnlab's trainer
     bnlab bench distributed         # data-parallel step: 1 vs 2 processes, same global batch
@@ -110,6 +110,8 @@ def cmd_bench_bn(args: argparse.Namespace) -> int:
     print(f"BN, training mode, float32, median of {args.repeats} interleaved repeats "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print(format_table([r.as_dict() for r in rows], BN_COLUMNS))
+    for note in dict.fromkeys(r.note for r in rows if r.note):
+        print(f"note: {note}")
     _write_json(args.json, {"machine": _machine(), "rows": [r.as_dict() for r in rows]})
     return 0
 
@@ -428,11 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed benchmarks (bn, engine, train, data, distributed)",
                            description="Speed benchmarks, measured side by side in one process.")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    p = bsub.add_parser("bn", help="BN forward/backward: PyTorch native vs bnlab",
+    p = bsub.add_parser("bn", help="BN forward/backward: PyTorch native vs bnlab (eager, fused)",
                         description="Times training-mode BN forward, backward and both, PyTorch's "
-                                    "native kernel vs bnlab, on (128, 96, 32, 32) and "
-                                    "(128, 192, 16, 16) float32 in both memory formats (and on "
-                                    "CUDA when present).")
+                                    "native kernel vs bnlab's eager functions and its fused CPU "
+                                    "kernel, on (128, 96, 32, 32) and (128, 192, 16, 16) float32 "
+                                    "in both memory formats (and on CUDA when present). Each "
+                                    "path's output and gradients are checked against the eager "
+                                    "reference first; a path that disagrees is not timed.")
     p.add_argument("--repeats", type=argtypes.positive_int, default=15,
                    help="timed repeats (default 15)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")

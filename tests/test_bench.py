@@ -39,3 +39,52 @@ def test_bench_data_command(tmp_path, capsys):
     assert "per-image loop" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == 2 and "machine" in saved
+
+
+# ---- bnlab bench bn: every path is checked against the eager reference before it is timed ----
+
+class _WrongBackward(torch.autograd.Function):
+    """BN whose input gradient misses the mean term: off by far more than rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.batch_norm(x, None, None, weight, bias, True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return dy * weight.view(1, -1, 1, 1), dy.sum((0, 2, 3)), dy.sum((0, 2, 3))
+
+
+class _WrongBN(torch.nn.BatchNorm2d):
+    def forward(self, x):
+        return _WrongBackward.apply(x, self.weight, self.bias)
+
+
+def test_validate_bn_paths_flags_a_wrong_backward():
+    from bnlab import nn as bnn
+    from bnlab.bench import validate_bn_paths
+
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    dy = torch.randn(8, 4, 5, 5)
+    mods = {"native": torch.nn.BatchNorm2d(4), "bnlab": bnn.BatchNorm2d(4), "wrong": _WrongBN(4)}
+    verdicts = validate_bn_paths(mods, x, dy, reference="bnlab")
+    print(verdicts)
+    assert verdicts["native"] == "" and verdicts["bnlab"] == ""
+    assert verdicts["wrong"].startswith("wrong dx disagrees with bnlab")
+
+
+def test_bench_bn_times_native_eager_and_fused():
+    from bnlab import kernels
+    from bnlab.bench import bench_bn
+
+    rows = bench_bn(shapes=((4, 8, 6, 6),), repeats=1, layers=("BatchNorm2d",))
+    assert [(r.memory_format, r.pass_) for r in rows] == [
+        (f, p) for f in ("contiguous", "channels_last")
+        for p in ("forward", "backward", "forward+backward")]
+    assert all(r.native_ms > 0 and r.bnlab_ms > 0 for r in rows)
+    if kernels.load():
+        assert all(r.fused_ms > 0 and r.note == "" for r in rows)
+    else:
+        assert all(r.fused_ms != r.fused_ms and "fused" in r.note for r in rows)  # NaN

@@ -33,6 +33,7 @@ from bnlab.manual.layers import (
     PerActivationBatchNorm,
     ReLU,
     dropout_mask,
+    set_compute_dtype,
 )
 from bnlab.manual.loss import softmax_cross_entropy
 from bnlab.manual.network import Sequential, train_step
@@ -54,6 +55,7 @@ __all__ = [
     "all_cnn_c",
     "all_cnn_c_plan",
     "dropout_mask",
+    "set_compute_dtype",
     "softmax_cross_entropy",
     "train_step",
 ]

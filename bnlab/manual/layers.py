@@ -35,6 +35,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ __all__ = [
     "ReLU",
     "conv_default_init_",
     "dropout_mask",
+    "set_compute_dtype",
 ]
 
 
@@ -189,6 +191,23 @@ class Conv2d(Layer):
     drawn from ``generator``); ``init=False`` leaves them uninitialized (``torch.empty``)
     and draws nothing, for a caller that fills them itself (the post net's N(0, 0.05²)).
 
+    Mixed precision by hand (``compute_dtype=torch.bfloat16``, or
+    :func:`set_compute_dtype` on a network), what ``torch.autocast`` does to a convolution::
+
+        forward : x16 = x.to(bf16), w16 = weight.to(bf16), b16 = bias.to(bf16)
+                  y   = conv2d(x16, w16, b16)                       (bfloat16 out)
+        backward: dy16 = dy.to(bf16)
+                  dx, dweight16 = convolution_backward(dy16, x16, w16)  (dx in bfloat16)
+                  dweight = dweight16.to(weight.dtype)     (float32 master gradient)
+                  dbias   = sum_{N,H,W} dy16, accumulated in float32
+
+    The master ``weight``/``bias`` and their gradients stay float32, so the optimizer's
+    update and state are float32; only the copies the products read are bfloat16 (half the
+    memory traffic, and the CPU's AMX/AVX512-BF16 units). The layers after it see bfloat16
+    activations, as under autocast: BN computes its statistics in float32 from them
+    (:mod:`bnlab.functional`), the loss upcasts the logits
+    (:func:`bnlab.manual.loss.softmax_cross_entropy`).
+
     >>> conv = Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
     >>> conv.forward(torch.randn(2, 3, 8, 8), training=True).shape
     torch.Size([2, 8, 4, 4])
@@ -207,6 +226,7 @@ class Conv2d(Layer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         init: bool = True,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
@@ -229,39 +249,87 @@ class Conv2d(Layer):
             self.params["bias"] = torch.empty(out_channels, **factory)
         if init:
             conv_default_init_(self.params["weight"], self.params.get("bias"), generator)
+        _check_compute_dtype(compute_dtype)
+        self.compute_dtype = compute_dtype
         self._x: Tensor | None = None
+        self._weight: Tensor | None = None
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
-        """``y = conv2d(x, weight, bias)``; keeps ``x`` for ``dweight``."""
+        """``y = conv2d(x, weight, bias)``; keeps ``x`` (and the weight it used) for the
+        backward, both as ``compute_dtype`` copies when one is set."""
         _check_4d(x, "Conv2d")
-        self._x = x
-        return torch.nn.functional.conv2d(
-            x, self.params["weight"], self.params.get("bias"), self.stride, self.padding
-        )
+        weight, bias = self.params["weight"], self.params.get("bias")
+        if self.compute_dtype is not None:  # mixed precision: low-precision copies
+            x, weight = x.to(self.compute_dtype), weight.to(self.compute_dtype)
+            bias = None if bias is None else bias.to(self.compute_dtype)
+        self._x, self._weight = x, weight
+        return torch.nn.functional.conv2d(x, weight, bias, self.stride, self.padding)
 
     def backward(self, dy: Tensor, need_dx: bool = True) -> Tensor | None:
-        """``dbias = sum_{N,H,W} dy``; ``dweight``, ``dx`` by the convolution-backward kernel."""
-        x = self._x
-        if x is None:
+        """``dbias = sum_{N,H,W} dy``; ``dweight``, ``dx`` by the convolution-backward kernel.
+
+        With a ``compute_dtype``, ``dy`` is cast to it, ``dx`` comes back in it, and
+        ``dweight``/``dbias`` are returned in the master parameters' dtype.
+        """
+        x, weight = self._x, self._weight
+        if x is None or weight is None:
             raise RuntimeError("Conv2d.backward called before forward")
-        weight = self.params["weight"]
+        if self.compute_dtype is not None:
+            dy = dy.to(self.compute_dtype)
         dx, dweight, _ = torch.ops.aten.convolution_backward(
             dy, x, weight, None, self.stride, self.padding, (1, 1), False, (0, 0), 1,
             (need_dx, True, False),
         )
-        self.grads["weight"] = dweight
+        self.grads["weight"] = dweight.to(self.params["weight"].dtype)  # no-op in one dtype
         if "bias" in self.params:
-            self.grads["bias"] = dy.sum((0, 2, 3))  # dbias
+            self.grads["bias"] = dy.sum((0, 2, 3), dtype=self.params["bias"].dtype)  # dbias
         return dx
 
     def clear(self) -> None:
         self._x = None
+        self._weight = None
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, bias={'bias' in self.params}"
         )
+        if self.compute_dtype is not None:
+            text += f", compute_dtype={self.compute_dtype}"
+        return text
+
+
+_COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_compute_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in _COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype must be None, torch.bfloat16 or torch.float16, got {dtype}"
+        )
+
+
+def set_compute_dtype(network: Iterable[tuple[str, Layer]], dtype: torch.dtype | None) -> int:
+    """Mixed precision by hand: every :class:`Conv2d` of ``network`` computes in ``dtype``.
+
+    ``network`` is a :class:`bnlab.manual.Sequential` (or any iterable of
+    ``(name, layer)`` pairs); ``dtype`` is ``torch.bfloat16`` (what ``torch.autocast`` uses on
+    CPU and on recent GPUs), ``torch.float16``, or None to switch back to the parameters'
+    dtype. Parameters, gradients and optimizer state are untouched (float32 masters).
+    Returns the number of convolutions changed. Raises ``ValueError`` for another dtype.
+
+    >>> from bnlab.manual import all_cnn_c
+    >>> set_compute_dtype(all_cnn_c(bn=True, width=0.125), torch.bfloat16)
+    9
+    """
+    _check_compute_dtype(dtype)
+    count = 0
+    for _, layer in network:
+        if isinstance(layer, Conv2d):
+            layer.compute_dtype = dtype
+            layer.clear()
+            count += 1
+    return count
 
 
 # ---------------------------------------------------------------------------------------

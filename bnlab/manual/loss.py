@@ -46,7 +46,9 @@ def softmax_cross_entropy(
     mean): half of the post's case c "loss" error.
 
     Returns ``(loss, dlogits)``: ``loss`` a 0-d tensor of the logits' dtype, ``dlogits``
-    shaped like ``logits``.
+    shaped like ``logits``. Logits in float16/bfloat16 (a mixed-precision network) are
+    computed in float32, as ``torch.autocast`` does for ``cross_entropy``: ``loss`` is then
+    float32 and ``dlogits`` is returned in the logits' dtype (the gradient of the cast).
 
     >>> loss, dz = softmax_cross_entropy(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long))
     >>> round(loss.item(), 4), abs(dz.sum().item()) < 1e-7   # log 10; the rows sum to 0
@@ -72,6 +74,9 @@ def softmax_cross_entropy(
         bad = int(target.min()) if int(target.min()) < 0 else int(target.max())
         raise IndexError(f"Target {bad} is out of bounds (expected class indices in [0, {k}))")
 
+    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+    if low_precision:
+        in_dtype, logits = logits.dtype, logits.float()
     shifted = logits - logits.amax(1, keepdim=True)  # z - M
     log_p = shifted - shifted.exp().sum(1, keepdim=True).log()  # z - logsumexp(z)
     q = torch.zeros_like(logits).scatter_(1, target.unsqueeze(1), 1.0 - label_smoothing)
@@ -81,4 +86,6 @@ def softmax_cross_entropy(
     dlogits = log_p.exp().sub_(q)  # p - q
     if mean_gradient:
         dlogits.div_(n)  # (p - q) / N
+    if low_precision:
+        dlogits = dlogits.to(in_dtype)
     return loss, dlogits
