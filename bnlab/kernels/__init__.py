@@ -220,7 +220,7 @@ def fused_applies(x: Tensor, *others: Tensor | None) -> bool:
             return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if any(_is_transformed(t) for t in tensors) or _is_compiling():
+    if any(_is_transformed(t) for t in tensors):
         return False
     return load()
 
