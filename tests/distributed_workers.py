@@ -207,3 +207,14 @@ def torch_and_bnlab_sync_bn_on_cuda(rank: int, world_size: int) -> dict[str, lis
                         bn.running_mean.cpu(), bn.running_var.cpu()]
         out[label] = results
     return out
+
+
+# --- the trainer, data-parallel (tests/test_distributed_train.py) --------------------------
+
+
+def compare_rank(rank: int, world_size: int, cases: list[str], out: str, overrides: dict) -> dict:
+    """One rank of ``bnlab compare`` through its Python API: plan, then run every case."""
+    from bnlab.compare import plan_comparison, run_comparison
+
+    plan = plan_comparison(cases, 1, "quick", out, overrides)
+    return run_comparison(plan, quiet=True)
