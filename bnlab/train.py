@@ -279,8 +279,10 @@ class Model:
         (:mod:`bnlab.manual.distributed`). Parameters keep their identity, so checkpoints
         load into a one-process model and back.
         """
+        if self.config.batch_size < self.world_size:
+            raise ConfigError(f"batch size {self.config.batch_size} is smaller than the "
+                              f"{self.world_size} processes: each needs at least one example")
         if self.config.engine == "autograd":
-            self.module.train()
             if any(type(m).__name__ not in ("BatchNorm2d", "SyncBatchNorm")
                    for m in self.bn_layers()):
                 names = sorted({type(m).__name__ for m in self.bn_layers()})

@@ -218,3 +218,11 @@ def compare_rank(rank: int, world_size: int, cases: list[str], out: str, overrid
 
     plan = plan_comparison(cases, 1, "quick", out, overrides)
     return run_comparison(plan, quiet=True)
+
+
+def build_model_rank(rank: int, world_size: int, config_fields: dict) -> str:
+    """Build the trainer's model inside a process group (its data-parallel checks)."""
+    from bnlab.train import Model, TrainConfig
+
+    model = Model(TrainConfig(**config_fields), torch.device("cpu"))
+    return type(model.forward).__name__ if hasattr(model, "forward") else "manual"

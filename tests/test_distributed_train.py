@@ -126,3 +126,32 @@ def test_killed_rank_ends_the_job_and_the_folder_resumes(data_dir: Path, tmp_pat
                    timeout=600)
     assert [r["epoch"] for r in metrics(out, "b")] == [1, 2, 3, 4, 5, 6]
     assert (out / "report.html").is_file()
+
+
+def test_torchrun_runs_compare_with_rank_0_writing(data_dir: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m bnlab compare``: one report, one table, one folder."""
+    from bnlab.distributed import free_port
+
+    out = tmp_path / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bnlab",
+         "compare", "--cases", "c", "--epochs", "1", "--width", "0.125", "--batch-size", "8",
+         "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("== c:") == 1 and done.stdout.count("report:") == 1
+    assert [r["epoch"] for r in metrics(out, "c")] == [1]
+    assert (out / "report.html").is_file()
+
+
+def test_a_batch_smaller_than_the_processes_is_a_clear_error() -> None:
+    from bnlab.distributed import DistributedRunError
+
+    fields = {"batch_size": 1, "width": 0.125, "device": "cpu", "norm": "torch"}
+    with pytest.raises(DistributedRunError, match="batch size 1 is smaller than the 2 processes"):
+        launch(W.build_model_rank, 2, (fields,), timeout_s=120)
+    # a batch that does split: the autograd model is wrapped in DistributedDataParallel
+    wrapped = launch(W.build_model_rank, 2, ({**fields, "batch_size": 2},), timeout_s=120)
+    assert wrapped == ["DistributedDataParallel"] * 2
