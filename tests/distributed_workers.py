@@ -226,3 +226,14 @@ def build_model_rank(rank: int, world_size: int, config_fields: dict) -> str:
 
     model = Model(TrainConfig(**config_fields), torch.device("cpu"))
     return type(model.forward).__name__ if hasattr(model, "forward") else "manual"
+
+
+def train_rank(rank: int, world_size: int, config_fields: dict, run_dir: str) -> str:
+    """One rank of :func:`bnlab.train.train`; a divergence is returned, not raised."""
+    from bnlab.train import DivergenceError, TrainConfig, train
+
+    try:
+        train(TrainConfig(**config_fields), run_dir, progress=False, log=lambda text: None)
+    except DivergenceError as error:
+        return f"DivergenceError: {error}"
+    return "finished"

@@ -155,3 +155,15 @@ def test_a_batch_smaller_than_the_processes_is_a_clear_error() -> None:
     # a batch that does split: the autograd model is wrapped in DistributedDataParallel
     wrapped = launch(W.build_model_rank, 2, ({**fields, "batch_size": 2},), timeout_s=120)
     assert wrapped == ["DistributedDataParallel"] * 2
+
+
+def test_divergence_is_seen_by_every_rank_at_the_same_step(data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """The check is on the global batch's loss, so all ranks stop together (no deadlock)."""
+    fields = {"epochs": 2, "width": 0.125, "batch_size": 8, "device": "cpu", "norm": "torch",
+              "optimizer": "sgd", "lr": 1e30, "data_dir": str(data_dir), "augment": False}
+    ends = launch(W.train_rank, 2, (fields, str(tmp_path / "run")), timeout_s=300)
+    print(ends)
+    assert ends[0].startswith("DivergenceError") and ends[0] == ends[1]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "diverged"
