@@ -283,18 +283,28 @@ class Model:
             raise ConfigError(f"batch size {self.config.batch_size} is smaller than the "
                               f"{self.world_size} processes: each needs at least one example")
         if self.config.engine == "autograd":
-            if any(type(m).__name__ not in ("BatchNorm2d", "SyncBatchNorm")
-                   for m in self.bn_layers()):
-                names = sorted({type(m).__name__ for m in self.bn_layers()})
-                raise ConfigError(f"data-parallel training synchronizes BatchNorm2d only; "
-                                  f"this model has {', '.join(names)}")
+            from bnlab.nn import BatchNorm2d
+            from bnlab.sync_batchnorm import SyncBatchNorm
             wrapper = bdist.ddp(self.module)
             self.module = wrapper.module
             self.forward = torch.compile(wrapper) if self.config.compile else wrapper
+            synced = (torch.nn.BatchNorm2d, BatchNorm2d, SyncBatchNorm)
+            unsynced = {type(m).__name__ for m in self.bn_layers() if type(m) not in synced}
         else:
-            from bnlab.manual.distributed import broadcast_parameters, convert_sync_batchnorm
+            from bnlab.manual.distributed import (
+                SyncBatchNorm2d,
+                SyncPerActivationBatchNorm,
+                broadcast_parameters,
+                convert_sync_batchnorm,
+            )
             convert_sync_batchnorm(self.network)
             broadcast_parameters(self.network)
+            synced = (SyncBatchNorm2d, SyncPerActivationBatchNorm)
+            unsynced = {type(m).__name__ for m in self.bn_layers() if type(m) not in synced}
+        if unsynced:  # each rank would normalize its own part: not the one-process run
+            raise ConfigError(f"data-parallel training synchronizes BatchNorm2d (and the "
+                              f"manual per-activation BN) only; this model has "
+                              f"{', '.join(sorted(unsynced))}")
 
     def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's contiguous part of a batch (:func:`bnlab.distributed.shard_bounds`);
