@@ -237,12 +237,3 @@ def train_rank(rank: int, world_size: int, config_fields: dict, run_dir: str) ->
     except DivergenceError as error:
         return f"DivergenceError: {error}"
     return "finished"
-
-
-def compare_rank_preset(rank: int, world_size: int, cases: list[str], out: str,
-                        overrides: dict, preset: str) -> dict:
-    """:func:`compare_rank` at another preset."""
-    from bnlab.compare import plan_comparison, run_comparison
-
-    plan = plan_comparison(cases, 1, preset, out, overrides)
-    return run_comparison(plan, quiet=True)
