@@ -175,6 +175,8 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from bnlab.compare import command_line, plan_comparison, resume_plan, run_comparison
 
+    if _compare_ranks(args):  # --nproc N, or torchrun: each rank runs this function
+        return _compare_in_ranks(args)
     if args.resume:
         plan = resume_plan(args.resume)
     else:
@@ -197,6 +199,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"report: {plan.out / 'report.html'}")
     return 0
+
+
+def _compare_ranks(args: argparse.Namespace) -> bool:
+    """Whether this ``compare`` must first start or join a process group of several ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return False  # already a rank
+    return args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _compare_in_ranks(args: argparse.Namespace) -> int:
+    """``compare`` data-parallel: under torchrun join its group, else launch ``--nproc``
+    local processes (gloo on CPU, NCCL on CUDA); every rank runs :func:`cmd_compare`."""
+    from bnlab import distributed as bdist
+    from bnlab.train import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    if "WORLD_SIZE" in os.environ:  # torchrun (or another launcher that sets the env)
+        if args.nproc > 1 and args.nproc != int(os.environ["WORLD_SIZE"]):
+            raise _UserError(f"--nproc {args.nproc} but the launcher started "
+                             f"{os.environ['WORLD_SIZE']} processes: drop --nproc")
+        rank, _ = bdist.init_process_group(device=device, timeout_s=_RANK_TIMEOUT_S)
+        try:
+            return _compare_rank(rank, int(os.environ["WORLD_SIZE"]), args)
+        finally:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    try:
+        codes = bdist.launch(_compare_rank, args.nproc, (args,),
+                             backend=bdist.default_backend(device), timeout_s=_RANK_TIMEOUT_S,
+                             run_timeout_s=float("inf"))
+    except bdist.DistributedRunError as error:
+        out = args.resume or args.out
+        if out is None:
+            raise
+        raise bdist.DistributedRunError(
+            f"{error}; continue with: bnlab compare --resume {shlex.quote(str(out))} "
+            f"--nproc {args.nproc}") from None
+    return max(codes)
+
+
+# How long a rank waits in a collective for a rank that stopped answering (a killed rank's
+# closed connection is noticed at once).
+_RANK_TIMEOUT_S = 300.0
+
+
+def _compare_rank(rank: int, world_size: int, args: argparse.Namespace) -> int:
+    """One rank of a data-parallel ``compare``: rank 0 prints, the others are quiet."""
+    if rank > 0:
+        args.quiet = True
+    return cmd_compare(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -364,6 +418,9 @@ def _explain(error: Exception) -> tuple[int, str]:
         return 2, first_line(error)
     if isinstance(error, (ReportError, DownloadError, DivergenceError)):
         return 1, first_line(error)
+    from bnlab.distributed import DistributedRunError
+    if isinstance(error, DistributedRunError):  # every rank's fate, on one line
+        return 1, str(error).strip().splitlines()[0]
     if isinstance(error, DataError):
         return 2, first_line(error)
     if isinstance(error, _json.JSONDecodeError):
@@ -556,6 +613,11 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                                  "never overwritten")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue an interrupted comparison from its folder")
+    p.add_argument("--nproc", type=argtypes.positive_int, default=1,
+                   help="data-parallel over N processes on this machine, each a disjoint "
+                        "part of every batch (the same global batch; gloo on CPU, one GPU "
+                        "each with NCCL); or launch with torchrun --nproc_per_node N -m "
+                        "bnlab compare ... (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch table")
     p.set_defaults(func=cmd_compare, argv=None)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bnlab import data as bdata
+from bnlab import distributed as bdist
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
 from bnlab.runs import atomic_write_json
@@ -105,7 +106,7 @@ def plan_comparison(
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     configs = {c: {s: case_config(c, preset, s, **overrides) for s in range(n_seeds)}
                for c in cases}
-    out = Path(out) if out is not None else default_out_dir(preset)
+    out = Path(out) if out is not None else bdist.agree(default_out_dir(preset))
     if out.exists():
         raise FileExistsError(f"{out} exists: bnlab never overwrites a comparison "
                               f"(use --resume {out} to continue it, or choose another --out)")
@@ -146,13 +147,22 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
 
     Returns the summary. A diverged run is reported and the others go on; the caller
     learns of it from ``summary["diverged"]``.
+
+    Data-parallel (every rank of a ``torch.distributed`` group calls this with the same
+    plan: ``bnlab compare --nproc N``, ``torchrun``): each run trains on all ranks
+    (:func:`bnlab.train.train`); rank 0 alone writes and prints; the others return
+    ``{"diverged": [...]}`` without the summary.
     """
+    lead = bdist.is_lead()
+
     def log(text: str) -> None:
-        if not quiet:
+        if not quiet and lead:
             print(text, flush=True)
 
-    plan.out.mkdir(parents=True, exist_ok=plan.resume)
-    if not plan.resume:
+    bdist.barrier()  # every rank has checked the plan before rank 0 makes the folder
+    if lead:
+        plan.out.mkdir(parents=True, exist_ok=plan.resume)
+    if lead and not plan.resume:
         atomic_write_json(plan.out / "compare.json", plan.to_json())
     device = resolve_device(next(iter(plan.configs[plan.cases[0]].values())).device)
     dataset = plan.dataset.to(device)
@@ -165,11 +175,14 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
             run_dir = plan.out / case / f"seed{seed}"
             log(f"\n== {case_definition(case, plan.preset).label} — seed {seed}")
             try:
-                train(cfg, run_dir, dataset=dataset, resume=run_dir.exists(),
+                train(cfg, run_dir, dataset=dataset, resume=bdist.agree(run_dir.exists()),
                       progress=not quiet, log=log)
             except DivergenceError as error:
-                print(f"bnlab: run diverged: {error}", file=sys.stderr)
+                if lead:
+                    print(f"bnlab: run diverged: {error}", file=sys.stderr)
                 diverged.append(f"{case}/seed{seed}")
+    if not lead:
+        return {"diverged": diverged}
     summary = report.write_report(plan.out)
     log(f"\nwrote {plan.out}/summary.json, curves.png, report.md, report.html")
     summary = dict(summary)

@@ -34,15 +34,19 @@ from torch import Tensor
 
 __all__ = [
     "DistributedRunError",
+    "agree",
     "all_reduce_sum",
+    "barrier",
     "ddp",
     "default_backend",
     "free_port",
     "init_process_group",
+    "is_lead",
     "launch",
     "local_loss_scale",
     "shard_batches",
     "shard_bounds",
+    "world",
 ]
 
 
@@ -143,6 +147,44 @@ def all_reduce_sum(values: Sequence[float] | Tensor, group: Any | None = None) -
 # ---------------------------------------------------------------------------------------
 
 
+def world(group: Any | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in ``group``; ``(0, 1)`` without a group.
+
+    >>> world()   # one process
+    (0, 1)
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def is_lead(group: Any | None = None) -> bool:
+    """Whether this process is rank 0, the one that writes files and prints (or alone)."""
+    return world(group)[0] == 0
+
+
+def agree(value: Any, group: Any | None = None) -> Any:
+    """Rank 0's ``value`` on every rank (a collective; ``value`` itself on one process).
+
+    For decisions every rank must take alike although each could see the world differently
+    (does a folder exist yet, what time is it): ``value`` must be picklable.
+
+    >>> agree("runs/x")
+    'runs/x'
+    """
+    if world(group)[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def barrier(group: Any | None = None) -> None:
+    """Wait until every rank of ``group`` has arrived here (nothing on one process)."""
+    if world(group)[1] > 1:
+        dist.barrier(group=group)
+
+
 def default_backend(device: torch.device | str) -> str:
     """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -233,6 +275,7 @@ def launch(
     backend: str = "gloo",
     timeout_s: float = 60.0,
     threads: int | None = None,
+    run_timeout_s: float | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``nprocs`` processes in one process group.
 
@@ -243,8 +286,10 @@ def launch(
     function). Processes come from a fork server that imports torch once, so later
     launches start in well under a second.
 
+    ``timeout_s`` bounds each collective (:func:`init_process_group`) and, unless
+    ``run_timeout_s`` is given (``math.inf``: no bound, for long training), the whole run.
     Raises :class:`DistributedRunError` when any rank raises, exits early (killed) or
-    has not finished within ``timeout_s`` seconds; the message names every rank's fate,
+    has not finished in time; the message names every rank's fate,
     e.g. ``rank 1 exited with code -9 before finishing; rank 0: RuntimeError: Connection
     closed by peer``. The other ranks then stop on their own (a collective with a dead
     peer fails at once, a silent one after ``timeout_s``) or are terminated.
@@ -270,7 +315,9 @@ def launch(
     values: dict[int, Any] = {}
     fates: dict[int, str] = {}
     seen_dead: dict[int, float] = {}
-    deadline = time.monotonic() + timeout_s
+    run_timeout_s = timeout_s if run_timeout_s is None else run_timeout_s
+    deadline = time.monotonic() + run_timeout_s
+    failed_at: float | None = None
     try:
         while len(values) + len(fates) < nprocs:
             try:
@@ -286,7 +333,14 @@ def launch(
                 if now > deadline:
                     for rank in range(nprocs):
                         if rank not in values and rank not in fates:
-                            fates[rank] = f"did not finish within {timeout_s:g} s"
+                            fates[rank] = f"did not finish within {run_timeout_s:g} s"
+                # a rank failed: the others get timeout_s to notice, then are stopped
+                failed_at = failed_at or (now if fates else None)
+                if failed_at is not None and now - failed_at > timeout_s:
+                    for rank in range(nprocs):
+                        if rank not in values and rank not in fates:
+                            fates[rank] = (f"did not finish within {timeout_s:g} s of "
+                                           f"another rank's failure")
                 continue
             if status == "ok":
                 values[rank] = torch.load(io.BytesIO(payload), weights_only=False)

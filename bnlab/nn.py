@@ -262,7 +262,9 @@ def convert_batchnorm(model: torch.nn.Module, to: str = "bnlab") -> torch.nn.Mod
     times in ``model`` is converted once and the copy shared the same way. The model is
     changed in place and returned (a bare BN module is returned converted). Only exact
     types convert: subclasses of PyTorch's BN (such as ``SyncBatchNorm`` or
-    ``LazyBatchNorm*d``) are left alone. More targets: :func:`register_conversion`.
+    ``LazyBatchNorm*d``) are left alone. ``to="sync"`` gives bnlab's cross-process
+    :class:`~bnlab.sync_batchnorm.SyncBatchNorm` (back with ``"bnlab"`` or ``"torch"``, as
+    ``BatchNorm2d``). More targets: :func:`register_conversion`.
 
     Raises ``ValueError`` for an unknown ``to``.
 
@@ -331,6 +333,16 @@ def _convert_one(bn: torch.nn.Module, target: type[torch.nn.Module]) -> torch.nn
 from bnlab.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __all__ += ["SyncBatchNorm"]
+
+# convert_batchnorm(model, to="sync") and back. A SyncBatchNorm takes any input dimension,
+# so it returns as BatchNorm2d (the conv nets'); for 1d/3d use
+# bnlab.sync_batchnorm.batchnorm_from_sync. Tensors keep their identity both ways.
+register_conversion("sync", {torch.nn.BatchNorm1d: SyncBatchNorm,
+                             torch.nn.BatchNorm2d: SyncBatchNorm,
+                             torch.nn.BatchNorm3d: SyncBatchNorm, BatchNorm1d: SyncBatchNorm,
+                             BatchNorm2d: SyncBatchNorm, BatchNorm3d: SyncBatchNorm})
+register_conversion("torch", {SyncBatchNorm: torch.nn.BatchNorm2d})
+register_conversion("bnlab", {SyncBatchNorm: BatchNorm2d})
 
 # The fixes for BN's drawbacks (bnlab.variants), for ``from bnlab.nn import ...``.
 from bnlab.variants import (  # noqa: E402

@@ -29,6 +29,7 @@ import torch.nn.functional as TF
 
 from bnlab import __version__, runs
 from bnlab import data as bdata
+from bnlab import distributed as bdist
 from bnlab.evidence.curves import plot_run
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
@@ -259,11 +260,69 @@ class Model:
         if config.bn_bias_correction:
             for layer in self.bn_layers():
                 layer.bias_correction = True
+        self.rank, self.world_size = bdist.world()
+        self.global_batch_size = 0
+        if self.world_size > 1:
+            self._data_parallel()
         self.params = params
         self.optimizer = _build_optimizer(config, params)
         self.autocast = (config.precision == "bf16" and device.type == "cuda"
                          and config.engine == "autograd")
         self.device = device
+
+    def _data_parallel(self) -> None:
+        """Join the process group's data-parallel training (torchrun, ``--nproc``).
+
+        Autograd: BN becomes :class:`bnlab.sync_batchnorm.SyncBatchNorm` and the module is
+        wrapped in ``DistributedDataParallel`` (:func:`bnlab.distributed.ddp`); manual: its
+        BN layers synchronized and rank 0's weights broadcast
+        (:mod:`bnlab.manual.distributed`). Parameters keep their identity, so checkpoints
+        load into a one-process model and back.
+        """
+        if self.config.batch_size < self.world_size:
+            raise ConfigError(f"batch size {self.config.batch_size} is smaller than the "
+                              f"{self.world_size} processes: each needs at least one example")
+        if self.config.engine == "autograd":
+            from bnlab.nn import BatchNorm2d
+            from bnlab.sync_batchnorm import SyncBatchNorm
+            wrapper = bdist.ddp(self.module)
+            self.module = wrapper.module
+            self.forward = torch.compile(wrapper) if self.config.compile else wrapper
+            synced = (torch.nn.BatchNorm2d, BatchNorm2d, SyncBatchNorm)
+            unsynced = {type(m).__name__ for m in self.bn_layers() if type(m) not in synced}
+        else:
+            from bnlab.manual.distributed import (
+                SyncBatchNorm2d,
+                SyncPerActivationBatchNorm,
+                broadcast_parameters,
+                convert_sync_batchnorm,
+            )
+            convert_sync_batchnorm(self.network)
+            broadcast_parameters(self.network)
+            synced = (SyncBatchNorm2d, SyncPerActivationBatchNorm)
+            unsynced = {type(m).__name__ for m in self.bn_layers() if type(m) not in synced}
+        if unsynced:  # each rank would normalize its own part: not the one-process run
+            raise ConfigError(f"data-parallel training synchronizes BatchNorm2d (and the "
+                              f"manual per-activation BN) only; this model has "
+                              f"{', '.join(sorted(unsynced))}")
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contiguous part of a batch (:func:`bnlab.distributed.shard_bounds`);
+        the whole batch on one process. Remembers the batch's size for :meth:`step`."""
+        self.global_batch_size = y.shape[0]
+        if self.world_size == 1:
+            return x, y
+        lo, hi = bdist.shard_bounds(y.shape[0], self.world_size, self.rank)
+        return x[lo:hi], y[lo:hi]
+
+    def reduce_sums(self, *values: torch.Tensor | float) -> list[float]:
+        """Per-rank sums (loss times examples, correct, examples) summed over ranks."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                             for v in values])
+        torch.distributed.all_reduce(total)
+        return total.tolist()
 
     def bn_layers(self) -> list:
         """The BN layers in order (``nn.Module`` or manual layers), for probes and options."""
@@ -282,6 +341,11 @@ class Model:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         smoothing = self.config.label_smoothing
         if self.config.engine == "manual":
+            if self.world_size > 1:  # the loss returned is the global batch's mean
+                from bnlab.manual.distributed import data_parallel_train_step
+                return data_parallel_train_step(
+                    self.network, self.optimizer, x, y, self.global_batch_size, smoothing,
+                    mean_gradient=self.mean_gradient)
             return train_step(self.network, self.optimizer, x, y, smoothing,
                               mean_gradient=self.mean_gradient)
         self.module.train()
@@ -290,19 +354,30 @@ class Model:
             loss = TF.cross_entropy(logits, y, label_smoothing=smoothing)
         for p in self.params:
             p.grad = None
+        if self.world_size > 1:  # DDP averages over ranks: make that the global mean's
+            n, big_n = y.shape[0], self.global_batch_size
+            (loss * bdist.local_loss_scale(n, big_n, self.world_size)).backward()
+            self.optimizer.step()
+            total = (loss.detach().double() * (n / big_n)).reshape(1)
+            torch.distributed.all_reduce(total)  # the global batch's mean loss, every rank
+            return total[0].to(loss.dtype), logits.detach()
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 0:  # an empty shard (a short last test batch over many ranks)
+            zero = torch.zeros((), device=x.device)
+            return zero, zero.long()
         if self.config.engine == "manual":
             logits = self.network.forward(x, training=False)
             self.network.clear()
         else:
             self.module.eval()
+            forward = self.module if self.world_size > 1 else self.forward  # local in eval
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                logits = _at_least_float32(self.forward(x))
+                logits = _at_least_float32(forward(x))
         loss = TF.cross_entropy(logits, y, reduction="sum")
         return loss, (logits.argmax(1) == y).sum()
 
@@ -454,12 +529,17 @@ def train(
     config.validate()
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    if run_dir.exists() and not resume:
+    lead = bdist.is_lead()  # data-parallel: every rank trains, rank 0 alone writes
+    if not lead:
+        log = _silent
+        progress = False
+    if bdist.agree(run_dir.exists()) and not resume:
         raise FileExistsError(f"{run_dir} exists: bnlab never overwrites a run "
                               f"(choose another folder, or resume it)")
     dataset = prepare_dataset(config, device, dataset)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
     result = runs.read_result(run_dir) if resume else None
     if result is not None:
         return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
@@ -474,11 +554,12 @@ def train(
         model.load_state_dict(state)
         metrics = list(state["metrics"])
         log(f"resuming {config.case} seed {config.seed} after epoch {len(metrics)}")
-    else:
+    elif lead:
         runs.atomic_write_json(run_dir / runs.CONFIG, config_json)
     # metrics.jsonl mirrors the checkpoint: a row appended after a checkpoint that a kill
     # prevented is dropped, so the file always matches the state we continue from.
-    runs.write_metrics(run_dir, metrics)
+    if lead:
+        runs.write_metrics(run_dir, metrics)
 
     dtype = model.dtype
     started = time.perf_counter()
@@ -487,21 +568,29 @@ def train(
         for epoch in range(first_epoch, config.epochs + 1):
             try:
                 row = _run_epoch(config, model, dataset, epoch, dtype, progress, on_step)
-            except DivergenceError as error:
-                runs.write_result(run_dir, "diverged", str(error),
-                                  time.perf_counter() - started)
+            except DivergenceError as error:  # on every rank alike: a global loss
+                if lead:
+                    runs.write_result(run_dir, "diverged", str(error),
+                                      time.perf_counter() - started)
                 raise
             metrics.append(row)
-            runs.save_checkpoint(run_dir, {**model.state_dict(), "metrics": metrics,
-                                           "config": config.to_json()})
-            runs.append_metrics(run_dir, row)
+            if lead:
+                runs.save_checkpoint(run_dir, {**model.state_dict(), "metrics": metrics,
+                                               "config": config.to_json()})
+                runs.append_metrics(run_dir, row)
             if epoch == first_epoch:  # the table's header, also when resuming
                 log(EPOCH_HEADER)
             log(format_epoch_row(row))
 
-    runs.write_result(run_dir, "finished", "", time.perf_counter() - started)
-    _plot_run(run_dir)
+    if lead:
+        runs.write_result(run_dir, "finished", "", time.perf_counter() - started)
+        _plot_run(run_dir)
+    bdist.barrier()  # no rank goes on (to the next run, or out) before the files are written
     return RunResult(run_dir, metrics)
+
+
+def _silent(text: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def epoch_batches(config: TrainConfig, dataset: bdata.CIFAR10, generator: torch.Generator,
@@ -545,6 +634,7 @@ def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch:
     check_every = 1 if device.type == "cpu" else 25
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches, 1):
+        x, y = model.shard(x, y)  # data-parallel: this rank's part; else the whole batch
         loss, logits = model.step(x, y)
         loss_sum += loss.double() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
@@ -565,21 +655,23 @@ def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch:
         torch.cuda.synchronize()
     train_time = time.perf_counter() - start
     bar.close()
+    loss_sum, correct, seen = model.reduce_sums(loss_sum, correct, seen)
 
     eval_start = time.perf_counter()
     test_loss = torch.zeros((), dtype=torch.float64, device=device)
     test_correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in test_set_batches(config, dataset, dtype):
-        loss, right = model.evaluate(x, y)
+        loss, right = model.evaluate(*model.shard(x, y))
         test_loss += loss.double()
         test_correct += right
+    test_loss, test_correct = model.reduce_sums(test_loss, test_correct)
     n_test = dataset.num_test
     row = {
         "epoch": epoch,
-        "train_loss": loss_sum.item() / seen,
-        "train_acc": correct.item() / seen,
-        "test_loss": test_loss.item() / n_test,
-        "test_acc": test_correct.item() / n_test,
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "test_loss": test_loss / n_test,
+        "test_acc": test_correct / n_test,
         "epoch_time_s": train_time,
         "eval_time_s": time.perf_counter() - eval_start,
         "images_per_s": seen / train_time,

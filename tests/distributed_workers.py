@@ -207,3 +207,33 @@ def torch_and_bnlab_sync_bn_on_cuda(rank: int, world_size: int) -> dict[str, lis
                         bn.running_mean.cpu(), bn.running_var.cpu()]
         out[label] = results
     return out
+
+
+# --- the trainer, data-parallel (tests/test_distributed_train.py) --------------------------
+
+
+def compare_rank(rank: int, world_size: int, cases: list[str], out: str, overrides: dict) -> dict:
+    """One rank of ``bnlab compare`` through its Python API: plan, then run every case."""
+    from bnlab.compare import plan_comparison, run_comparison
+
+    plan = plan_comparison(cases, 1, "quick", out, overrides)
+    return run_comparison(plan, quiet=True)
+
+
+def build_model_rank(rank: int, world_size: int, config_fields: dict) -> str:
+    """Build the trainer's model inside a process group (its data-parallel checks)."""
+    from bnlab.train import Model, TrainConfig
+
+    model = Model(TrainConfig(**config_fields), torch.device("cpu"))
+    return type(model.forward).__name__ if hasattr(model, "forward") else "manual"
+
+
+def train_rank(rank: int, world_size: int, config_fields: dict, run_dir: str) -> str:
+    """One rank of :func:`bnlab.train.train`; a divergence is returned, not raised."""
+    from bnlab.train import DivergenceError, TrainConfig, train
+
+    try:
+        train(TrainConfig(**config_fields), run_dir, progress=False, log=lambda text: None)
+    except DivergenceError as error:
+        return f"DivergenceError: {error}"
+    return "finished"

@@ -294,3 +294,22 @@ def test_data_parallel_step_on_one_rank_is_the_train_step(one_rank_group) -> Non
         assert rel(nets[1].state_dict()[k].double(), v.double()) <= 1e-13, k
     with pytest.raises(ValueError, match="at least one example per rank, got 0"):
         data_parallel_train_step(nets[1], opts[1], x[:0], y[:0], global_batch_size=6)
+
+
+@pytest.mark.parametrize("start", ["torch", "bnlab"])
+def test_convert_batchnorm_to_sync_and_back_keeps_identity(start: str) -> None:
+    import bnlab.nn as bnn
+
+    bn_cls = torch.nn.BatchNorm2d if start == "torch" else bnn.BatchNorm2d
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn_cls(4, momentum=0.3, eps=1e-3))
+    model[1].running_mean.add_(1.0)
+    model.eval()
+    tensors = [id(t) for t in (*model.parameters(), *model.buffers())]
+    sync = bnn.convert_batchnorm(model, to="sync")
+    assert sync is model and type(model[1]) is bnn.SyncBatchNorm
+    assert (model[1].momentum, model[1].eps, model[1].training) == (0.3, 1e-3, False)
+    assert [id(t) for t in (*model.parameters(), *model.buffers())] == tensors
+    back = bnn.convert_batchnorm(model, to=start)
+    assert type(back[1]) is bn_cls and (back[1].momentum, back[1].eps) == (0.3, 1e-3)
+    assert [id(t) for t in (*back.parameters(), *back.buffers())] == tensors
+    assert back[1].running_mean.eq(1.0).all()
