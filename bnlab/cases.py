@@ -11,10 +11,18 @@ combines them into a :class:`~bnlab.train.TrainConfig`.
 | c        | manual   | bnlab's hand-written | AMSGrad (bnlab.optim)            |
 | d        | autograd | PyTorch's BN layer   | AMSGrad (torch.optim)            |
 | b-manual | manual   | bnlab's hand-written | Adam (bnlab.optim)               |
+| b-renorm | autograd | bnlab's Batch Renorm | Adam (torch.optim)               |
+| b-ghost  | autograd | bnlab's ghost BN     | Adam (torch.optim)               |
+| b-group  | autograd | bnlab's GroupNorm    | Adam (torch.optim)               |
 
 ``d`` separates the optimizer from the implementation in case c (c = d + manual engine);
 ``b-manual`` has the same math as ``b`` on the manual engine, so from the same seed (same
 initial weights, same batches) it follows b's trajectory up to float rounding.
+``b-renorm``, ``b-ghost`` and ``b-group`` are b with BN's drawbacks answered
+(:mod:`bnlab.variants`; ``TrainConfig.norm_kind``): Batch Renorm (rmax 3, dmax 5), ghost BN
+(virtual batches of 32) and GroupNorm (gcd(32, C) groups), each with the config's defaults,
+which ``case_config`` overrides change. Any case with a normalization runs another kind by
+overriding ``norm_kind`` (and ``norm`` 'bnlab' for renorm and ghost).
 
 The ``post`` and ``post-quick`` presets run the post's network and recipe as its code ran
 them (``../post/README.md``; :mod:`bnlab.post.manual_net`, :mod:`bnlab.post.recipe`). There
@@ -60,6 +68,16 @@ CASES: dict[str, Case] = {
     "b-manual": Case("b-manual: bnlab BN, manual backprop, Adam (b's math)",
                      {"engine": "manual", "norm": "bnlab", "optimizer": "adam",
                       "optimizer_impl": "bnlab"}),
+    # b with the field's answers to BN's drawbacks (bnlab.variants), the same everything else
+    "b-renorm": Case("b-renorm: b with Batch Renorm (bnlab), autograd, Adam",
+                     {"engine": "autograd", "norm": "bnlab", "norm_kind": "renorm",
+                      "optimizer": "adam"}),
+    "b-ghost": Case("b-ghost: b with ghost BN (bnlab), autograd, Adam",
+                    {"engine": "autograd", "norm": "bnlab", "norm_kind": "ghost",
+                     "optimizer": "adam"}),
+    "b-group": Case("b-group: b with GroupNorm (bnlab), autograd, Adam",
+                    {"engine": "autograd", "norm": "bnlab", "norm_kind": "group",
+                     "optimizer": "adam"}),
     # the ladder from b to c of the post presets (per-activation BN is the post net's)
     "b-act": Case("b-act: b-manual + per-activation BN (post net)",
                   {"engine": "manual", "norm": "bnlab", "optimizer": "adam",

@@ -16,7 +16,11 @@ engine builds from too, so both engines have the same layers, the same
 
 ``norm`` picks the BN module: ``"none"`` (case a), ``"torch"`` (``torch.nn.BatchNorm2d``,
 case b) or ``"bnlab"`` (``bnlab.nn.BatchNorm2d``, bnlab's hand-derived backward inside
-autograd; ``"manual"`` is accepted as another name for it).
+autograd; ``"manual"`` is accepted as another name for it). ``norm_kind`` picks what the
+layer computes (:data:`bnlab.plans.NORM_KINDS`): ``"bn"``, ``"renorm"``
+(``bnlab.nn.BatchRenorm2d``), ``"ghost"`` (``bnlab.nn.GhostBatchNorm2d``) or ``"group"``
+(``bnlab.nn.GroupNorm``, or ``torch.nn.GroupNorm`` with ``norm="torch"``); torch has no
+Batch Renorm or ghost BN, so those need ``norm="bnlab"``.
 
 The blog post's own network has its twin in :mod:`bnlab.post.net` (``PostNet``).
 """
@@ -76,6 +80,10 @@ class AllCNNC(nn.Sequential):
     Arguments:
         norm: ``"none"``, ``"torch"`` or ``"bnlab"``: the BN after conv1-conv8 (before the
             ReLU); a convolution has a bias only when no BN follows it.
+        norm_kind, norm_options: what that layer computes (``"bn"``, ``"renorm"``,
+            ``"ghost"``, ``"group"``, ``"none"``) and its arguments; see the module
+            docstring and :func:`bnlab.plans.all_cnn_c_plan`. Raises ValueError for Batch
+            Renorm or ghost BN with ``norm="torch"``.
         dropout: the paper's dropout, 20% on the input and 50% after each stride-2 layer,
             masks from ``dropout_generator`` (None: the global RNG).
         width: multiplier of the channel counts (96 → round(96 w), 192 → round(192 w)).
@@ -106,9 +114,15 @@ class AllCNNC(nn.Sequential):
         init: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        norm_kind: str = "bn",
+        norm_options: dict | None = None,
     ) -> None:
         norm = check_norm(norm)
-        plan = all_cnn_c_plan(norm != "none", dropout, width, num_classes, in_channels)
+        if norm == "torch" and norm_kind in ("renorm", "ghost"):
+            raise ValueError(f"torch has no layer for norm_kind {norm_kind!r}: use norm "
+                             f"'bnlab' (bnlab.nn's), got norm 'torch'")
+        plan = all_cnn_c_plan(norm != "none", dropout, width, num_classes, in_channels,
+                              norm=norm_kind, norm_options=norm_options)
         factory = {"device": device, "dtype": dtype}
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         for spec in plan:
@@ -117,6 +131,7 @@ class AllCNNC(nn.Sequential):
             )
         super().__init__(modules)
         self.norm, self.dropout, self.width = norm, dropout, width
+        self.norm_kind = norm_kind if norm != "none" else "none"
         self.num_classes, self.in_channels = num_classes, in_channels
         if init:
             self.reset_parameters(generator)
@@ -126,12 +141,13 @@ class AllCNNC(nn.Sequential):
         for module in self:
             if isinstance(module, nn.Conv2d):
                 conv_default_init_(module.weight, module.bias, generator)
-            elif isinstance(module, nn.BatchNorm2d):
+            elif hasattr(module, "reset_parameters"):  # the normalization layers
                 module.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
-            f"norm={self.norm!r}, dropout={self.dropout}, width={self.width}, "
+            f"norm={self.norm!r}, norm_kind={self.norm_kind!r}, dropout={self.dropout}, "
+            f"width={self.width}, "
             f"num_classes={self.num_classes}"
         )
 
@@ -169,6 +185,12 @@ def _build_module(
     if spec.kind == "bn":
         cls = nn.BatchNorm2d if norm == "torch" else bnn.BatchNorm2d
         return cls(spec.args["num_features"], eps=eps, momentum=momentum, **factory)
+    if spec.kind in ("renorm", "ghost"):
+        cls = bnn.BatchRenorm2d if spec.kind == "renorm" else bnn.GhostBatchNorm2d
+        return cls(**spec.args, eps=eps, momentum=momentum, **factory)
+    if spec.kind == "group":
+        cls = nn.GroupNorm if norm == "torch" else bnn.GroupNorm
+        return cls(spec.args["num_groups"], spec.args["num_features"], eps=eps, **factory)
     if spec.kind == "relu":
         return nn.ReLU(inplace=True)
     if spec.kind == "dropout":

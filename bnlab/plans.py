@@ -18,6 +18,7 @@ whichever engine loads them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -25,8 +26,9 @@ from torch import Tensor
 
 from bnlab.initializers import conv_default_init_, post_init_
 
-__all__ = ["BN_FLAVOURS", "INIT_SCHEMES", "MIN_IMAGE_SIZE", "MIN_INPUT_SIZE", "LayerSpec",
-           "all_cnn_c_plan", "initial_parameters", "post_net_plan"]
+__all__ = ["BN_FLAVOURS", "INIT_SCHEMES", "MIN_IMAGE_SIZE", "MIN_INPUT_SIZE", "NORM_KINDS",
+           "LayerSpec", "all_cnn_c_plan", "default_num_groups", "initial_parameters",
+           "post_net_plan"]
 
 INIT_SCHEMES = ("default", "post")  # conv_default_init_ (PyTorch's) | post_init_ (N(0, 0.05²))
 
@@ -47,6 +49,34 @@ MIN_INPUT_SIZE = 9
 _DROPOUT = {0: 0.2, 3: 0.5, 6: 0.5}
 
 
+NORM_KINDS = ("bn", "renorm", "ghost", "group", "none")
+"""``norm`` of :func:`all_cnn_c_plan`: the normalization after conv1-conv8. ``bn``: batch
+normalization (Ioffe & Szegedy 2015); ``renorm``: Batch Renormalization (Ioffe 2017);
+``ghost``: ghost batch normalization (Hoffer et al. 2017); ``group``: GroupNorm (Wu & He
+2018); ``none``: no normalization layer. Every kind keeps the layer names ``bn1``-``bn8``
+(parameters ``bnK.weight``, ``bnK.bias``), so weights copy across engines and kinds."""
+
+# The keyword arguments each kind's layer takes beyond num_features (None: no default).
+_NORM_OPTIONS: dict[str, dict[str, Any]] = {
+    "bn": {},
+    "renorm": {"rmax": 3.0, "dmax": 5.0, "warmup_steps": 0},
+    "ghost": {"virtual_batch_size": None},
+    "group": {"num_groups": None},
+}
+
+
+def default_num_groups(num_channels: int) -> int:
+    """GroupNorm's default group count for C channels: ``gcd(32, C)``.
+
+    Wu & He (2018) use G = 32 groups; at reduced width C may not be a multiple of 32, so
+    the largest divisor of C that divides 32 is taken (C = 24 → 8, C = 48 → 16, C = 96 → 32).
+
+    >>> default_num_groups(96), default_num_groups(24), default_num_groups(48)
+    (32, 8, 16)
+    """
+    return math.gcd(32, num_channels)
+
+
 BN_FLAVOURS = ("none", "channel", "activation")
 """``bn`` of :func:`post_net_plan` (and :func:`bnlab.manual.post_net`): case a (none),
 case b (per channel), case c (per activation)."""
@@ -64,7 +94,9 @@ class LayerSpec(NamedTuple):
     """One layer of a plan: its name, its kind and its constructor arguments.
 
     kinds: ``dropout`` (p), ``conv`` (in_channels, out_channels, kernel_size, stride,
-    padding, bias), ``bn`` (num_features), ``relu``, ``pool``, ``flatten``.
+    padding, bias), ``bn`` (num_features), ``renorm`` (num_features, rmax, dmax,
+    warmup_steps), ``ghost`` (num_features, virtual_batch_size), ``group`` (num_features,
+    num_groups), ``relu``, ``pool``, ``flatten``.
     """
 
     name: str
@@ -78,12 +110,31 @@ def all_cnn_c_plan(
     width: float = 1.0,
     num_classes: int = 10,
     in_channels: int = 3,
+    *,
+    norm: str = "bn",
+    norm_options: dict[str, Any] | None = None,
 ) -> list[LayerSpec]:
     """The layers of All-CNN-C in order, shared by both engines (see the module docstring).
 
+    ``norm`` (one of :data:`NORM_KINDS`) is the normalization after conv1-conv8 when ``bn``
+    is true (``bn=False`` or ``norm="none"``: none). ``norm_options`` are that kind's
+    arguments: ``rmax`` (default 3), ``dmax`` (5), ``warmup_steps`` (0) for ``renorm``;
+    ``virtual_batch_size`` (required) for ``ghost``; ``num_groups`` for ``group`` (default
+    :func:`default_num_groups` of each layer's channels; a given count must divide every
+    layer's channels). Options of another kind are ignored, so one dict serves every kind.
+
+    Raises ValueError naming the bad value (an unknown kind, a missing virtual batch size,
+    a group count that does not divide a layer's channels).
+
     >>> [s.name for s in all_cnn_c_plan(bn=False)][:3]
     ['conv1', 'relu1', 'conv2']
+    >>> all_cnn_c_plan(width=0.25, norm="group")[1]
+    LayerSpec(name='bn1', kind='group', args={'num_features': 24, 'num_groups': 8})
     """
+    if norm not in NORM_KINDS:
+        raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
+    bn = bn and norm != "none"
+    options = _norm_options(norm, norm_options or {}) if bn else {}
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
     if num_classes < 1 or in_channels < 1:
@@ -108,12 +159,33 @@ def all_cnn_c_plan(
             )
         )
         if with_bn:
-            plan.append(LayerSpec(f"bn{index}", "bn", {"num_features": out}))
+            plan.append(LayerSpec(f"bn{index}", norm, _norm_args(norm, out, options)))
         plan.append(LayerSpec(f"relu{index}", "relu", {}))
         channels = out
     plan.append(LayerSpec("pool", "pool", {}))
     plan.append(LayerSpec("flatten", "flatten", {}))
     return plan
+
+
+def _norm_options(norm: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``norm``'s options: its defaults, updated by those given (other kinds' dropped)."""
+    options = {**_NORM_OPTIONS[norm],
+               **{k: v for k, v in given.items() if k in _NORM_OPTIONS[norm]}}
+    if norm == "ghost" and options["virtual_batch_size"] is None:
+        raise ValueError("norm 'ghost' needs a virtual_batch_size, got None")
+    return options
+
+
+def _norm_args(norm: str, num_features: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of one normalization layer of ``num_features`` channels."""
+    if norm != "group":
+        return {"num_features": num_features, **options}
+    groups = options["num_groups"]
+    groups = default_num_groups(num_features) if groups is None else groups
+    if num_features % groups:
+        raise ValueError(f"num_groups must divide every layer's channels: {groups} does not "
+                         f"divide {num_features}")
+    return {"num_features": num_features, "num_groups": groups}
 
 
 def post_net_plan(

@@ -33,7 +33,13 @@ from bnlab import distributed as bdist
 from bnlab.evidence.curves import plot_run
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
-from bnlab.plans import LayerSpec, all_cnn_c_plan, initial_parameters, post_net_plan
+from bnlab.plans import (
+    NORM_KINDS,
+    LayerSpec,
+    all_cnn_c_plan,
+    initial_parameters,
+    post_net_plan,
+)
 from bnlab.progress import EPOCH_HEADER, Progress, cpu_allocator_tuned, format_epoch_row
 from bnlab.runs import RUN_INFO_KEYS
 
@@ -75,6 +81,14 @@ class TrainConfig:
     case: str = "custom"              # the case's name, for tables and folder names
     engine: str = "autograd"          # "autograd" (nn.Module) | "manual" (bnlab.manual)
     norm: str = "torch"               # "none" | "torch" | "bnlab" (manual engine: none | bnlab)
+    norm_kind: str = "bn"             # what `norm` computes (All-CNN-C): "bn" | "renorm" (Batch
+                                      # Renorm) | "ghost" (ghost BN) | "group" (GroupNorm);
+                                      # renorm and ghost need norm "bnlab" (torch has none)
+    num_groups: int | None = None     # group: groups per layer; None: gcd(32, channels)
+    virtual_batch_size: int = 32      # ghost: images per ghost batch (Keras's name)
+    renorm_rmax: float = 3.0          # renorm: r clipped to [1/rmax, rmax] (Ioffe 2017)
+    renorm_dmax: float = 5.0          # renorm: d clipped to [-dmax, dmax]
+    renorm_warmup_steps: int = 0      # renorm: steps to ramp rmax from 1, dmax from 0; 0: none
     width: float = 1.0                # All-CNN-C channel multiplier (96, 192 → ×width)
     dropout: bool = False             # the paper's dropout: 20% input, 50% after stride-2 convs
     bn_momentum: float | None = 0.1   # PyTorch's convention: weight of the *new* batch
@@ -142,6 +156,7 @@ class TrainConfig:
             raise ConfigError(f"bn_eps must be positive, got {self.bn_eps!r}")
         if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1] or None, got {self.bn_momentum}")
+        self._validate_norm_kind()
         if self.arch == "allcnn" and self.bn_kind != "channel":
             raise ConfigError("per-activation BN (bn_kind 'activation') is the post net's: "
                               "set arch 'post'")
@@ -165,6 +180,50 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
+
+    def _validate_norm_kind(self) -> None:
+        """The normalization kind and its options (see :data:`bnlab.plans.NORM_KINDS`)."""
+        kinds = tuple(k for k in NORM_KINDS if k != "none")
+        if self.norm_kind not in kinds:
+            raise ConfigError(f"norm_kind must be one of {', '.join(kinds)} (no normalization "
+                              f"is norm 'none'); got {self.norm_kind!r}")
+        if self.num_groups is not None and (isinstance(self.num_groups, bool)
+                                            or not isinstance(self.num_groups, int)
+                                            or self.num_groups < 1):
+            raise ConfigError(f"num_groups must be a positive integer or None, "
+                              f"got {self.num_groups!r}")
+        if isinstance(self.virtual_batch_size, bool) or not isinstance(
+                self.virtual_batch_size, int) or self.virtual_batch_size < 1:
+            raise ConfigError(f"virtual_batch_size must be a positive integer, "
+                              f"got {self.virtual_batch_size!r}")
+        if not self.renorm_rmax >= 1.0 or not math.isfinite(self.renorm_rmax):
+            raise ConfigError(f"renorm_rmax must be >= 1 (r is clipped to [1/rmax, rmax]), "
+                              f"got {self.renorm_rmax!r}")
+        if not self.renorm_dmax >= 0.0 or not math.isfinite(self.renorm_dmax):
+            raise ConfigError(f"renorm_dmax must be >= 0 (d is clipped to [-dmax, dmax]), "
+                              f"got {self.renorm_dmax!r}")
+        if isinstance(self.renorm_warmup_steps, bool) or not isinstance(
+                self.renorm_warmup_steps, int) or self.renorm_warmup_steps < 0:
+            raise ConfigError(f"renorm_warmup_steps must be a non-negative integer, "
+                              f"got {self.renorm_warmup_steps!r}")
+        if self.norm_kind == "bn":
+            return
+        if self.norm == "none":
+            raise ConfigError(f"norm_kind {self.norm_kind!r} needs a normalization layer: "
+                              f"set norm 'bnlab' (or 'torch' for group), got norm 'none'")
+        if self.arch != "allcnn":
+            raise ConfigError(f"norm_kind {self.norm_kind!r} is All-CNN-C's: set arch "
+                              f"'allcnn', got {self.arch!r}")
+        if self.norm == "torch" and self.norm_kind in ("renorm", "ghost"):
+            raise ConfigError(f"torch has no layer for norm_kind {self.norm_kind!r}: set norm "
+                              f"'bnlab', got norm 'torch'")
+        if self.bn_bias_correction:
+            raise ConfigError(f"bn_bias_correction is an option of bnlab's BN: set norm_kind "
+                              f"'bn', got {self.norm_kind!r}")
+        try:
+            network_plan(self)
+        except ValueError as error:  # a group count that does not divide a layer's channels
+            raise ConfigError(str(error)) from None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -414,7 +473,16 @@ def network_plan(config: TrainConfig) -> tuple[list[LayerSpec], str]:
     bn = config.norm != "none"
     if config.arch == "post":
         return post_net_plan(config.bn_kind if bn else "none", config.width), "post"
-    return all_cnn_c_plan(bn, config.dropout, config.width), "default"
+    return all_cnn_c_plan(bn, config.dropout, config.width, norm=config.norm_kind,
+                          norm_options=norm_options(config)), "default"
+
+
+def norm_options(config: TrainConfig) -> dict:
+    """The options of the config's normalization kind, as :func:`bnlab.plans.all_cnn_c_plan`
+    takes them (every kind's; the plan keeps those of ``config.norm_kind``)."""
+    return {"rmax": config.renorm_rmax, "dmax": config.renorm_dmax,
+            "warmup_steps": config.renorm_warmup_steps,
+            "virtual_batch_size": config.virtual_batch_size, "num_groups": config.num_groups}
 
 
 def _load_initial(state: dict, initial: dict, load: Callable) -> None:
@@ -433,7 +501,8 @@ def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> 
                        momentum=config.bn_momentum, eps=config.bn_eps, init=False)
     return AllCNNC(norm=config.norm, dropout=config.dropout, width=config.width,
                    momentum=config.bn_momentum, eps=config.bn_eps, init=False,
-                   dropout_generator=dropout_generator)
+                   dropout_generator=dropout_generator, norm_kind=config.norm_kind,
+                   norm_options=norm_options(config))
 
 
 def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
@@ -446,7 +515,8 @@ def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
                         eps=config.bn_eps, init=False)
     return all_cnn_c(bn=bn, dropout=config.dropout, width=config.width,
                      momentum=config.bn_momentum, eps=config.bn_eps,
-                     dropout_generator=dropout_generator, init=False)
+                     dropout_generator=dropout_generator, init=False,
+                     norm=config.norm_kind, norm_options=norm_options(config))
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:

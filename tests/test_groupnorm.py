@@ -290,3 +290,16 @@ def test_one_group_is_layer_norm_and_c_groups_instance_norm():
     instance_norm = torch.nn.functional.instance_norm(x, eps=1e-5)
     assert max_rel_err(bnn.GroupNorm(1, 6, affine=False)(x), layer_norm) < 1e-13
     assert max_rel_err(bnn.GroupNorm(6, 6, affine=False)(x), instance_norm) < 1e-13
+
+
+def test_output_takes_an_inplace_relu_as_torch_groupnorm_does():
+    """``nn.ReLU(inplace=True)`` after GroupNorm (as in a network) works and keeps the
+    gradients: its output is not a view autograd must protect."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    ours = bnn.GroupNorm(2, 4).double()
+    native = torch.nn.GroupNorm(2, 4).double()
+    dx_ours, = torch.autograd.grad(torch.relu_(ours(x)).square().sum(), x)
+    dx_native, = torch.autograd.grad(torch.relu_(native(x)).square().sum(), x)
+    print(f"max |dx - dx_native| {(dx_ours - dx_native).abs().max().item():.1e}")
+    torch.testing.assert_close(dx_ours, dx_native, rtol=1e-10, atol=1e-12)

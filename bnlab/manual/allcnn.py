@@ -17,7 +17,8 @@ walk it, so their layers, names and initialization order are the same.
     conv9  1x1  10                              ReLU   (as in the paper's table)
     global average pooling (6x6 for 32x32 input), flatten; softmax is in the loss
 
-With ``width`` w the 96 and 192 become ``round(96 w)`` and ``round(192 w)``. BN (when on)
+With ``width`` w the 96 and 192 become ``round(96 w)`` and ``round(192 w)``. BN (when on;
+or Batch Renorm, ghost BN or GroupNorm, the plan's ``norm`` kind, under the same names)
 follows every convolution but the last; a convolution has a bias only when no BN follows
 it. Names: ``drop1``-``drop3``, ``conv1``-``conv9``, ``bn1``-``bn8``, ``relu1``-``relu9``,
 ``pool``, ``flatten``; so the parameters are ``conv1.weight``, ``bn1.weight``,
@@ -46,6 +47,7 @@ from bnlab.manual.layers import (
     ReLU,
 )
 from bnlab.manual.network import Sequential
+from bnlab.manual.norms import BatchRenorm2d, GhostBatchNorm2d, GroupNorm
 from bnlab.plans import MIN_INPUT_SIZE, LayerSpec, all_cnn_c_plan
 
 __all__ = ["MIN_INPUT_SIZE", "LayerSpec", "all_cnn_c", "all_cnn_c_plan", "build_layer"]
@@ -61,13 +63,22 @@ def build_layer(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Layer:
-    """The manual layer for one :class:`LayerSpec` (``init=False``: conv weights undrawn)."""
+    """The manual layer for one :class:`LayerSpec` (``init=False``: conv weights undrawn).
+
+    Normalization kinds: ``bn`` → :class:`~bnlab.manual.layers.BatchNorm2d`, ``renorm`` →
+    :class:`~bnlab.manual.norms.BatchRenorm2d`, ``ghost`` →
+    :class:`~bnlab.manual.norms.GhostBatchNorm2d`, ``group`` →
+    :class:`~bnlab.manual.norms.GroupNorm` (``momentum`` unused: it keeps no running
+    statistics); ``eps`` goes to each.
+    """
     if spec.kind == "conv":
         return Conv2d(**spec.args, generator=generator, init=init, device=device, dtype=dtype)
-    if spec.kind == "bn":
-        return BatchNorm2d(
-            spec.args["num_features"], eps=eps, momentum=momentum, device=device, dtype=dtype
-        )
+    if spec.kind in ("bn", "renorm", "ghost"):
+        cls = {"bn": BatchNorm2d, "renorm": BatchRenorm2d, "ghost": GhostBatchNorm2d}[spec.kind]
+        return cls(**spec.args, eps=eps, momentum=momentum, device=device, dtype=dtype)
+    if spec.kind == "group":
+        return GroupNorm(spec.args["num_groups"], spec.args["num_features"], eps=eps,
+                         device=device, dtype=dtype)
     if spec.kind == "relu":
         return ReLU(inplace=True)  # its input is a BN or conv output that nothing else keeps
     if spec.kind == "dropout":
@@ -94,11 +105,15 @@ def all_cnn_c(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     memory_format: torch.memory_format | None = None,
+    norm: str = "bn",
+    norm_options: dict | None = None,
 ) -> Sequential:
     """All-CNN-C as a manual :class:`~bnlab.manual.network.Sequential`.
 
     ``bn`` puts bnlab's :class:`~bnlab.manual.layers.BatchNorm2d` (``momentum``, ``eps``)
-    after conv1-conv8; ``dropout`` adds the paper's 20% input and 50% hidden dropout, its
+    after conv1-conv8, or the layer of another ``norm`` kind (``renorm``, ``ghost``,
+    ``group``, ``none``; its ``norm_options``: see :func:`bnlab.plans.all_cnn_c_plan`);
+    ``dropout`` adds the paper's 20% input and 50% hidden dropout, its
     masks drawn from ``dropout_generator`` (None: the global RNG). The convolutions get
     PyTorch's default initialization drawn in layer order from ``generator`` (None: the
     global RNG), so ``bnlab.models.AllCNNC`` built from the same seed has the same weights;
@@ -108,7 +123,8 @@ def all_cnn_c(
     >>> sorted(net.named_parameters())[:2]
     ['conv1.bias', 'conv1.weight']
     """
-    plan = all_cnn_c_plan(bn, dropout, width, num_classes, in_channels)
+    plan = all_cnn_c_plan(bn, dropout, width, num_classes, in_channels, norm=norm,
+                          norm_options=norm_options)
     layers = [
         (
             spec.name,

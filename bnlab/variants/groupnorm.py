@@ -216,7 +216,10 @@ class GroupNormFunction(torch.autograd.Function):
         y, saved = group_norm_forward(x, num_groups, weight, bias, eps)
         ctx.saved = saved
         ctx.save_for_backward(x, weight)
-        return y
+        # y is a reshaped view of the normalized (1, N*C, M) tensor; returned as a view,
+        # autograd would forbid in-place ops on it (ReLU(inplace=True) after GroupNorm, as
+        # torch.nn.GroupNorm allows). detach() drops the view tracking, copies nothing.
+        return y.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
