@@ -7,12 +7,14 @@
 Folder layout: ``compare.json`` (the plan: cases, seeds, preset, every run's config, the
 data), ``<case>/seed<k>/`` (one run folder each), ``summary.json``, ``curves.png``,
 ``report.md`` and ``report.html``. ``--resume`` rebuilds the plan from ``compare.json``:
-finished runs are skipped and unfinished ones continue from their last checkpoint.
+finished runs are skipped and unfinished ones continue from their last checkpoint. A resumed
+comparison is the one that was planned: a flag that would change it (other cases, seeds,
+epochs, ...) is refused, naming the flag (:func:`resume_conflicts`); extend a comparison by
+starting a new one. ``.bnlab.lock`` in the folder keeps a second process out while one trains.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 from bnlab import data as bdata
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
-from bnlab.runs import atomic_write_json
+from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
 from bnlab.train import (
     ConfigError,
     DivergenceError,
@@ -31,7 +33,8 @@ from bnlab.train import (
     train,
 )
 
-__all__ = ["ComparisonPlan", "plan_comparison", "resume_plan", "run_comparison"]
+__all__ = ["ComparisonPlan", "plan_comparison", "resume_conflicts", "resume_plan",
+           "run_comparison"]
 
 
 @dataclass
@@ -126,19 +129,68 @@ def _check_fits(configs: dict[str, dict[int, TrainConfig]], dataset: bdata.CIFAR
 
 
 def resume_plan(out: str | Path) -> ComparisonPlan:
-    """The plan of an existing comparison folder, from its ``compare.json``."""
+    """The plan of an existing comparison folder, from its ``compare.json``.
+
+    Raises :class:`ConfigError` when the folder holds no ``compare.json`` and
+    :class:`~bnlab.runs.ReportError` naming the file when it is damaged.
+    """
     out = Path(out)
     path = out / "compare.json"
     if not path.is_file():
         raise ConfigError(f"cannot resume {out}: no compare.json there (is it a bnlab "
                           f"comparison folder?)")
-    saved = json.loads(path.read_text())
-    configs = {c: {int(s): TrainConfig.from_json(cfg) for s, cfg in by_seed.items()}
-               for c, by_seed in saved["configs"].items()}
+    saved = read_compare(out, plan=True)
+    try:
+        configs = {c: {int(s): TrainConfig.from_json(saved["configs"][c][str(s)])
+                       for s in saved["seeds"]} for c in saved["cases"]}
+    except (TypeError, ValueError) as error:
+        raise ReportError(f"{path}: a saved config cannot be read ({error}); the file is "
+                          "damaged or from another bnlab version") from error
     some = next(iter(configs[saved["cases"][0]].values()))
     dataset = bdata.load_cifar10(some.data_dir)
     return ComparisonPlan(out, saved["preset"], saved["cases"], saved["seeds"], configs,
                           dataset, saved.get("command", ""), resume=True)
+
+
+# the config fields a command line may set, checked against a saved plan on --resume
+_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir")
+
+
+def resume_conflicts(saved: dict, requested: dict) -> list[str]:
+    """The flags of ``requested`` that would change the comparison saved in ``saved``.
+
+    ``saved`` is a ``compare.json`` (as :func:`bnlab.runs.read_compare` returns it);
+    ``requested`` maps ``cases``, ``seeds`` (a count), ``preset``, ``out`` and the config
+    fields of :data:`_PLAN_FIELDS` to what the command line asked (None: not given). A
+    value equal to the saved one is no conflict. Returns lines such as
+    ``"--epochs 5 (the comparison has 2)"``, empty when nothing conflicts.
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    conflicts = []
+    if requested.get("cases") is not None and list(requested["cases"]) != saved["cases"]:
+        conflicts.append(f"--cases {','.join(requested['cases'])} "
+                         f"(the comparison has {','.join(saved['cases'])})")
+    if requested.get("seeds") is not None and requested["seeds"] != len(saved["seeds"]):
+        conflicts.append(f"--seeds {requested['seeds']} (the comparison has "
+                         f"{len(saved['seeds'])})")
+    if requested.get("preset") is not None and requested["preset"] != saved["preset"]:
+        conflicts.append(f"--preset {requested['preset']} (the comparison has "
+                         f"{saved['preset']})")
+    if requested.get("out") is not None:
+        conflicts.append(f"--out {requested['out']} (--resume names the folder)")
+    configs = [cfg for by_seed in saved["configs"].values() for cfg in by_seed.values()]
+    for name in _PLAN_FIELDS:
+        value = requested.get(name)
+        if value is None:
+            continue
+        have = sorted({str(cfg.get(name)) for cfg in configs})
+        if name == "device" and value == "auto":
+            continue
+        if have != [str(value)]:
+            conflicts.append(f"{flag(name)} {value} (the comparison has {', '.join(have)})")
+    return conflicts
 
 
 def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
@@ -152,8 +204,13 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
             print(text, flush=True)
 
     plan.out.mkdir(parents=True, exist_ok=plan.resume)
-    if not plan.resume:
-        atomic_write_json(plan.out / "compare.json", plan.to_json())
+    with folder_lock(plan.out, "running a comparison"):
+        if not plan.resume:
+            atomic_write_json(plan.out / "compare.json", plan.to_json())
+        return _run_plan(plan, log, quiet)
+
+
+def _run_plan(plan: ComparisonPlan, log, quiet: bool) -> dict:
     device = resolve_device(next(iter(plan.configs[plan.cases[0]].values())).device)
     dataset = plan.dataset.to(device)
     log(f"bnlab compare: cases {','.join(plan.cases)}, {len(plan.seeds)} seed(s), "

@@ -31,10 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.evidence.curves import curves_title, plot_curves
+from bnlab.evidence.curves import curves_title, plot_curves, plot_run
 from bnlab.evidence.page import markdown_to_html
 from bnlab.evidence.stats import mean_std
 from bnlab.runs import (
+    CURVES,
     MissingFileError,
     ReportError,
     Run,
@@ -506,6 +507,9 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """
     folder = Path(compare_dir)
     summary, runs_by_case = _summarize_folder(folder)
+    for run in (run for runs in runs_by_case.values() for run in runs):
+        if run.status == "finished" and not (run.path / CURVES).exists():
+            plot_run(run, run.path / CURVES)  # a run killed between result.json and its plot
     finished = [case["n_finished"] for case in summary["cases"].values()]
     n_seeds = (min(finished), max(finished)) if max(finished) else len(summary["seeds"])
     compared = "Train and test curves of cases " + ", ".join(summary["cases"])

@@ -462,6 +462,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     result = runs.read_result(run_dir) if resume else None
     if result is not None:
+        if result.get("status") == "finished" and not (run_dir / runs.CURVES).exists():
+            _plot_run(run_dir)  # killed between result.json and its plot
         return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
                          result.get("status", "finished"), result.get("message", ""))
 
