@@ -186,6 +186,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
             dataset=dataset,
         )
+    if args.tensorboard:
+        from bnlab.tensorboard import require_tensorboard
+        try:
+            require_tensorboard()
+        except ImportError as error:
+            raise _UserError(str(error)) from None
+        plan.tensorboard = True
     args.resume_folder = plan.out
     args.resume_command = f"bnlab compare --resume {shlex.quote(str(plan.out))}"
     summary = run_comparison(plan, quiet=args.quiet)
@@ -587,7 +594,7 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=argtypes.positive_int,
                    help="number of seeds, 0..N-1 (default: the preset's)")
     p.add_argument("--preset",
-                   help="quick (default), paper, post or post-quick; see below")
+                   help="quick (default), smoke, paper, post or post-quick; see below")
     p.add_argument("--epochs", type=argtypes.positive_int, help="override the preset's epochs")
     p.add_argument("--subset", type=argtypes.positive_int,
                    help="train on N images (the same N for every run)")
@@ -606,6 +613,10 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                    help="continue an interrupted comparison from its folder, as it was "
                         "planned: flags that would change it (--cases, --seeds, --epochs, "
                         "...) are refused; to extend a comparison, start a new one")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events into each run folder (per-epoch losses, "
+                        "accuracies, learning rate, images/s; BN running statistics, gamma "
+                        "and beta as histograms); needs pip install 'bnlab[tensorboard]'")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch table")
     p.set_defaults(func=cmd_compare, argv=None)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from bnlab import data as bdata
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
+from bnlab.progress import JobProgress
 from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
 from bnlab.train import (
     ConfigError,
@@ -49,6 +50,7 @@ class ComparisonPlan:
     dataset: bdata.CIFAR10
     command: str
     resume: bool = False
+    tensorboard: bool = False  # an output, not a setting: may be asked on --resume too
 
     def to_json(self) -> dict:
         return {
@@ -216,17 +218,27 @@ def _run_plan(plan: ComparisonPlan, log, quiet: bool) -> dict:
     log(f"bnlab compare: cases {','.join(plan.cases)}, {len(plan.seeds)} seed(s), "
         f"preset {plan.preset}, on {plan.configs_data()}, device {device}")
     diverged = []
-    for case in plan.cases:
-        for seed in plan.seeds:
-            cfg = plan.configs[case][seed]
-            run_dir = plan.out / case / f"seed{seed}"
-            log(f"\n== {case_definition(case, plan.preset).label} — seed {seed}")
-            try:
-                train(cfg, run_dir, dataset=dataset, resume=run_dir.exists(),
-                      progress=not quiet, log=log)
-            except DivergenceError as error:
-                print(f"bnlab: run diverged: {error}", file=sys.stderr)
-                diverged.append(f"{case}/seed{seed}")
+    job = JobProgress(len(plan.cases) * len(plan.seeds))
+    for index, (case, seed) in enumerate(
+            ((c, s) for c in plan.cases for s in plan.seeds), 1):
+        cfg = plan.configs[case][seed]
+        run_dir = plan.out / case / f"seed{seed}"
+        job.start_run(index, job.run_steps if index > 1 else 0)
+        log(f"\n== {case_definition(case, plan.preset).label} — seed {seed} "
+            f"({job.describe()})")
+        writer = None
+        if plan.tensorboard:
+            from bnlab.tensorboard import TensorBoardLogger
+            writer = TensorBoardLogger(run_dir)
+        try:
+            train(cfg, run_dir, dataset=dataset, resume=run_dir.exists(),
+                  progress=job if not quiet else False, log=log, on_epoch=writer)
+        except DivergenceError as error:
+            print(f"bnlab: run diverged: {error}", file=sys.stderr)
+            diverged.append(f"{case}/seed{seed}")
+        finally:
+            if writer is not None:
+                writer.close()
     summary = report.write_report(plan.out)
     log(f"\nwrote {plan.out}/summary.json, curves.png, report.md, report.html")
     summary = dict(summary)
