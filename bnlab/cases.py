@@ -130,6 +130,13 @@ PRESETS: dict[str, Preset] = {
         {"width": 0.5, "epochs": 15, "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine",
          "augment": True},
     ),
+    "smoke": Preset(
+        "seconds, to try the pipeline end to end; its numbers mean nothing (width 0.125, "
+        "1 epoch on 256 training images, batch 32, one seed)",
+        ("a", "b", "c"), 1,
+        {"width": 0.125, "epochs": 1, "subset": 256, "batch_size": 32, "lr": 1e-3,
+         "lr_schedule": "constant", "augment": False},
+    ),
     "post": Preset(
         "a GPU: the post as its code ran (its network, 25+25 augmented batches, per-batch "
         "standardisation, Adam β2 0.9, lr 3e-4/(1+0.001 epoch)), full width, full CIFAR-10, "

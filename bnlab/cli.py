@@ -178,6 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if _compare_ranks(args):  # --nproc N, or torchrun: each rank runs this function
         return _compare_in_ranks(args)
     if args.resume:
+        _check_resume_flags(args)
         plan = resume_plan(args.resume)
     else:
         dataset = _load_data(args.data_dir)  # once, here at the top, passed down
@@ -185,10 +186,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device}
         plan = plan_comparison(
-            args.cases, args.seeds, args.preset, args.out,
+            args.cases, args.seeds, args.preset or "quick", args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
             dataset=dataset,
         )
+    if args.tensorboard:
+        from bnlab.tensorboard import require_tensorboard
+        try:
+            require_tensorboard()
+        except ImportError as error:
+            raise _UserError(str(error)) from None
+        plan.tensorboard = True
     args.resume_folder = plan.out
     args.resume_command = f"bnlab compare --resume {shlex.quote(str(plan.out))}"
     summary = run_comparison(plan, quiet=args.quiet)
@@ -253,6 +261,25 @@ def _compare_rank(rank: int, world_size: int, args: argparse.Namespace) -> int:
     return cmd_compare(args)
 
 
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """Refuse ``compare --resume DIR`` with flags that would change the saved comparison."""
+    from bnlab.compare import resume_conflicts
+    from bnlab.runs import read_compare
+
+    folder = Path(args.resume)
+    if not (folder / "compare.json").is_file():
+        raise _UserError(f"cannot resume {folder}: no compare.json there (is it a bnlab "
+                         "comparison folder?)")
+    requested = {name: getattr(args, name) for name in (
+        "cases", "seeds", "preset", "out", "epochs", "subset", "width", "lr", "batch_size",
+        "device", "data_dir")}
+    conflicts = resume_conflicts(read_compare(folder, plan=True), requested)
+    if conflicts:
+        raise _UserError(f"--resume {folder} continues the comparison as it was planned; "
+                         f"these flags would change it: {'; '.join(conflicts)}. Drop them, or "
+                         "start a new comparison with --out")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bnlab import report
 
@@ -278,26 +305,41 @@ def cmd_study(args: argparse.Namespace) -> int:
         if args.name == "all":
             studies.render_report(out)
         else:
-            section = studies.study_module(args.name).render(out)
+            section = studies.render_study(args.name, out)
             (out / "section.md").write_text(section)
             studies._write_report(out, f"bnlab study {args.name}", section)
         print(f"wrote {out}/report.md, report.html")
         return 0
-    out = Path(args.out or f"runs/study-{args.name}-{args.preset}-"
-                          f"{time.strftime('%Y%m%d-%H%M%S')}")
+    resume = args.resume is not None
+    if resume:
+        out = _study_resume_folder(args)
+        saved = studies.read_plan(out)
+        conflicts = studies.plan_conflicts(saved, {"study": args.name, "preset": args.preset,
+                                                   "seeds": args.seeds,
+                                                   "data_dir": args.data_dir})
+        if conflicts:
+            raise _UserError(f"--resume {out} continues the study as it was started; these "
+                             f"would change it: {'; '.join(conflicts)}. Drop them, or start "
+                             "a new study with --out")
+        if saved:  # the saved settings, not the defaults, rule a resumed study
+            args.preset, args.seeds = saved["preset"], saved["seeds"]
+            args.data_dir = saved.get("data_dir")
+    args.preset = args.preset or "quick"
+    if not resume:
+        out = Path(args.out or f"runs/study-{args.name}-{args.preset}-"
+                              f"{time.strftime('%Y%m%d-%H%M%S')}")
     log = (lambda _: None) if args.quiet else print
     try:
         studies.check_scale(args.preset, args.seeds)  # before the data is read
     except ValueError as error:
         raise _UserError(str(error)) from None
     kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
-              "device": args.device, "resume": args.resume, "quiet": args.quiet, "log": log,
+              "device": args.device, "resume": resume, "quiet": args.quiet, "log": log,
               "dataset": _load_data(args.data_dir)}  # once, here at the top, passed down
-    argv = list(sys.argv[1:] if args.argv is None else args.argv)
     args.resume_folder = out
     args.resume_command = "bnlab " + shlex.join(
-        argv + (["--out", str(out)] if args.out is None else [])
-        + ([] if args.resume else ["--resume"]))
+        ["study", args.name, "--resume", str(out), "--preset", args.preset]
+        + ([] if args.seeds is None else ["--seeds", str(args.seeds)]))
     if args.name == "all":
         studies.run_all(out, **kwargs)
     else:
@@ -305,6 +347,22 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _study_resume_folder(args: argparse.Namespace) -> Path:
+    """The folder of ``study NAME --resume DIR`` (or of the older ``--resume --out DIR``)."""
+    named = args.resume if isinstance(args.resume, str) else None
+    if named and args.out and Path(named) != Path(args.out):
+        raise _UserError(f"--resume {named} and --out {args.out} name two folders: "
+                         f"use --resume {named} alone")
+    folder = named or args.out
+    if folder is None:
+        raise _UserError(f"--resume needs the study folder: bnlab study {args.name} --resume "
+                         "DIR (it never starts a new study)")
+    if not Path(folder).is_dir():
+        raise _UserError(f"cannot resume {folder}: no such folder (start a new study with "
+                         f"--out {folder})")
+    return Path(folder)
 
 
 class _UserError(Exception):
@@ -408,6 +466,7 @@ def _explain(error: Exception) -> tuple[int, str]:
 
     from bnlab.data import DataError, DownloadError
     from bnlab.report import ReportError
+    from bnlab.runs import FolderInUseError
     from bnlab.train import ConfigError, DivergenceError
 
     def first_line(value: object) -> str:
@@ -416,7 +475,7 @@ def _explain(error: Exception) -> tuple[int, str]:
 
     if isinstance(error, (_UserError, ConfigError, FileExistsError)):
         return 2, first_line(error)
-    if isinstance(error, (ReportError, DownloadError, DivergenceError)):
+    if isinstance(error, (ReportError, DownloadError, DivergenceError, FolderInUseError)):
         return 1, first_line(error)
     from bnlab.distributed import DistributedRunError
     if isinstance(error, DistributedRunError):  # every rank's fate, on one line
@@ -595,8 +654,8 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated cases (default: the preset's)")
     p.add_argument("--seeds", type=argtypes.positive_int,
                    help="number of seeds, 0..N-1 (default: the preset's)")
-    p.add_argument("--preset", default="quick",
-                   help="quick (default), paper, post or post-quick; see below")
+    p.add_argument("--preset",
+                   help="quick (default), smoke, paper, post or post-quick; see below")
     p.add_argument("--epochs", type=argtypes.positive_int, help="override the preset's epochs")
     p.add_argument("--subset", type=argtypes.positive_int,
                    help="train on N images (the same N for every run)")
@@ -612,12 +671,18 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
                                  "never overwritten")
     p.add_argument("--resume", metavar="OUT_DIR",
-                   help="continue an interrupted comparison from its folder")
+                   help="continue an interrupted comparison from its folder, as it was "
+                        "planned: flags that would change it (--cases, --seeds, --epochs, "
+                        "...) are refused; to extend a comparison, start a new one")
     p.add_argument("--nproc", type=argtypes.positive_int, default=1,
                    help="data-parallel over N processes on this machine, each a disjoint "
                         "part of every batch (the same global batch; gloo on CPU, one GPU "
                         "each with NCCL); or launch with torchrun --nproc_per_node N -m "
                         "bnlab compare ... (default 1)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events into each run folder (per-epoch losses, "
+                        "accuracies, learning rate, images/s; BN running statistics, gamma "
+                        "and beta as histograms); needs pip install 'bnlab[tensorboard]'")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch table")
     p.set_defaults(func=cmd_compare, argv=None)
 
@@ -641,7 +706,7 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
         epilog=f"studies:\n{listing}\n  all Q1-Q5 and one report\n\npresets:\n{scales}",
     )
     p.add_argument("name", choices=[*STUDIES, "all"], metavar="{q1,q2,q3,q4,q5,all}")
-    p.add_argument("--preset", default="quick", choices=list(SCALES),
+    p.add_argument("--preset", choices=list(SCALES),
                    help="quick (default) or paper")
     p.add_argument("--seeds", type=argtypes.positive_int,
                    help="seeds per point (default: the preset's)")
@@ -650,8 +715,10 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"{argtypes.DEVICE_HELP} (default auto: CUDA when present)")
     p.add_argument("--out", help="the study folder (default runs/study-NAME-PRESET-TIME); "
                                  "never overwritten")
-    p.add_argument("--resume", action="store_true",
-                   help="continue in an existing --out folder, reusing every finished run")
+    p.add_argument("--resume", metavar="DIR", nargs="?", const=True,
+                   help="continue the study in folder DIR as it was started, reusing every "
+                        "finished run (--preset, --seeds or --data-dir that would change it "
+                        "are refused); never starts a new study")
     p.add_argument("--render", metavar="DIR",
                    help="only redraw the report of an existing study folder (no training)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

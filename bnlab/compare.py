@@ -7,12 +7,14 @@
 Folder layout: ``compare.json`` (the plan: cases, seeds, preset, every run's config, the
 data), ``<case>/seed<k>/`` (one run folder each), ``summary.json``, ``curves.png``,
 ``report.md`` and ``report.html``. ``--resume`` rebuilds the plan from ``compare.json``:
-finished runs are skipped and unfinished ones continue from their last checkpoint.
+finished runs are skipped and unfinished ones continue from their last checkpoint. A resumed
+comparison is the one that was planned: a flag that would change it (other cases, seeds,
+epochs, ...) is refused, naming the flag (:func:`resume_conflicts`); extend a comparison by
+starting a new one. ``.bnlab.lock`` in the folder keeps a second process out while one trains.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -23,7 +25,8 @@ from bnlab import data as bdata
 from bnlab import distributed as bdist
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
-from bnlab.runs import atomic_write_json
+from bnlab.progress import JobProgress
+from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
 from bnlab.train import (
     ConfigError,
     DivergenceError,
@@ -32,7 +35,8 @@ from bnlab.train import (
     train,
 )
 
-__all__ = ["ComparisonPlan", "plan_comparison", "resume_plan", "run_comparison"]
+__all__ = ["ComparisonPlan", "plan_comparison", "resume_conflicts", "resume_plan",
+           "run_comparison"]
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ComparisonPlan:
     dataset: bdata.CIFAR10
     command: str
     resume: bool = False
+    tensorboard: bool = False  # an output, not a setting: may be asked on --resume too
 
     def to_json(self) -> dict:
         return {
@@ -127,19 +132,68 @@ def _check_fits(configs: dict[str, dict[int, TrainConfig]], dataset: bdata.CIFAR
 
 
 def resume_plan(out: str | Path) -> ComparisonPlan:
-    """The plan of an existing comparison folder, from its ``compare.json``."""
+    """The plan of an existing comparison folder, from its ``compare.json``.
+
+    Raises :class:`ConfigError` when the folder holds no ``compare.json`` and
+    :class:`~bnlab.runs.ReportError` naming the file when it is damaged.
+    """
     out = Path(out)
     path = out / "compare.json"
     if not path.is_file():
         raise ConfigError(f"cannot resume {out}: no compare.json there (is it a bnlab "
                           f"comparison folder?)")
-    saved = json.loads(path.read_text())
-    configs = {c: {int(s): TrainConfig.from_json(cfg) for s, cfg in by_seed.items()}
-               for c, by_seed in saved["configs"].items()}
+    saved = read_compare(out, plan=True)
+    try:
+        configs = {c: {int(s): TrainConfig.from_json(saved["configs"][c][str(s)])
+                       for s in saved["seeds"]} for c in saved["cases"]}
+    except (TypeError, ValueError) as error:
+        raise ReportError(f"{path}: a saved config cannot be read ({error}); the file is "
+                          "damaged or from another bnlab version") from error
     some = next(iter(configs[saved["cases"][0]].values()))
     dataset = bdata.load_cifar10(some.data_dir)
     return ComparisonPlan(out, saved["preset"], saved["cases"], saved["seeds"], configs,
                           dataset, saved.get("command", ""), resume=True)
+
+
+# the config fields a command line may set, checked against a saved plan on --resume
+_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir")
+
+
+def resume_conflicts(saved: dict, requested: dict) -> list[str]:
+    """The flags of ``requested`` that would change the comparison saved in ``saved``.
+
+    ``saved`` is a ``compare.json`` (as :func:`bnlab.runs.read_compare` returns it);
+    ``requested`` maps ``cases``, ``seeds`` (a count), ``preset``, ``out`` and the config
+    fields of :data:`_PLAN_FIELDS` to what the command line asked (None: not given). A
+    value equal to the saved one is no conflict. Returns lines such as
+    ``"--epochs 5 (the comparison has 2)"``, empty when nothing conflicts.
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    conflicts = []
+    if requested.get("cases") is not None and list(requested["cases"]) != saved["cases"]:
+        conflicts.append(f"--cases {','.join(requested['cases'])} "
+                         f"(the comparison has {','.join(saved['cases'])})")
+    if requested.get("seeds") is not None and requested["seeds"] != len(saved["seeds"]):
+        conflicts.append(f"--seeds {requested['seeds']} (the comparison has "
+                         f"{len(saved['seeds'])})")
+    if requested.get("preset") is not None and requested["preset"] != saved["preset"]:
+        conflicts.append(f"--preset {requested['preset']} (the comparison has "
+                         f"{saved['preset']})")
+    if requested.get("out") is not None:
+        conflicts.append(f"--out {requested['out']} (--resume names the folder)")
+    configs = [cfg for by_seed in saved["configs"].values() for cfg in by_seed.values()]
+    for name in _PLAN_FIELDS:
+        value = requested.get(name)
+        if value is None:
+            continue
+        have = sorted({str(cfg.get(name)) for cfg in configs})
+        if name == "device" and value == "auto":
+            continue
+        if have != [str(value)]:
+            conflicts.append(f"{flag(name)} {value} (the comparison has {', '.join(have)})")
+    return conflicts
 
 
 def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
@@ -160,27 +214,43 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
             print(text, flush=True)
 
     bdist.barrier()  # every rank has checked the plan before rank 0 makes the folder
-    if lead:
-        plan.out.mkdir(parents=True, exist_ok=plan.resume)
-    if lead and not plan.resume:
-        atomic_write_json(plan.out / "compare.json", plan.to_json())
+    if not lead:
+        return _run_plan(plan, log, quiet, lead)
+    plan.out.mkdir(parents=True, exist_ok=plan.resume)
+    with folder_lock(plan.out, "running a comparison"):
+        if not plan.resume:
+            atomic_write_json(plan.out / "compare.json", plan.to_json())
+        return _run_plan(plan, log, quiet, lead)
+
+
+def _run_plan(plan: ComparisonPlan, log, quiet: bool, lead: bool) -> dict:
     device = resolve_device(next(iter(plan.configs[plan.cases[0]].values())).device)
     dataset = plan.dataset.to(device)
     log(f"bnlab compare: cases {','.join(plan.cases)}, {len(plan.seeds)} seed(s), "
         f"preset {plan.preset}, on {plan.configs_data()}, device {device}")
     diverged = []
-    for case in plan.cases:
-        for seed in plan.seeds:
-            cfg = plan.configs[case][seed]
-            run_dir = plan.out / case / f"seed{seed}"
-            log(f"\n== {case_definition(case, plan.preset).label} — seed {seed}")
-            try:
-                train(cfg, run_dir, dataset=dataset, resume=bdist.agree(run_dir.exists()),
-                      progress=not quiet, log=log)
-            except DivergenceError as error:
-                if lead:
-                    print(f"bnlab: run diverged: {error}", file=sys.stderr)
-                diverged.append(f"{case}/seed{seed}")
+    job = JobProgress(len(plan.cases) * len(plan.seeds))
+    for index, (case, seed) in enumerate(
+            ((c, s) for c in plan.cases for s in plan.seeds), 1):
+        cfg = plan.configs[case][seed]
+        run_dir = plan.out / case / f"seed{seed}"
+        job.start_run(index, job.run_steps if index > 1 else 0)
+        log(f"\n== {case_definition(case, plan.preset).label} — seed {seed} "
+            f"({job.describe()})")
+        writer = None
+        if plan.tensorboard and lead:
+            from bnlab.tensorboard import TensorBoardLogger
+            writer = TensorBoardLogger(run_dir)
+        try:
+            train(cfg, run_dir, dataset=dataset, resume=bdist.agree(run_dir.exists()),
+                  progress=job if not quiet and lead else False, log=log, on_epoch=writer)
+        except DivergenceError as error:
+            if lead:
+                print(f"bnlab: run diverged: {error}", file=sys.stderr)
+            diverged.append(f"{case}/seed{seed}")
+        finally:
+            if writer is not None:
+                writer.close()
     if not lead:
         return {"diverged": diverged}
     summary = report.write_report(plan.out)

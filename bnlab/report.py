@@ -31,10 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.evidence.curves import curves_title, plot_curves
+from bnlab.evidence.curves import curves_title, plot_curves, plot_run
 from bnlab.evidence.page import markdown_to_html
-from bnlab.evidence.stats import mean_std
+from bnlab.evidence.stats import interval_verdict, mean_std, paired_difference
 from bnlab.runs import (
+    CURVES,
     MissingFileError,
     ReportError,
     Run,
@@ -49,6 +50,8 @@ __all__ = [
     "MissingFileError",
     "ReportError",
     "Run",
+    "answer",
+    "chosen_thresholds",
     "data_is_full_cifar10",
     "load_compare",
     "load_run",
@@ -331,8 +334,13 @@ TABLE_HEADER = (
 
 
 def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
-    """The per-case table as text cells, header first (shared by Markdown and HTML)."""
-    rows = [list(TABLE_HEADER)]
+    """The per-case table as text cells, header first (shared by Markdown and HTML); the
+    "epochs to X%" columns are :func:`chosen_thresholds` (from the data)."""
+    chosen = chosen_thresholds(summary)
+    header = list(TABLE_HEADER)
+    at = header.index("epochs to 70%")
+    header[at:at + 2] = [f"epochs to {100 * float(k):g}%" for k in chosen]
+    rows = [header]
     for case in summary["cases"].values():
         to_acc = case["epochs_to_acc"]
         rows.append(
@@ -342,8 +350,7 @@ def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
                 _mean_std(case["best_test_acc"]),
                 _mean_std(case["final_train_acc"]),
                 _mean_std(case["generalization_gap"]),
-                _epochs_cell(to_acc.get("0.7")),
-                _epochs_cell(to_acc.get("0.8")),
+                *[_epochs_cell(to_acc.get(k)) for k in chosen],
                 _mean_std(case["train_time_s"], 1),
                 _fmt(case["images_per_s"]["mean"], 0),
                 _status_cell(case),
@@ -446,8 +453,9 @@ def reading(summary: Mapping[str, Any]) -> list[str]:
 def _caption(summary: Mapping[str, Any]) -> str:
     return (
         "Train (left) and test (right) accuracy (top) and cross-entropy loss (bottom) per "
-        "epoch, one colour per case. Line: mean over the finished seeds; band: min–max over "
-        "seeds (when there are several); dotted: runs in progress or diverged. "
+        "epoch, one colour, marker and line style per case. Line: mean over the finished "
+        "seeds; band: min–max over seeds (when there are several); dotted: runs in progress "
+        "or diverged. "
         f"Data: {summary['data']}."
     )
 
@@ -458,14 +466,140 @@ def _report_title(summary: Mapping[str, Any]) -> str:
     return f"bnlab comparison of cases {names}{preset}"
 
 
-def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png") -> str:
-    """report.md: title, data, command, table, figure (a relative link) and the reading."""
+def _per_seed(case: Mapping[str, Any]) -> dict[Any, float | None]:
+    """The final test accuracy of each finished seed of a case (summary.json's values)."""
+    return dict(zip(case["averaged_seeds"], case["final_test_acc"]["values"], strict=False))
+
+
+def answer(summary: Mapping[str, Any]) -> list[str]:
+    """The report's first lines: which case is best, by how much, and whether that is
+    beyond seed noise: the paired per-seed difference to the runner-up with its 95%
+    t-interval (:func:`bnlab.evidence.stats.paired_difference`), "beyond seed noise" when
+    the whole interval lies above zero (:func:`~bnlab.evidence.stats.interval_verdict`
+    "supported"). With one paired seed it says that it cannot tell."""
+    cases = summary["cases"]
+    ranked = sorted((n for n in cases if cases[n]["final_test_acc"]["mean"] is not None),
+                    key=lambda n: cases[n]["final_test_acc"]["mean"], reverse=True)
+    if len(ranked) < 2:
+        return ["**Answer:** fewer than two cases have finished runs, so no case can be "
+                "called best yet."]
+    best, second = ranked[0], ranked[1]
+    difference = paired_difference(_per_seed(cases[best]), _per_seed(cases[second]))
+    acc = cases[best]["final_test_acc"]["mean"]
+    head = (f"**Answer: case {best} ({_bare_label(best, cases[best])}) is best**, final "
+            f"test accuracy {100 * acc:.2f}%, {100 * (difference['mean'] or 0.0):.2f} points "
+            f"above case {second} ({_bare_label(second, cases[second])}), paired by seed "
+            f"over {difference['n']} seed(s).")
+    if difference["low"] is None:
+        tail = ("With one paired seed the seed-to-seed noise is unknown: this cannot tell "
+                "whether the difference is real. Run more seeds (--seeds 3 or more).")
+    else:
+        verdict = interval_verdict(difference, "above")
+        beyond = ("beyond seed noise" if verdict == "supported"
+                  else "not beyond seed noise: these seeds cannot separate them")
+        tail = (f"95% interval of the paired difference: [{100 * difference['low']:.2f}, "
+                f"{100 * difference['high']:.2f}] points: {beyond}.")
+    return [head, tail]
+
+
+def chosen_thresholds(summary: Mapping[str, Any]) -> list[str]:
+    """The "epochs to X" columns, chosen from the data: the highest threshold every case
+    with finished runs reached on every seed, and the highest any case reached (keys of
+    ``epochs_to_acc``, e.g. ``"0.7"``); [] when no case reached the lowest."""
+    cases = [c for c in summary["cases"].values() if c["n_finished"]]
+    keys = [f"{t:g}" for t in summary.get("thresholds", THRESHOLDS)]
+
+    def reached(case: Mapping[str, Any], key: str, everywhere: bool) -> bool:
+        entry = case["epochs_to_acc"].get(key) or {}
+        need = entry.get("of", 0) if everywhere else 1
+        return entry.get("reached", 0) >= max(need, 1)
+
+    by_all = [k for k in keys if cases and all(reached(c, k, True) for c in cases)]
+    by_any = [k for k in keys if any(reached(c, k, False) for c in cases)]
+    return sorted({*by_all[-1:], *by_any[-1:]}, key=float)
+
+
+def _run_links(summary: Mapping[str, Any]) -> str:
+    parts = []
+    for name, case in summary["cases"].items():
+        links = [f"[seed {r['seed']}]({r['path']}/)" for r in case["runs"] if r.get("path")]
+        if links:
+            parts.append(f"{name}: " + ", ".join(links))
+    return "Run folders: " + "; ".join(parts) + "." if parts else ""
+
+
+def _environment(runs_by_case: Mapping[str, Sequence[Run]]) -> dict[str, Any]:
+    """What the runs ran with, from their config.json: settings shared by every run, and
+    the device, torch and bnlab versions; the git commit of bnlab's source when it is a
+    git checkout (at the time the report is drawn)."""
+    import subprocess
+
+    configs = [run.config for runs in runs_by_case.values() for run in runs]
+    shared: dict[str, Any] = {}
+    for key in ("width", "epochs", "batch_size", "lr", "lr_schedule", "augment", "subset",
+                "precision", "device", "torch_version", "bnlab_version"):
+        values = sorted({str(c.get(key)) for c in configs if c.get(key) is not None})
+        if values:
+            shared[key] = ", ".join(values)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5, check=True).stdout
+        shared["git_commit"] = commit.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return shared
+
+
+def _recipe_line(summary: Mapping[str, Any], environment: Mapping[str, Any] | None) -> str:
+    if summary.get("preset") == "smoke":
+        items = ["preset smoke (a pipeline check in seconds: its numbers mean nothing)"]
+    else:
+        items = [f"preset {summary.get('preset') or 'unknown'}"]
+    items += [f"{key.replace('_', ' ')} {value}" for key, value in (environment or {}).items()
+              if value is not None]
+    return "Recipe and environment: " + "; ".join(items) + "."
+
+
+def _post_reference_row(summary: Mapping[str, Any], width: int) -> list[str] | None:
+    """The post's logged final test accuracies (one run each, full CIFAR-10, the post's
+    network and recipe) as a reference row, marked as a different scale."""
+    if not any(name in ("a", "b", "c") for name in summary["cases"]):
+        return None
+    from bnlab.post.log import load_logged_metrics
+
+    finals = {case: rows[-1]["test_acc"] for case, rows in load_logged_metrics().items()}
+    cells = ", ".join(f"{case} {100 * acc:.2f}%" for case, acc in sorted(finals.items()))
+    same = summary.get("full_cifar10") and str(summary.get("preset") or "") == "post"
+    mark = ("the post's own runs" if same else "a different network, data set and scale: "
+            "not comparable with the rows above")
+    return [f"reference: the post's logged finals ({mark})", cells, *["—"] * (width - 3),
+            "1 run each"]
+
+
+CONFOUND_NOTE = (
+    "Case c differs from case b in two ways at once: its gradients come from the manual "
+    "engine (hand-derived backward, bnlab's BN) and its optimizer is AMSGrad instead of "
+    "Adam. A difference between b and c cannot say which of the two made it. Case d (manual "
+    "engine with Adam) separates them: b → d changes only the engine, d → c only the "
+    "optimizer.")
+
+
+def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png",
+                    environment: Mapping[str, Any] | None = None) -> str:
+    """report.md: title, the answer (best case, margin, beyond seed noise?), the recipe and
+    environment, data, command, table (with the post's reference row), run folder links,
+    figure (a relative link) and the reading."""
     rows = [[cell.replace("|", "\\|") for cell in row] for row in table_rows(summary)]
+    reference = _post_reference_row(summary, len(rows[0]))
+    if reference is not None:
+        rows.append(reference)
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     notes = [f"- {note}" for note in summary.get("notes", [])]
     parts = [
         f"# {_report_title(summary)}",
+        "\n".join(answer(summary)),
+        _recipe_line(summary, environment),
         f"**Data: {summary['data']}.** {_data_sentence(summary)}",
         f"Command: `{summary.get('command') or 'unknown'}`  \n"
         f"Epochs: {summary.get('epochs')}, seeds: {summary.get('seeds')}, "
@@ -473,16 +607,22 @@ def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png") -> s
         "## Results per case",
         "\n".join(table),
         "Accuracies are fractions; ± is the sample standard deviation over seeds; "
-        "'epochs to 70%' is the mean first epoch with test accuracy ≥ 0.7 over the seeds "
-        "that reached it (reached/finished).",
+        "'epochs to X%' is the mean first epoch with test accuracy ≥ X over the seeds "
+        "that reached it (reached/finished); the thresholds are chosen from the data (the "
+        "highest every case reached, and the highest any case reached).",
+        _run_links(summary),
         "## Curves",
         f"![curves]({figure})\n\n*{_caption(summary)}*",
         "## Reading",
         "\n".join(f"- {line}" for line in reading(summary)),
     ]
+    if {"b", "c"} <= set(summary["cases"]):
+        present = "d" in summary["cases"]
+        parts += ["## Why c differs from b", CONFOUND_NOTE + (
+            "" if present else " This comparison has no case d: add it with --cases a,b,c,d.")]
     if notes:
         parts += ["## Notes", "\n".join(notes)]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, labels,
@@ -506,6 +646,9 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """
     folder = Path(compare_dir)
     summary, runs_by_case = _summarize_folder(folder)
+    for run in (run for runs in runs_by_case.values() for run in runs):
+        if run.status == "finished" and not (run.path / CURVES).exists():
+            plot_run(run, run.path / CURVES)  # a run killed between result.json and its plot
     finished = [case["n_finished"] for case in summary["cases"].values()]
     n_seeds = (min(finished), max(finished)) if max(finished) else len(summary["seeds"])
     compared = "Train and test curves of cases " + ", ".join(summary["cases"])
@@ -516,7 +659,7 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
         curves_title(compared, summary["data"], n_seeds),
         labels=labels,
     )
-    markdown_text = render_markdown(summary, curves.name)
+    markdown_text = render_markdown(summary, curves.name, _environment(runs_by_case))
     if str(summary.get("preset") or "").startswith("post"):
         markdown_text = _add_post_section(folder, summary, runs_by_case, labels, markdown_text)
     page_text = markdown_to_html(markdown_text, folder, _report_title(summary))

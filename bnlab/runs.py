@@ -24,10 +24,14 @@ This module needs no torch except to save and load checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import socket
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from typing import Any
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RUN_INFO_KEYS",
+    "FolderInUseError",
     "MissingFileError",
     "ReportError",
     "Run",
@@ -43,9 +48,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "folder_lock",
     "load_checkpoint",
     "load_compare",
     "load_run",
+    "read_compare",
     "read_metrics",
     "save_checkpoint",
     "write_metrics",
@@ -55,6 +62,7 @@ __all__ = [
 CONFIG, METRICS, CHECKPOINT, RESULT, CURVES = (
     "config.json", "metrics.jsonl", "checkpoint.pt", "result.json", "curves.png")
 COMPARE = "compare.json"
+LOCK = ".bnlab.lock"  # held by the process training in a folder (see folder_lock)
 CHECKPOINT_FORMAT = 1  # checkpoint.pt's layout; a checkpoint without the key is format 1
 # what a run folder's config.json holds beside the TrainConfig: where and with what it ran
 RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
@@ -67,6 +75,83 @@ class ReportError(ValueError):
 
 class MissingFileError(ReportError, FileNotFoundError):
     """A file a run or comparison folder must hold is absent; the message names it."""
+
+
+class FolderInUseError(RuntimeError):
+    """Another live process holds the folder's lock; the message names it and its PID."""
+
+
+# ---- one process per folder --------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str = "training") -> Iterator[Path]:
+    """Hold ``<folder>/.bnlab.lock`` while training in ``folder``; removed on exit.
+
+    The lock is created with ``O_CREAT | O_EXCL`` (atomic on a local file system) and holds
+    ``{"pid", "host", "started", "what"}``. A lock left by a process that no longer runs on
+    this host (killed with SIGKILL, a crash) is stale: it is replaced, with a warning. A lock
+    of a live process raises :class:`FolderInUseError` naming the folder, the PID and what
+    to do. The same process may take the lock of a folder it already holds (a comparison
+    folder, then each run folder inside it, are different files).
+    """
+    folder = Path(folder)
+    path = folder / LOCK
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "what": what}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            pid = holder.get("pid") if holder else None
+            same_host = holder is not None and holder.get("host") == record["host"]
+            if isinstance(pid, int) and same_host and pid != os.getpid() and _pid_alive(pid):
+                since = time.strftime("%H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise FolderInUseError(
+                    f"{folder} is in use: process {pid} has been {holder.get('what', 'training')}"
+                    f" there since {since} ({path}); wait for it to finish, or stop it and "
+                    "run the command again") from None
+            if holder is not None and not same_host:
+                raise FolderInUseError(
+                    f"{folder} is locked by process {pid} on host {holder.get('host')} "
+                    f"({path}); if that process no longer runs, delete {path}") from None
+            if pid != os.getpid():
+                warnings.warn(f"{path}: removed a stale lock of process {pid}, which no longer "
+                              "runs", RuntimeWarning, stacklevel=3)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        break
+    else:
+        raise FolderInUseError(f"{folder}: could not take its lock {path} (another process "
+                               "keeps taking it); run the command again")
+    try:
+        yield path
+    finally:
+        holder = _read_lock(path)
+        if holder is None or holder.get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -127,8 +212,9 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
 def load_checkpoint(run_dir: str | os.PathLike[str], map_location: Any = "cpu") -> dict:
     """The state of a run folder's ``checkpoint.pt`` (tensors only: ``weights_only``).
 
-    Raises FileNotFoundError when there is none, :class:`ReportError` for a format newer
-    than this bnlab reads.
+    Raises FileNotFoundError when there is none, :class:`ReportError` naming the file and
+    what to do for one torch cannot read (truncated, overwritten) or a format newer than this
+    bnlab reads.
     """
     import torch
 
@@ -136,11 +222,23 @@ def load_checkpoint(run_dir: str | os.PathLike[str], map_location: Any = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run_dir}: not a bnlab run folder, or "
                                 f"its first epoch never finished")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ReportError(
+            f"{path} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:120]}): "
+            f"delete it to restart this run from epoch 1, or restore it from a copy"
+        ) from error
+    if not isinstance(state, dict):
+        raise ReportError(f"{path} is not a bnlab checkpoint (a {type(state).__name__}): "
+                          "delete it to restart this run from epoch 1")
     version = state.get("format_version", 1)
     if version > CHECKPOINT_FORMAT:
         raise ReportError(f"{path} has checkpoint format {version}; this bnlab reads up to "
                           f"{CHECKPOINT_FORMAT}: update bnlab")
+    if "metrics" not in state:
+        raise ReportError(f"{path} is not a bnlab checkpoint (no metrics in it): delete it to "
+                          "restart this run from epoch 1")
     return state
 
 
@@ -292,6 +390,39 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     return Run(folder, config, metrics, result, notes)
 
 
+def read_compare(compare_dir: str | os.PathLike[str], *,
+                 plan: bool = False) -> dict[str, Any]:
+    """A comparison folder's ``compare.json``, checked: ``cases`` and ``seeds`` non-empty
+    lists; with ``plan=True`` (to resume it) also ``preset`` a string and ``configs`` one
+    object per case and seed.
+
+    Raises :class:`MissingFileError` / :class:`ReportError` naming the file and the key.
+    """
+    folder = Path(compare_dir)
+    path = folder / COMPARE
+    compare = read_json(path, "the comparison's plan, written by 'bnlab compare': restore "
+                              "it from a copy")
+    for key in ("cases", "seeds"):
+        if not isinstance(compare.get(key), list) or not compare[key]:
+            raise ReportError(f"{path}: '{key}' must be a non-empty list (got "
+                              f"{compare.get(key)!r}); the file is damaged: restore it")
+    if not all(isinstance(s, int) for s in compare["seeds"]):
+        raise ReportError(f"{path}: 'seeds' must be integers, got {compare['seeds']!r}")
+    if not plan:
+        return compare
+    if not isinstance(compare.get("preset"), str):
+        raise ReportError(f"{path}: 'preset' must be a name, got {compare.get('preset')!r}; "
+                          "the file is damaged: restore it")
+    configs = compare.get("configs")
+    for case in compare["cases"]:
+        by_seed = configs.get(str(case)) if isinstance(configs, dict) else None
+        if not isinstance(by_seed, dict) or any(
+                not isinstance(by_seed.get(str(s)), dict) for s in compare["seeds"]):
+            raise ReportError(f"{path}: 'configs' lacks case {case!r} for seeds "
+                              f"{compare['seeds']}; the file is damaged: restore it")
+    return compare
+
+
 def load_compare(
     compare_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], dict[str, list[Run]], list[str]]:
@@ -301,11 +432,7 @@ def load_compare(
     and ``compare["seeds"]``; ``missing`` names the ``<case>/seed<k>`` folders not started.
     """
     folder = Path(compare_dir)
-    compare_path = folder / COMPARE
-    compare = read_json(compare_path, "is this a comparison folder written by 'bnlab compare'?")
-    for key in ("cases", "seeds"):
-        if not isinstance(compare.get(key), list) or not compare[key]:
-            raise ReportError(f"{compare_path}: '{key}' must be a non-empty list")
+    compare = read_compare(folder)
     runs_by_case: dict[str, list[Run]] = {}
     missing: list[str] = []
     for case in compare["cases"]:

@@ -40,7 +40,13 @@ from bnlab.plans import (
     initial_parameters,
     post_net_plan,
 )
-from bnlab.progress import EPOCH_HEADER, Progress, cpu_allocator_tuned, format_epoch_row
+from bnlab.progress import (
+    EPOCH_HEADER,
+    JobProgress,
+    Progress,
+    cpu_allocator_tuned,
+    format_epoch_row,
+)
 from bnlab.runs import RUN_INFO_KEYS
 
 __all__ = [
@@ -581,9 +587,10 @@ def train(
     *,
     dataset: bdata.CIFAR10 | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | JobProgress = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[Model, int, int], None] | None = None,
+    on_epoch: Callable[[Model, dict], None] | None = None,
 ) -> RunResult:
     """Train one run into ``run_dir`` (created; it must not exist unless ``resume``).
 
@@ -591,7 +598,10 @@ def train(
     taken here when the config asks for one). With ``resume=True`` an existing folder is
     continued from its checkpoint; a finished run is returned as it is. ``on_step(model,
     epoch, step)`` is called after every training step (probes for the studies: the
-    :class:`Model` gives the module or network, its BN layers and the optimizer).
+    :class:`Model` gives the module or network, its BN layers and the optimizer);
+    ``on_epoch(model, row)`` after every epoch's checkpoint (e.g. a TensorBoard writer).
+    ``progress`` may be a :class:`~bnlab.progress.JobProgress` (the bar then says which run
+    of the job this is and how long the job has left).
 
     Raises :class:`ConfigError` before any file is made, :class:`DivergenceError` when the
     loss is no longer finite (after writing ``result.json`` with the details).
@@ -612,6 +622,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     result = runs.read_result(run_dir) if resume else None
     if result is not None:
+        if result.get("status") == "finished" and not (run_dir / runs.CURVES).exists():
+            _plot_run(run_dir)  # killed between result.json and its plot
         return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
                          result.get("status", "finished"), result.get("message", ""))
 
@@ -648,6 +660,8 @@ def train(
                 runs.save_checkpoint(run_dir, {**model.state_dict(), "metrics": metrics,
                                                "config": config.to_json()})
                 runs.append_metrics(run_dir, row)
+            if on_epoch is not None:
+                on_epoch(model, row)
             if epoch == first_epoch:  # the table's header, also when resuming
                 log(EPOCH_HEADER)
             log(format_epoch_row(row))
@@ -690,14 +704,16 @@ def test_set_batches(config: TrainConfig, dataset: bdata.CIFAR10,
 
 
 def _run_epoch(config: TrainConfig, model: Model, dataset: bdata.CIFAR10, epoch: int,
-               dtype: torch.dtype, progress: bool,
+               dtype: torch.dtype, progress: bool | JobProgress,
                on_step: Callable[[Model, int, int], None] | None = None) -> dict:
     device = model.device
     lr = learning_rate(config, epoch)
     model.set_epoch(epoch, lr)
     gen = _generator(config.seed, _SHUFFLE, epoch, device=device)
     batches, steps = epoch_batches(config, dataset, gen, dtype)
-    bar = Progress(progress, f"{config.case} seed {config.seed} epoch {epoch}/{config.epochs}")
+    bar = Progress(progress, f"{config.case} seed {config.seed} epoch {epoch}/{config.epochs}",
+                   epoch=epoch, epochs=config.epochs,
+                   job=progress if isinstance(progress, JobProgress) else None)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0

@@ -219,6 +219,20 @@ def garbage_json(name: str):
     return corrupt
 
 
+def empty_json(name: str):
+    def corrupt(out: Path) -> None:
+        (out / name).write_text("{}")
+    return corrupt
+
+
+def compare_without(key: str):
+    def corrupt(out: Path) -> None:
+        saved = json.loads((out / "compare.json").read_text())
+        del saved[key]
+        (out / "compare.json").write_text(json.dumps(saved))
+    return corrupt
+
+
 def report_html_is_a_folder(out: Path) -> None:
     (out / "report.html").unlink()
     (out / "report.html").mkdir()
@@ -241,11 +255,19 @@ CORRUPT = {
                                       ["compare.json"]),
     "report.html is a folder": (report_html_is_a_folder, "report {out}",
                                 ["report.html", "folder"]),
-    # TODO(after the run-folder refactor): name compare.json / checkpoint.pt in these two
     "compare.json garbage (resume)": (garbage_json("compare.json"),
-                                      "compare --resume {out} --quiet", ["JSON"]),
+                                      "compare --resume {out} --quiet",
+                                      ["compare.json", "JSON"]),
+    "compare.json {} (resume)": (empty_json("compare.json"), "compare --resume {out} --quiet",
+                                 ["compare.json", "'cases'"]),
+    "compare.json {} (report)": (empty_json("compare.json"), "report {out}",
+                                 ["compare.json", "'cases'"]),
+    "compare.json without configs (resume)": (compare_without("configs"),
+                                              "compare --resume {out} --quiet",
+                                              ["compare.json", "'configs'"]),
     "checkpoint.pt garbage (resume)": (unfinished_with_garbage_checkpoint,
-                                       "compare --resume {out} --quiet", []),
+                                       "compare --resume {out} --quiet",
+                                       ["a/seed0/checkpoint.pt", "corrupt", "delete it"]),
 }
 
 
@@ -298,8 +320,10 @@ def test_a_bug_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monke
 
 
 def test_debug_shows_the_traceback_of_a_user_error_too(tmp_path):
+    from bnlab.runs import ReportError
+
     (tmp_path / "compare.json").write_text("{")
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ReportError, match=r"compare\.json"):
         main(["compare", "--resume", str(tmp_path), "--debug"])
 
 
@@ -347,8 +371,8 @@ def test_ctrl_c_in_a_study_names_its_folder(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     command = shlex.split(err.strip().splitlines()[-1])
     out = next(tmp_path.glob("runs/study-q1-quick-*"))
-    assert command[:2] == ["bnlab", "study"] and "--resume" in command
-    assert command[command.index("--out") + 1] == str(out.relative_to(tmp_path))
+    assert command[:3] == ["bnlab", "study", "q1"] and "--resume" in command
+    assert command[command.index("--resume") + 1] == str(out.relative_to(tmp_path))
     assert command[command.index("--seeds") + 1] == "2"
 
 
@@ -356,3 +380,123 @@ def test_ctrl_c_before_any_folder_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_report", failing_report(KeyboardInterrupt()))
     assert main(["report", str(tmp_path)]) == 130
     assert "interrupted (nothing to continue)" in capsys.readouterr().err
+
+
+# ---- resume: as planned, one process at a time, nothing half-drawn -------------------------
+
+RESUME_CONFLICTS = {
+    "epochs and cases": ("--epochs 5 --cases a,b,c,d", ["--epochs 5", "--cases a,b,c,d"]),
+    "seeds": ("--seeds 3", ["--seeds 3 (the comparison has 1)"]),
+    "preset": ("--preset paper", ["--preset paper"]),
+    "width and lr": ("--width 0.5 --lr 0.1", ["--width 0.5", "--lr 0.1"]),
+    "out": ("--out {tmp}/elsewhere", ["--out"]),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CONFLICTS, ids=RESUME_CONFLICTS.keys())
+def test_resume_refuses_flags_that_change_the_comparison(case, comparison, tmp_path, capsys):
+    flags, words = RESUME_CONFLICTS[case]
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    before = {p: p.stat().st_mtime_ns for p in files_under(out)}
+    code = main(["compare", "--resume", str(out), *shlex.split(flags.format(tmp=tmp_path))])
+    err = one_line_error(capsys, "compare")
+    assert code == 2 and all(word in err for word in words), words
+    assert {p: p.stat().st_mtime_ns for p in files_under(out)} == before
+
+
+def test_resume_accepts_flags_equal_to_the_saved_ones(comparison, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    assert main(["compare", "--resume", str(out), "--cases", "a", "--seeds", "1", "--epochs",
+                 "1", "--width", "0.125", "--device", "cpu", "--quiet"]) == 0
+
+
+def test_study_resume_without_a_folder_never_starts_a_new_study(tmp_path, capsys, monkeypatch):
+    from bnlab import studies
+
+    monkeypatch.setattr(studies, "run_study", lambda *a, **k: pytest.fail("a study started"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "q1", "--resume"]) == 2
+    assert "--resume needs the study folder" in one_line_error(capsys, "study")
+    assert main(["study", "q1", "--resume", str(tmp_path / "none")]) == 2
+    assert "no such folder" in one_line_error(capsys, "study")
+    assert not any(tmp_path.iterdir())
+
+
+def test_study_resume_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    from bnlab import studies
+
+    monkeypatch.setattr(studies, "run_study", lambda *a, **k: pytest.fail("a study started"))
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(
+        {"study": "q1", "preset": "quick", "seeds": 2, "data_dir": None}))
+    assert main(["study", "q2", "--resume", str(folder), "--seeds", "3"]) == 2
+    err = one_line_error(capsys, "study")
+    assert "study q2 (the folder holds q1)" in err and "--seeds 3 (the study has 2)" in err
+
+
+def test_a_second_process_is_kept_out_of_a_folder_in_use(comparison, tmp_path, capsys):
+    """A lock of a live process (here our parent's PID) refuses the second resume."""
+    import socket
+
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    (out / "a" / "seed0" / "result.json").unlink()  # something left to train
+    lock = out / ".bnlab.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                "started": time.time(), "what": "running a comparison"}))
+    assert main(["compare", "--resume", str(out), "--quiet"]) == 1
+    err = one_line_error(capsys, "compare")
+    assert "in use" in err and str(os.getppid()) in err and str(out) in err
+    assert lock.exists() and not (out / "a" / "seed0" / "result.json").exists()
+
+
+def test_a_stale_lock_is_replaced_and_the_lock_is_removed_after(comparison, tmp_path):
+    import socket
+
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = out / ".bnlab.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                "started": time.time(), "what": "running a comparison"}))
+    with pytest.warns(RuntimeWarning, match="stale lock"):
+        assert main(["compare", "--resume", str(out), "--quiet"]) == 0
+    assert not lock.exists()
+
+
+def test_a_run_killed_before_its_plot_gets_it_on_report_and_on_resume(comparison, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    curves = out / "a" / "seed0" / "curves.png"
+    curves.unlink()
+    assert main(["report", str(out)]) == 0
+    assert curves.stat().st_size > 0
+    curves.unlink()
+    assert main(["compare", "--resume", str(out), "--quiet"]) == 0
+    assert curves.stat().st_size > 0
+
+
+def wrong_study_summary(folder: Path) -> None:
+    (folder / "summary.json").write_text(json.dumps({"seeds": 2, "data": "x"}))
+
+
+BAD_SUMMARIES = {
+    "garbage": (lambda folder: (folder / "summary.json").write_text("[1,"), "JSON"),
+    "empty object": (lambda folder: (folder / "summary.json").write_text("{}"), "not a complete"),
+    "a list": (lambda folder: (folder / "summary.json").write_text("[]"), "JSON object"),
+    "another study's": (wrong_study_summary, "not a complete"),
+}
+
+
+@pytest.mark.parametrize("name", ["q1", "q2", "q4", "all"])
+@pytest.mark.parametrize("case", BAD_SUMMARIES, ids=BAD_SUMMARIES.keys())
+def test_study_render_of_a_bad_summary_is_one_line(case, name, tmp_path, capsys):
+    corrupt, word = BAD_SUMMARIES[case]
+    corrupt(tmp_path)
+    assert main(["study", name, "--render", str(tmp_path)]) == 1
+    err = one_line_error(capsys, "study")
+    assert "summary.json" in err and word in err

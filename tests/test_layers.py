@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "bnlab.plans", "bnlab.initializers", "bnlab.progress", "bnlab.post",
                      "bnlab.post.log", "bnlab.post.ladder", "bnlab.post.recipe", "bnlab.argtypes",
                      "bnlab.kernels", "bnlab.precision",
-                     "bnlab.functional_sync")),
+                     "bnlab.functional_sync", "bnlab.tensorboard")),
     ("evidence", ("bnlab.evidence", "bnlab.evidence.*")),
     ("networks", ("bnlab", "bnlab.nn", "bnlab.manual", "bnlab.manual.*", "bnlab.models",
                   "bnlab.post.net", "bnlab.post.manual_net", "bnlab.bnstats", "bnlab.variants",

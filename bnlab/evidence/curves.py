@@ -1,6 +1,6 @@
 """The training-curves figure every report draws: the post's 2x2 layout, from run folders.
 
-Train accuracy (top) and cost (bottom) on the left, test accuracy and cost on the right,
+Train accuracy (top) and loss (bottom) on the left, test accuracy and loss on the right,
 x = epoch; one colour per case (:func:`bnlab.evidence.figures.color`), a line for the mean
 over finished seeds with a band over seeds, unfinished runs dotted, reference curves (the
 post's logs) dashed. ``train`` draws one run's (``curves.png`` in its folder), ``report``
@@ -22,9 +22,9 @@ __all__ = ["PANELS", "curves_title", "plot_curves", "plot_run"]
 
 PANELS = (  # (row, column, metric key, y label, panel title): the post's layout
     (0, 0, "train_acc", "accuracy (fraction)", "train accuracy"),
-    (1, 0, "train_loss", "cross-entropy loss (nats)", "train cost"),
+    (1, 0, "train_loss", "cross-entropy loss (nats)", "train loss"),
     (0, 1, "test_acc", "accuracy (fraction)", "test accuracy"),
-    (1, 1, "test_loss", "cross-entropy loss (nats)", "test cost"),
+    (1, 1, "test_loss", "cross-entropy loss (nats)", "test loss"),
 )
 LOSS_CLIP = 3 * math.log(10)  # 3x the loss of a uniform guess over 10 classes
 _METRIC_ALIASES = {"train_cost": "train_loss", "test_cost": "test_loss"}  # the post's CSV names
@@ -64,13 +64,23 @@ def _finished(runs: Sequence[Run]) -> list[Run]:
     return [run for run in runs if run.status == "finished" and run.metrics]
 
 
-def _draw_mean(axes, runs: Sequence[Run], label: str, color, band: str | None) -> None:
-    """The mean over ``runs`` per epoch as a line, with a band when there are several."""
+# each case's line also differs in marker and dash pattern, so the curves can be told apart
+# without colour (printed in grey, or by a colour-blind reader); "--" and ":" are kept for
+# reference curves and unfinished runs
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINE_STYLES = ("-", "-.", (0, (6, 1, 1, 1, 1, 1)), (0, (8, 2)))
+
+
+def _draw_mean(axes, runs: Sequence[Run], label: str, color, band: str | None,
+               style: int = 0) -> None:
+    """The mean over ``runs`` per epoch as a line, with a band when there are several;
+    ``style`` picks the case's marker and dash pattern (:data:`MARKERS`, :data:`LINE_STYLES`)."""
+    marker, dashes = MARKERS[style % len(MARKERS)], LINE_STYLES[style % len(LINE_STYLES)]
     for row, col, key, _, _ in PANELS:
         ax = axes[row][col]
         epochs, arrays = _series(runs, key)
         mean = [a.mean() for a in arrays]
-        ax.plot(epochs, mean, color=color, lw=1.8, marker="o", ms=3, label=label)
+        ax.plot(epochs, mean, color=color, lw=1.8, ls=dashes, marker=marker, ms=4, label=label)
         if len(runs) > 1 and band:
             if band == "std":
                 std = [a.std(ddof=1) if len(a) > 1 else 0.0 for a in arrays]
@@ -144,8 +154,8 @@ def plot_curves(
     reference: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None,
     dpi: int = 110,
 ) -> Path:
-    """Draw the post's 2x2 figure and save it as PNG: train accuracy (top) and cost (bottom)
-    on the left, test accuracy and cost on the right, x = epoch.
+    """Draw the post's 2x2 figure and save it as PNG: train accuracy (top) and loss (bottom)
+    on the left, test accuracy and loss on the right, x = epoch.
 
     Args:
         runs_by_case: case → its runs (one per seed). Finished runs are averaged per epoch
@@ -175,9 +185,10 @@ def plot_curves(
     axes = [[grid[0, 0], grid[0, 1]], [grid[1, 0], grid[1, 1]]]
     labels = labels or {}
     colors = {case: color(case, index) for index, case in enumerate(runs_by_case)}
-    for case, runs in runs_by_case.items():
+    for index, (case, runs) in enumerate(runs_by_case.items()):
         if _finished(runs):
-            _draw_mean(axes, _finished(runs), labels.get(case, case), colors[case], band)
+            _draw_mean(axes, _finished(runs), labels.get(case, case), colors[case], band,
+                       style=index)
     for index, (label, curves) in enumerate((reference or {}).items(), len(colors)):
         case = next((c for c in colors if label == c or label.startswith((f"{c}:", f"{c} "))), None)
         _draw_reference(axes, curves, label, colors.get(case, color(label, index)))

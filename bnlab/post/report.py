@@ -119,7 +119,7 @@ def plot_scaled_cost(runs_by_case: Mapping[str, Sequence], path: Path, title: st
                         label=f"{case}: the post's log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("cost, min-max scaled per curve (0 = lowest, 1 = highest)")
-        ax.set_title("train cost" if col == 0 else "test cost")
+        ax.set_title("train loss" if col == 0 else "test loss")
         ax.grid(alpha=0.3)
     handles, names = axes[1].get_legend_handles_labels()
     if handles:

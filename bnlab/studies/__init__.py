@@ -29,9 +29,11 @@ from types import ModuleType
 
 from bnlab import data as bdata
 from bnlab.evidence.page import markdown_to_html
+from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_json
 from bnlab.studies.common import SCALES, StudyContext
 
-__all__ = ["STUDIES", "check_scale", "render_report", "run_all", "run_study"]
+__all__ = ["STUDIES", "check_scale", "plan_conflicts", "read_plan", "render_report",
+           "render_study", "run_all", "run_study"]
 
 STUDIES: dict[str, str] = {
     "q1": "Is BN a regularizer?",
@@ -56,11 +58,68 @@ def check_scale(preset: str, seeds: int | None) -> None:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
 
 
-def _prepare_out(out: Path, resume: bool) -> None:
+PLAN = "study.json"  # what a study folder was started with: study, preset, seeds, data_dir
+
+
+def read_plan(out: str | Path) -> dict | None:
+    """The ``study.json`` of a study folder (None for a folder from before bnlab wrote one).
+
+    Raises :class:`~bnlab.runs.ReportError` naming the file when it is damaged.
+    """
+    path = Path(out) / PLAN
+    if not path.exists():
+        return None
+    plan = read_json(path, "the study's settings, written when it started")
+    if plan.get("preset") not in SCALES or not isinstance(plan.get("study"), str):
+        raise ReportError(f"{path}: 'study' and 'preset' are missing or unknown (got "
+                          f"{plan.get('study')!r}, {plan.get('preset')!r}); restore the file "
+                          "or delete it to resume with the command line's settings")
+    return plan
+
+
+def plan_conflicts(saved: dict | None, requested: dict) -> list[str]:
+    """What in ``requested`` (``study``, ``preset``, ``seeds``, ``data_dir``; None: not given)
+    would change the study saved in ``saved`` (a ``study.json``), as lines such as
+    ``"--seeds 3 (the study has 2)"``; empty when nothing conflicts or nothing was saved."""
+    if not saved:
+        return []
+    conflicts = []
+    if requested.get("study") not in (None, saved["study"]):
+        conflicts.append(f"study {requested['study']} (the folder holds {saved['study']})")
+    for key in ("preset", "seeds", "data_dir"):
+        value = requested.get(key)
+        if value is not None and value != saved.get(key):
+            conflicts.append(f"--{key.replace('_', '-')} {value} (the study has "
+                             f"{saved.get(key)})")
+    return conflicts
+
+
+def _prepare_out(out: Path, resume: bool, plan: dict) -> None:
     if out.exists() and not resume and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: bnlab never overwrites results "
                               f"(choose another --out, or --resume it)")
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / PLAN).exists():
+        atomic_write_json(out / PLAN, plan)
+
+
+def render_study(name: str, out: str | Path) -> str:
+    """Study ``name``'s section from ``out/summary.json``; a summary that is not one of
+    this study's (another study's, or cut short) raises :class:`~bnlab.runs.ReportError`
+    naming the file."""
+    out = Path(out)
+    read_json(out / "summary.json", f"is {out} a folder written by 'bnlab study {name}'?")
+    try:
+        return study_module(name).render(out)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+        if isinstance(error, ReportError):
+            raise
+        plan = read_plan(out) or {}
+        held = f" (its {PLAN} says {plan['study']})" if plan.get("study") else ""
+        raise ReportError(
+            f"{out / 'summary.json'} is not a complete {name} summary{held}: "
+            f"{type(error).__name__} {error}; resume the study to finish it, or render "
+            "the study it belongs to") from error
 
 
 def run_study(
@@ -85,7 +144,18 @@ def run_study(
     module = study_module(name)
     check_scale(preset, seeds)
     out = Path(out)
-    _prepare_out(out, resume)
+    if dataset is None:  # the data is found before any folder is made
+        dataset = bdata.load_cifar10(data_dir)
+    _prepare_out(out, resume, {"study": name, "preset": preset, "seeds": seeds,
+                               "data_dir": data_dir})
+    with folder_lock(out, f"running study {name}"):
+        return _run_study(module, name, out, preset, seeds, data_dir, device, quiet, log,
+                          dataset, finished_runs)
+
+
+def _run_study(module: ModuleType, name: str, out: Path, preset: str, seeds: int | None,
+               data_dir: str | None, device: str, quiet: bool, log: Callable[[str], None],
+               dataset: bdata.CIFAR10, finished_runs: dict[str, Path] | None) -> dict:
     scale = SCALES[preset]
     ctx = StudyContext(out=out, scale=scale, seeds=seeds or scale.seeds, data_dir=data_dir,
                        device=device, quiet=quiet, log=log, dataset=dataset,
@@ -121,9 +191,16 @@ def run_all(
     """
     check_scale(preset, seeds)  # before any folder is made or data is read
     out = Path(out)
-    _prepare_out(out, resume)
     if dataset is None:
         dataset = bdata.load_cifar10(data_dir)
+    _prepare_out(out, resume, {"study": "all", "preset": preset, "seeds": seeds,
+                               "data_dir": data_dir})
+    with folder_lock(out, "running study all"):
+        return _run_all(out, preset, seeds, data_dir, device, quiet, log, dataset)
+
+
+def _run_all(out: Path, preset: str, seeds: int | None, data_dir: str | None, device: str,
+             quiet: bool, log: Callable[[str], None], dataset: bdata.CIFAR10) -> dict:
     started = time.perf_counter()
     times = {}
     finished_runs: dict[str, Path] = {}  # a run two studies need is trained once
@@ -144,7 +221,12 @@ def run_all(
 def render_report(out: str | Path) -> dict[str, Path]:
     """The combined report.md / report.html of a ``study all`` folder, from its files."""
     out = Path(out)
-    top = json.loads((out / "summary.json").read_text())
+    top = read_json(out / "summary.json", f"is {out} a folder written by 'bnlab study all'?")
+    missing = [key for key in ("data", "preset", "wall_time_s", "studies") if key not in top]
+    if missing or top.get("preset") not in SCALES:
+        raise ReportError(f"{out / 'summary.json'} is not a complete 'study all' summary "
+                          f"(missing {', '.join(missing) or 'a known preset'}): resume the "
+                          "study to finish it")
     parts = [
         "# bnlab: the post's five questions, answered by experiment",
         "",
@@ -155,7 +237,7 @@ def render_report(out: str | Path) -> dict[str, Path]:
         "",
     ]
     for name in top["studies"]:
-        section = study_module(name).render(out / name)
+        section = render_study(name, out / name)
         # figures live in the study's folder: point the links there
         section = section.replace("](", f"]({name}/")
         parts += [section, ""]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bnlab import data as bdata
-from bnlab.runs import atomic_write_json
+from bnlab.runs import atomic_write_json, read_json
 from bnlab.train import RunResult, TrainConfig, train
 
 __all__ = [
@@ -190,7 +190,9 @@ def note_lines(notes: list[str]) -> list[str]:
 
 
 def read_summary(study_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(study_dir) / "summary.json").read_text())
+    """A study folder's ``summary.json``; :class:`~bnlab.runs.ReportError` naming it when it is
+    absent or not a JSON object."""
+    return read_json(Path(study_dir) / "summary.json", "the study writes it when it ends")
 
 
 class ProbeLog:
