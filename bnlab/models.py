@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import nn as bnn
-from bnlab.initializers import conv_default_init_, dropout_mask
+from bnlab.initializers import dropout_mask, init_conv_
 from bnlab.plans import LayerSpec, all_cnn_c_plan
 
 __all__ = [
@@ -81,10 +81,14 @@ class AllCNNC(nn.Sequential):
         width: multiplier of the channel counts (96 → round(96 w), 192 → round(192 w)).
         num_classes, in_channels: 10 and 3 for CIFAR-10.
         momentum, eps: of the BN layers (PyTorch's convention and defaults).
-        generator: draws the convolutions' initial weights (PyTorch's default init) in
-            layer order; None uses the global RNG exactly as ``nn.Conv2d`` does.
+        generator: draws the convolutions' initial weights in layer order; None uses the
+            global RNG (with ``init_scheme="torch"`` exactly as ``nn.Conv2d`` does).
         init: False draws nothing and leaves the convolutions' weights uninitialized, for
             weights loaded next (the trainer's, from :func:`bnlab.plans.initial_parameters`).
+        init_scheme: ``"kaiming"`` (He's normal init, zero biases; the default), ``"torch"``
+            (PyTorch's default) or ``"post"`` (see :mod:`bnlab.initializers`).
+        final_relu: a ReLU on the class scores, as in the paper's table (see
+            :func:`bnlab.plans.all_cnn_c_plan`; off by default).
         device, dtype: of the parameters and buffers.
 
     The output is the logits (N, num_classes); the softmax is in the loss. Layer names and
@@ -104,11 +108,14 @@ class AllCNNC(nn.Sequential):
         generator: torch.Generator | None = None,
         dropout_generator: torch.Generator | None = None,
         init: bool = True,
+        init_scheme: str = "kaiming",
+        final_relu: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         norm = check_norm(norm)
-        plan = all_cnn_c_plan(norm != "none", dropout, width, num_classes, in_channels)
+        plan = all_cnn_c_plan(norm != "none", dropout, width, num_classes, in_channels,
+                              final_relu)
         factory = {"device": device, "dtype": dtype}
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         for spec in plan:
@@ -118,21 +125,23 @@ class AllCNNC(nn.Sequential):
         super().__init__(modules)
         self.norm, self.dropout, self.width = norm, dropout, width
         self.num_classes, self.in_channels = num_classes, in_channels
+        self.init_scheme, self.final_relu = init_scheme, final_relu
         if init:
             self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialize the convolutions (PyTorch's default init) in layer order, and BN."""
+        """Re-initialize the convolutions (``init_scheme``) in layer order, and BN."""
         for module in self:
             if isinstance(module, nn.Conv2d):
-                conv_default_init_(module.weight, module.bias, generator)
+                init_conv_(module.weight, module.bias, self.init_scheme, generator)
             elif isinstance(module, nn.BatchNorm2d):
                 module.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
             f"norm={self.norm!r}, dropout={self.dropout}, width={self.width}, "
-            f"num_classes={self.num_classes}"
+            f"num_classes={self.num_classes}, init_scheme={self.init_scheme!r}, "
+            f"final_relu={self.final_relu}"
         )
 
 
