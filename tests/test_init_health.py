@@ -119,3 +119,19 @@ def test_torch_scheme_is_nn_conv2d_default_from_the_global_seed():
     mine = [m for m in model if isinstance(m, torch.nn.Conv2d)]
     for a, b in zip(mine, convs, strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_report_shows_the_table_from_the_folder_alone(tmp_path):
+    from bnlab.report import init_health_section
+    from bnlab.runs import atomic_write_json
+
+    assert init_health_section(tmp_path) == ""
+    rows = init_health_table(width=0.125, n_images=16)
+    atomic_write_json(tmp_path / "init_health.json",
+                      {"data": "sample", "images": 16, "width": 0.125, "seed": 0, "rows": rows})
+    text = init_health_section(tmp_path)
+    print(text)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| BN | init | final ReLU | dead logits | conv1 |")
+    assert len(table) == 1 + len(rows)
+    assert f"{rows[3]['dead_logit_fraction']:.0%}" in table[4]
