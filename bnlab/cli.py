@@ -184,7 +184,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         dataset = _load_data(args.data_dir)  # once, here at the top, passed down
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
-                     "device": args.device}
+                     "device": args.device, "init": args.init,
+                     "final_relu": True if args.final_relu else None}
         plan = plan_comparison(
             args.cases, args.seeds, args.preset or "quick", args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
@@ -667,6 +668,11 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                    help="override the preset's batch size")
     p.add_argument("--device", type=argtypes.device,
                    help=f"{argtypes.DEVICE_HELP} (default: the preset's, auto)")
+    p.add_argument("--init", choices=["kaiming", "torch", "post"],
+                   help="conv init: He's normal (All-CNN-C's default), PyTorch's default, "
+                        "or the post's N(0, 0.05²) (see bnlab.initializers)")
+    p.add_argument("--final-relu", action="store_true",
+                   help="All-CNN-C: a ReLU on the class scores, as in the paper's table")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
     p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
                                  "never overwritten")

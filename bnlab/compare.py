@@ -6,11 +6,13 @@
 
 Folder layout: ``compare.json`` (the plan: cases, seeds, preset, every run's config, the
 data), ``<case>/seed<k>/`` (one run folder each), ``summary.json``, ``curves.png``,
-``report.md`` and ``report.html``. ``--resume`` rebuilds the plan from ``compare.json``:
-finished runs are skipped and unfinished ones continue from their last checkpoint. A resumed
-comparison is the one that was planned: a flag that would change it (other cases, seeds,
-epochs, ...) is refused, naming the flag (:func:`resume_conflicts`); extend a comparison by
-starting a new one. ``.bnlab.lock`` in the folder keeps a second process out while one trains.
+``report.md`` and ``report.html``, and ``init_health.json`` (:mod:`bnlab.init_health`: each
+init option's activation scale and dead logits at init, shown in the report). ``--resume``
+rebuilds the plan from ``compare.json``: finished runs are skipped and unfinished ones
+continue from their last checkpoint. A resumed comparison is the one that was planned: a flag
+that would change it (other cases, seeds, epochs, ...) is refused, naming the flag
+(:func:`resume_conflicts`); extend a comparison by starting a new one. ``.bnlab.lock`` in the
+folder keeps a second process out while one trains.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bnlab import data as bdata
 from bnlab import distributed as bdist
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
+from bnlab.init_health import init_health_table
 from bnlab.progress import JobProgress
 from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
 from bnlab.train import (
@@ -220,6 +223,7 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
     with folder_lock(plan.out, "running a comparison"):
         if not plan.resume:
             atomic_write_json(plan.out / "compare.json", plan.to_json())
+        write_init_health(plan)
         return _run_plan(plan, log, quiet, lead)
 
 
@@ -258,6 +262,26 @@ def _run_plan(plan: ComparisonPlan, log, quiet: bool, lead: bool) -> dict:
     summary = dict(summary)
     summary["diverged"] = diverged
     return summary
+
+
+INIT_HEALTH_IMAGES = 128  # real images of the embedded sample for init_health.json
+
+
+def write_init_health(plan: ComparisonPlan) -> None:
+    """``init_health.json``: :func:`bnlab.init_health.init_health_table` at the width and
+    first seed of the comparison's All-CNN-C runs, on the embedded sample's first
+    :data:`INIT_HEALTH_IMAGES` training images (on the CPU, a few seconds at width 0.25).
+    Written once per folder; nothing for a comparison of the post net alone."""
+    path = plan.out / "init_health.json"
+    allcnn = [cfg for by_seed in plan.configs.values() for cfg in by_seed.values()
+              if cfg.arch == "allcnn"]
+    if path.exists() or not allcnn:
+        return
+    first = allcnn[0]
+    rows = init_health_table(first.width, first.seed, INIT_HEALTH_IMAGES)
+    atomic_write_json(path, {"data": bdata.load_embedded_sample().source,
+                             "images": INIT_HEALTH_IMAGES, "width": first.width,
+                             "seed": first.seed, "rows": rows}, ensure_ascii=False)
 
 
 def command_line(argv: list[str]) -> str:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import nn as bnn
-from bnlab.initializers import conv_default_init_, dropout_mask
+from bnlab.initializers import dropout_mask, init_conv_
 from bnlab.plans import LayerSpec, all_cnn_c_plan
 
 __all__ = [
@@ -89,10 +89,14 @@ class AllCNNC(nn.Sequential):
         width: multiplier of the channel counts (96 → round(96 w), 192 → round(192 w)).
         num_classes, in_channels: 10 and 3 for CIFAR-10.
         momentum, eps: of the BN layers (PyTorch's convention and defaults).
-        generator: draws the convolutions' initial weights (PyTorch's default init) in
-            layer order; None uses the global RNG exactly as ``nn.Conv2d`` does.
+        generator: draws the convolutions' initial weights in layer order; None uses the
+            global RNG (with ``init_scheme="torch"`` exactly as ``nn.Conv2d`` does).
         init: False draws nothing and leaves the convolutions' weights uninitialized, for
             weights loaded next (the trainer's, from :func:`bnlab.plans.initial_parameters`).
+        init_scheme: ``"kaiming"`` (He's normal init, zero biases; the default), ``"torch"``
+            (PyTorch's default) or ``"post"`` (see :mod:`bnlab.initializers`).
+        final_relu: a ReLU on the class scores, as in the paper's table (see
+            :func:`bnlab.plans.all_cnn_c_plan`; off by default).
         device, dtype: of the parameters and buffers.
 
     The output is the logits (N, num_classes); the softmax is in the loss. Layer names and
@@ -112,6 +116,8 @@ class AllCNNC(nn.Sequential):
         generator: torch.Generator | None = None,
         dropout_generator: torch.Generator | None = None,
         init: bool = True,
+        init_scheme: str = "kaiming",
+        final_relu: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         norm_kind: str = "bn",
@@ -122,7 +128,7 @@ class AllCNNC(nn.Sequential):
             raise ValueError(f"torch has no layer for norm_kind {norm_kind!r}: use norm "
                              f"'bnlab' (bnlab.nn's), got norm 'torch'")
         plan = all_cnn_c_plan(norm != "none", dropout, width, num_classes, in_channels,
-                              norm=norm_kind, norm_options=norm_options)
+                              final_relu, norm=norm_kind, norm_options=norm_options)
         factory = {"device": device, "dtype": dtype}
         modules: OrderedDict[str, nn.Module] = OrderedDict()
         for spec in plan:
@@ -133,22 +139,23 @@ class AllCNNC(nn.Sequential):
         self.norm, self.dropout, self.width = norm, dropout, width
         self.norm_kind = norm_kind if norm != "none" else "none"
         self.num_classes, self.in_channels = num_classes, in_channels
+        self.init_scheme, self.final_relu = init_scheme, final_relu
         if init:
             self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Re-initialize the convolutions (PyTorch's default init) in layer order, and BN."""
+        """Re-initialize the convolutions (``init_scheme``) in layer order, and BN."""
         for module in self:
             if isinstance(module, nn.Conv2d):
-                conv_default_init_(module.weight, module.bias, generator)
+                init_conv_(module.weight, module.bias, self.init_scheme, generator)
             elif hasattr(module, "reset_parameters"):  # the normalization layers
                 module.reset_parameters()
 
     def extra_repr(self) -> str:
         return (
             f"norm={self.norm!r}, norm_kind={self.norm_kind!r}, dropout={self.dropout}, "
-            f"width={self.width}, "
-            f"num_classes={self.num_classes}"
+            f"width={self.width}, num_classes={self.num_classes}, "
+            f"init_scheme={self.init_scheme!r}, final_relu={self.final_relu}"
         )
 
 

@@ -12,7 +12,7 @@ whichever engine loads them.
 - :func:`post_net_plan`: the blog post's network (its table is in :mod:`bnlab.post.manual_net`).
 
     >>> plan = all_cnn_c_plan(bn=True, width=0.125)
-    >>> sorted(initial_parameters(plan, "default", torch.Generator().manual_seed(0)))[:2]
+    >>> sorted(initial_parameters(plan, "kaiming", torch.Generator().manual_seed(0)))[:2]
     ['conv1.weight', 'conv2.weight']
 """
 
@@ -24,13 +24,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from bnlab.initializers import conv_default_init_, post_init_
+from bnlab.initializers import INIT_SCHEMES, init_conv_
 
 __all__ = ["BN_FLAVOURS", "INIT_SCHEMES", "MIN_IMAGE_SIZE", "MIN_INPUT_SIZE", "NORM_KINDS",
            "LayerSpec", "all_cnn_c_plan", "default_num_groups", "initial_parameters",
            "post_net_plan"]
 
-INIT_SCHEMES = ("default", "post")  # conv_default_init_ (PyTorch's) | post_init_ (N(0, 0.05²))
 
 # (out channels at width 1, kernel, stride, padding) of conv1 ... conv8; conv9 is 1x1 to K.
 _CONVS = [
@@ -110,11 +109,17 @@ def all_cnn_c_plan(
     width: float = 1.0,
     num_classes: int = 10,
     in_channels: int = 3,
+    final_relu: bool = False,
     *,
     norm: str = "bn",
     norm_options: dict[str, Any] | None = None,
 ) -> list[LayerSpec]:
     """The layers of All-CNN-C in order, shared by both engines (see the module docstring).
+
+    ``final_relu``: a ReLU on the class scores (``relu9``, after conv9), as in the paper's
+    Table 2. Off by default: behind it a class whose conv9 map is negative at every position
+    has a logit of exactly 0 for every image and gets no gradient (a dead logit), which
+    happens at initialization without BN. The softmax needs no ReLU before it.
 
     ``norm`` (one of :data:`NORM_KINDS`) is the normalization after conv1-conv8 when ``bn``
     is true (``bn=False`` or ``norm="none"``: none). ``norm_options`` are that kind's
@@ -128,6 +133,8 @@ def all_cnn_c_plan(
 
     >>> [s.name for s in all_cnn_c_plan(bn=False)][:3]
     ['conv1', 'relu1', 'conv2']
+    >>> [s.name for s in all_cnn_c_plan(final_relu=True)][-3:]
+    ['relu9', 'pool', 'flatten']
     >>> all_cnn_c_plan(width=0.25, norm="group")[1]
     LayerSpec(name='bn1', kind='group', args={'num_features': 24, 'num_groups': 8})
     """
@@ -160,7 +167,8 @@ def all_cnn_c_plan(
         )
         if with_bn:
             plan.append(LayerSpec(f"bn{index}", norm, _norm_args(norm, out, options)))
-        plan.append(LayerSpec(f"relu{index}", "relu", {}))
+        if not last or final_relu:
+            plan.append(LayerSpec(f"relu{index}", "relu", {}))
         channels = out
     plan.append(LayerSpec("pool", "pool", {}))
     plan.append(LayerSpec("flatten", "flatten", {}))
@@ -258,8 +266,10 @@ def initial_parameters(plan: list[LayerSpec], scheme: str,
                        generator: torch.Generator | None) -> dict[str, Tensor]:
     """The initial conv weights (and biases) of ``plan``, drawn in layer order, float32.
 
-    ``scheme``: ``"default"`` (PyTorch's ``nn.Conv2d`` init: weight, then bias, per conv)
-    or ``"post"`` (the post's N(0, 0.05²) per weight; its convs have no bias). Keys are the
+    ``scheme`` (:data:`INIT_SCHEMES`, :func:`bnlab.initializers.init_conv_`): ``"kaiming"``
+    (He's N(0, 2/fan_in), zero biases: All-CNN-C's default), ``"torch"`` (PyTorch's
+    ``nn.Conv2d`` init: weight, then bias, per conv) or ``"post"`` (the post's N(0, 0.05²)
+    per weight; its convs have no bias). Keys are the
     ``state_dict`` keys of both engines (``conv1.weight``, ``conv1.bias``, ...); the other
     parameters (BN's gamma 1, beta 0) and buffers are the constructors' own. ``generator``
     None draws from the global RNG. Raises ValueError for an unknown scheme.
@@ -274,10 +284,7 @@ def initial_parameters(plan: list[LayerSpec], scheme: str,
         weight = torch.empty(a["out_channels"], a["in_channels"], a["kernel_size"],
                              a["kernel_size"])
         bias = torch.empty(a["out_channels"]) if a["bias"] else None
-        if scheme == "default":
-            conv_default_init_(weight, bias, generator)
-        else:
-            post_init_(weight, generator)
+        init_conv_(weight, bias, scheme, generator)
         params[f"{spec.name}.weight"] = weight
         if bias is not None:
             params[f"{spec.name}.bias"] = bias

@@ -43,6 +43,7 @@ from bnlab.runs import (
     atomic_write_text,
     load_compare,
     load_run,
+    read_json,
 )
 
 __all__ = [
@@ -625,6 +626,34 @@ def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png",
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
+def init_health_section(folder: Path) -> str:
+    """The report's small table of ``init_health.json`` (written by ``bnlab compare``, see
+    :mod:`bnlab.init_health`), or "" when the folder has none."""
+    path = folder / "init_health.json"
+    if not path.is_file():
+        return ""
+    health = read_json(path, "init_health.json is written by bnlab compare")
+    rows = health["rows"]
+    layers = rows[0]["layers"]
+    head = ["BN", "init", "final ReLU", "dead logits", *layers, f"{layers[-1]}/{layers[0]}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = ["none" if row["norm"] == "none" else "yes", row["init"],
+                 "yes" if row["final_relu"] else "no", f"{row['dead_logit_fraction']:.0%}",
+                 *(f"{s:.3g}" for s in row["scales"]), f"{row['scale_ratio']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([
+        "", "## Initialization health", "",
+        f"The networks at initialization (width {health['width']}, seed {health['seed']}) on "
+        f"{health['images']} real images ({health['data']}): per layer, the root mean square "
+        f"of its output as the next layer sees it (after BN and ReLU; {layers[-1]}: the "
+        "class-score map); dead logits: classes whose logit is 0 for every image, so they "
+        "get no gradient. bnlab's default is He's init without a final ReLU; PyTorch's "
+        "init with the paper's final ReLU was the default before (old run folders).", "",
+        *lines, "",
+    ])
+
+
 def _add_post_section(folder: Path, summary: dict[str, Any], runs_by_case, labels,
                       markdown: str) -> str:
     """The post presets' section (bnlab.post.report), in summary.json and the report."""
@@ -659,7 +688,8 @@ def write_report(compare_dir: str | os.PathLike[str]) -> dict[str, Path]:
         curves_title(compared, summary["data"], n_seeds),
         labels=labels,
     )
-    markdown_text = render_markdown(summary, curves.name, _environment(runs_by_case))
+    markdown_text = (render_markdown(summary, curves.name, _environment(runs_by_case))
+                     + init_health_section(folder))
     if str(summary.get("preset") or "").startswith("post"):
         markdown_text = _add_post_section(folder, summary, runs_by_case, labels, markdown_text)
     page_text = markdown_to_html(markdown_text, folder, _report_title(summary))

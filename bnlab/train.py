@@ -31,6 +31,7 @@ from bnlab import __version__, runs
 from bnlab import data as bdata
 from bnlab import distributed as bdist
 from bnlab.evidence.curves import plot_run
+from bnlab.initializers import INIT_SCHEMES
 from bnlab.manual import all_cnn_c, train_step
 from bnlab.models import AllCNNC
 from bnlab.plans import (
@@ -69,6 +70,14 @@ BATCH_ORDERS = ("shuffled", "class_sorted")
 PRECISIONS = ("fp32", "bf16", "fp64")
 # BN's epsilon by architecture: PyTorch's default for All-CNN-C, the post's 1e-8 for its net
 BN_EPS = {"allcnn": 1e-5, "post": 1e-8}
+# The conv init by architecture: He's for All-CNN-C (a healthy no-BN baseline), the post's
+# N(0, 0.05²) for its net. See bnlab.initializers.
+INIT = {"allcnn": "kaiming", "post": "post"}
+# Fields added after config.json files existed, with what a config.json without them meant
+# (the runs it describes were trained that way): before the init fix All-CNN-C had
+# PyTorch's default init and a ReLU on its class scores.
+LEGACY_FIELDS = {"init": {"allcnn": "torch", "post": "post"},
+                 "final_relu": {"allcnn": True, "post": False}}
 
 
 class ConfigError(ValueError):
@@ -102,6 +111,9 @@ class TrainConfig:
     bn_bias_correction: bool = False  # bnlab BN only: bias-corrected running stats (Q5)
     arch: str = "allcnn"              # "allcnn" (Springenberg's C) | "post" (the post's net)
     bn_kind: str = "channel"          # post net: "channel" (case b) | "activation" (case c)
+    init: str | None = None           # conv init: "kaiming" | "torch" (PyTorch's default) |
+                                      # "post" (N(0, 0.05²)); None: the arch's (INIT), recorded
+    final_relu: bool = False          # All-CNN-C: a ReLU on the class scores (paper's table)
     gradient_errors: tuple[str, ...] = ()  # post net, manual engine: "elu", "pool", "loss"
     # --- optimizer ----------------------------------------------------------------------
     optimizer: str = "adam"           # "adam" | "amsgrad" | "sgd"
@@ -133,6 +145,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.bn_eps is None and self.arch in BN_EPS:  # config.json records the value
             object.__setattr__(self, "bn_eps", BN_EPS[self.arch])
+        if self.init is None and self.arch in INIT:
+            object.__setattr__(self, "init", INIT[self.arch])
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the bad field and value; return self."""
@@ -140,7 +154,7 @@ class TrainConfig:
                    "optimizer_impl": ("torch", "bnlab"), "lr_schedule": SCHEDULES,
                    "precision": PRECISIONS, "amsgrad_rule": ("torch", "reddi", "post"),
                    "arch": ARCHS, "recipe": RECIPES, "batch_order": BATCH_ORDERS,
-                   "bn_kind": ("channel", "activation")}
+                   "bn_kind": ("channel", "activation"), "init": INIT_SCHEMES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; "
@@ -176,6 +190,9 @@ class TrainConfig:
                                   "net: set engine 'manual' and arch 'post'")
         if self.arch == "post" and self.dropout:
             raise ConfigError("the post net has no dropout")
+        if self.arch == "post" and self.final_relu:
+            raise ConfigError("final_relu is All-CNN-C's (the post net ends in an ELU): "
+                              "set arch 'allcnn'")
         if self.recipe == "post" and self.batch_size % 2:
             raise ConfigError(f"the post recipe's batch is half images, half their augmented "
                               f"copies: batch_size must be even, got {self.batch_size}")
@@ -239,14 +256,24 @@ class TrainConfig:
         """The config of :meth:`to_json`, or of a run folder's ``config.json`` (whose
         provenance keys, :data:`RUN_INFO_KEYS`, are ignored); unknown keys are an error.
 
+        A saved config without a field of :data:`LEGACY_FIELDS` was written before the field
+        existed and means what that bnlab did: All-CNN-C with PyTorch's init and the final
+        ReLU. (A config built in code gets the current defaults: He's init, no final ReLU.)
+
         >>> TrainConfig.from_json({"epochs": 3, "device": "cpu"}).epochs
         3
+        >>> TrainConfig.from_json({"epochs": 3}).init, TrainConfig(epochs=3).init
+        ('torch', 'kaiming')
         """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - set(RUN_INFO_KEYS))
         if unknown:
             raise ConfigError(f"unknown config fields {unknown} (from a newer bnlab?)")
         values = {k: v for k, v in values.items() if k in known}
+        arch = values.get("arch", "allcnn")
+        for name, meant in LEGACY_FIELDS.items():
+            if name not in values and arch in meant:
+                values[name] = meant[arch]
         for name in ("betas", "gradient_errors"):
             if name in values:
                 values[name] = tuple(values[name])
@@ -477,10 +504,11 @@ def load_model(run_dir: str | Path, device: torch.device | str | None = None) ->
 def network_plan(config: TrainConfig) -> tuple[list[LayerSpec], str]:
     """The run's network plan and its initialization scheme (see :mod:`bnlab.plans`)."""
     bn = config.norm != "none"
+    scheme = config.init or INIT[config.arch]
     if config.arch == "post":
-        return post_net_plan(config.bn_kind if bn else "none", config.width), "post"
-    return all_cnn_c_plan(bn, config.dropout, config.width, norm=config.norm_kind,
-                          norm_options=norm_options(config)), "default"
+        return post_net_plan(config.bn_kind if bn else "none", config.width), scheme
+    return all_cnn_c_plan(bn, config.dropout, config.width, final_relu=config.final_relu,
+                          norm=config.norm_kind, norm_options=norm_options(config)), scheme
 
 
 def norm_options(config: TrainConfig) -> dict:
@@ -507,8 +535,8 @@ def _autograd_model(config: TrainConfig, dropout_generator: torch.Generator) -> 
                        momentum=config.bn_momentum, eps=config.bn_eps, init=False)
     return AllCNNC(norm=config.norm, dropout=config.dropout, width=config.width,
                    momentum=config.bn_momentum, eps=config.bn_eps, init=False,
-                   dropout_generator=dropout_generator, norm_kind=config.norm_kind,
-                   norm_options=norm_options(config))
+                   final_relu=config.final_relu, dropout_generator=dropout_generator,
+                   norm_kind=config.norm_kind, norm_options=norm_options(config))
 
 
 def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
@@ -520,7 +548,7 @@ def _manual_network(config: TrainConfig, dropout_generator: torch.Generator):
                         gradient_errors=config.gradient_errors, momentum=config.bn_momentum,
                         eps=config.bn_eps, init=False)
     return all_cnn_c(bn=bn, dropout=config.dropout, width=config.width,
-                     momentum=config.bn_momentum, eps=config.bn_eps,
+                     momentum=config.bn_momentum, eps=config.bn_eps, final_relu=config.final_relu,
                      dropout_generator=dropout_generator, init=False,
                      norm=config.norm_kind, norm_options=norm_options(config))
 

@@ -78,6 +78,10 @@ def test_compare_end_to_end(data_dir, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert "not the full data set" in (out / "report.md").read_text()
+    health = json.loads((out / "init_health.json").read_text())
+    assert {(r["norm"], r["init"]) for r in health["rows"]} >= {("none", "kaiming"),
+                                                                 ("torch", "torch")}
+    assert "## Initialization health" in (out / "report.md").read_text()
 
     # the report is redrawn from the files alone
     (out / "report.md").unlink()

@@ -23,7 +23,7 @@ def convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
 
 
 def test_architecture_is_table_2_model_c():
-    model = AllCNNC(norm="none")
+    model = AllCNNC(norm="none", final_relu=True)
     got = [
         (c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0])
         for c in convs(model)
@@ -39,6 +39,9 @@ def test_architecture_is_table_2_model_c():
     assert names[-4:] == ["conv9", "relu9", "pool", "flatten"]
     # 1,369,738 parameters (weights 1,368,000 + biases 1,738)
     assert sum(p.numel() for p in model.parameters()) == 1_369_738
+    # bnlab's default leaves the class scores unrectified (no dead logits), nothing else
+    default = [n for n, _ in AllCNNC(norm="none").named_children()]
+    assert default == [n for n in names if n != "relu9"]
 
 
 def test_final_map_is_6x6_for_32x32_input():

@@ -52,6 +52,8 @@ BAD = {
     "gradient errors on autograd": ({"arch": "post", "gradient_errors": ("elu",)}, "manual"),
     "post recipe, odd batch": ({"recipe": "post", "batch_size": 51}, "even"),
     "batch order": ({"batch_order": "by_colour"}, "batch_order"),
+    "init": ({"init": "xavier"}, "init must be one of"),
+    "final ReLU on the post net": ({"arch": "post", "final_relu": True}, "final_relu"),
     "bias correction on torch BN": ({"bn_bias_correction": True}, "bnlab"),
 }
 
@@ -75,6 +77,27 @@ def test_bn_eps_is_the_architectures_unless_given_and_reaches_every_bn():
                                 width=0.125, bn_eps=3e-4, device="cpu").validate()
             layers = T.Model(cfg, torch.device("cpu")).bn_layers()
             assert layers and all(layer.eps == 3e-4 for layer in layers), (engine, arch)
+
+
+def test_init_is_he_without_final_relu_and_an_old_config_json_keeps_its_meaning():
+    cfg = T.TrainConfig(width=0.125, device="cpu").validate()
+    assert (cfg.init, cfg.final_relu) == ("kaiming", False)
+    assert (T.TrainConfig(arch="post").init, T.TrainConfig(arch="post").final_relu) == (
+        "post", False)
+    assert T.TrainConfig.from_json(cfg.to_json()) == cfg  # recorded, so it reads back as is
+    # a config.json from before the fields: PyTorch's init and the final ReLU, as it ran
+    old = {k: v for k, v in cfg.to_json().items() if k not in ("init", "final_relu")}
+    legacy = T.TrainConfig.from_json(old)
+    assert (legacy.init, legacy.final_relu) == ("torch", True)
+    old_post = {k: v for k, v in T.TrainConfig(arch="post").to_json().items()
+                if k not in ("init", "final_relu")}
+    assert T.TrainConfig.from_json(old_post) == T.TrainConfig(arch="post")
+    model = T.Model(legacy, torch.device("cpu")).module
+    assert [n for n, _ in model.named_children()][-3] == "relu9"
+    fresh = T.Model(cfg, torch.device("cpu")).module
+    assert "relu9" not in dict(fresh.named_children())
+    assert torch.equal(fresh.conv9.bias, torch.zeros(10))  # He's: zero biases
+    assert not torch.equal(model.conv9.bias, torch.zeros(10))  # PyTorch's: drawn
 
 
 @pytest.mark.parametrize("arch", ["allcnn", "post"])

@@ -14,13 +14,15 @@ walk it, so their layers, names and initialization order are the same.
     conv6  3x3 192  stride 2, padding 1     BN  ReLU   [dropout 50%]
     conv7  3x3 192        valid             BN  ReLU
     conv8  1x1 192                          BN  ReLU
-    conv9  1x1  10                              ReLU   (as in the paper's table)
+    conv9  1x1  10                             [ReLU]  (the paper's table; final_relu=True)
     global average pooling (6x6 for 32x32 input), flatten; softmax is in the loss
 
 With ``width`` w the 96 and 192 become ``round(96 w)`` and ``round(192 w)``. BN (when on;
 or Batch Renorm, ghost BN or GroupNorm, the plan's ``norm`` kind, under the same names)
 follows every convolution but the last; a convolution has a bias only when no BN follows
-it. Names: ``drop1``-``drop3``, ``conv1``-``conv9``, ``bn1``-``bn8``, ``relu1``-``relu9``,
+it. The convolutions get He's normal initialization by default (``init_scheme``, see
+:mod:`bnlab.initializers`). Names: ``drop1``-``drop3``, ``conv1``-``conv9``, ``bn1``-``bn8``,
+``relu1``-``relu8`` (and ``relu9`` with the final ReLU),
 ``pool``, ``flatten``; so the parameters are ``conv1.weight``, ``bn1.weight``,
 ``bn1.bias``, ..., ``conv9.weight``, ``conv9.bias``.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from bnlab.initializers import init_conv_
 from bnlab.manual.layers import (
     BatchNorm2d,
     Conv2d,
@@ -102,6 +105,8 @@ def all_cnn_c(
     generator: torch.Generator | None = None,
     dropout_generator: torch.Generator | None = None,
     init: bool = True,
+    init_scheme: str = "kaiming",
+    final_relu: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     memory_format: torch.memory_format | None = None,
@@ -115,26 +120,33 @@ def all_cnn_c(
     ``group``, ``none``; its ``norm_options``: see :func:`bnlab.plans.all_cnn_c_plan`);
     ``dropout`` adds the paper's 20% input and 50% hidden dropout, its
     masks drawn from ``dropout_generator`` (None: the global RNG). The convolutions get
-    PyTorch's default initialization drawn in layer order from ``generator`` (None: the
-    global RNG), so ``bnlab.models.AllCNNC`` built from the same seed has the same weights;
-    ``init=False`` draws nothing (weights loaded next, as the trainer does).
+    ``init_scheme`` (``"kaiming"``: He's normal init, zero biases; ``"torch"``: PyTorch's
+    default; ``"post"``) drawn in layer order from ``generator`` (None: the global RNG), so
+    ``bnlab.models.AllCNNC`` built from the same seed has the same weights; ``init=False``
+    draws nothing (weights loaded next, as the trainer does). ``final_relu`` puts the
+    paper's ReLU on the class scores (see :func:`bnlab.plans.all_cnn_c_plan`).
 
     >>> net = all_cnn_c(bn=False, width=0.125, dtype=torch.float64)
     >>> sorted(net.named_parameters())[:2]
     ['conv1.bias', 'conv1.weight']
     """
-    plan = all_cnn_c_plan(bn, dropout, width, num_classes, in_channels, norm=norm,
+    plan = all_cnn_c_plan(bn, dropout, width, num_classes, in_channels, final_relu, norm=norm,
                           norm_options=norm_options)
     layers = [
         (
             spec.name,
             build_layer(
-                spec, momentum=momentum, eps=eps, generator=generator,
-                dropout_generator=dropout_generator, init=init, device=device, dtype=dtype,
+                spec, momentum=momentum, eps=eps, dropout_generator=dropout_generator,
+                init=False, device=device, dtype=dtype,
             ),
         )
         for spec in plan
     ]
+    if init:  # in layer order, as bnlab.models.AllCNNC.reset_parameters draws them
+        for _, layer in layers:
+            if isinstance(layer, Conv2d):
+                init_conv_(layer.params["weight"], layer.params.get("bias"), init_scheme,
+                           generator)
     network = Sequential(layers)
     if memory_format is not None:
         network.to(memory_format=memory_format)
