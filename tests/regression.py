@@ -102,6 +102,7 @@ def main(argv: list[str]) -> int:
         root = tiny_cifar(Path(tmp) / "cifar")
         result = {
             "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "compare": fingerprint(run_compare(root, Path(tmp) / "compare")),
             "study_q1": fingerprint(run_study_q1(root, Path(tmp) / "q1")),
         }
