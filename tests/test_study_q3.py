@@ -25,7 +25,7 @@ TINY = StudyScale("tiny-q3", width=0.125, epochs=1, subset=None, batch_size=8, l
 
 
 @pytest.mark.parametrize(("scale", "num_train", "expected", "skipped"), [
-    (SCALES["quick"], 2000, [(2, 1), (8, 3), (32, 3), (64, 3), (256, 3)], []),
+    (SCALES["quick"], 2000, [(2, 1), (8, 2), (32, 2), (64, 2), (256, 2)], []),
     (SCALES["paper"], 50000, [(2, 4), (8, 15), (32, 15), (128, 15), (256, 15)], []),
     (TINY, 40, [(2, 1), (8, 1), (32, 1)], [256]),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from bnlab.train import RunResult
 def test_lr_grid_is_log_spaced_a_third_of_a_decade_apart():
     grid = tuning.lr_grid(1e-3, decades=2.0, per_decade=3)
     assert len(grid) == 7 and grid[3] == pytest.approx(1e-3)
-    steps = [math.log10(b / a) for a, b in zip(grid, grid[1:])]
+    steps = [math.log10(b / a) for a, b in itertools.pairwise(grid)]
     assert all(s == pytest.approx(1 / 3) for s in steps)
     with pytest.raises(ValueError, match="center > 0"):
         tuning.lr_grid(0.0)
@@ -30,7 +31,7 @@ def test_tune_lr_picks_the_lowest_mean_training_loss_and_counts_divergence(tmp_p
 
     monkeypatch.setattr(StudyContext, "train_run", fake_train_run)
     ctx = StudyContext(out=tmp_path, scale=SCALES["quick"], seeds=3)
-    tuned = tuning.tune_lr(ctx, norm="none", grid=[1e-4, 1e-3, 1e-2])
+    tuned = tuning.tune_lr(ctx, norm="none", grid=[1e-4, 1e-3, 1e-2], seeds=3)
     assert tuned.best == pytest.approx(1e-3) and not tuned.edge
     assert tuned.losses[1e-2] == {0: math.inf, 1: math.inf, 2: math.inf}
     assert tuned.to_json()["test_acc"]["0.01"]["n"] == 0

@@ -80,13 +80,16 @@ def tune_lr(ctx: StudyContext, *, norm: str, optimizer: str = "adam",
     :class:`~bnlab.train.TrainConfig` norm) under ``optimizer`` at ``ctx``'s scale, and
     return the rate with the lowest mean final training loss.
 
-    ``grid`` defaults to :func:`lr_grid` around the scale's rate (2 decades, 3 per decade:
-    7 points); ``seeds`` to ``ctx.seeds``; ``fields`` override the config (the same for
-    every point, so the sweep can be specialised: another batch size, SGD momentum...).
+    ``grid`` defaults to :func:`lr_grid` around the scale's rate, ``ctx.scale.tune_points``
+    points a third of a decade apart; ``seeds`` to ``ctx.scale.tune_seeds`` (the sweep makes a
+    choice, not a claim: the claims made at the chosen rate have their own seeds);
+    ``fields`` override the config (the same for every point, so the sweep can be
+    specialised: another batch size, SGD momentum...).
     Runs are named ``tune-<norm>-<optimizer>-lr<lr>-s<seed>`` under ``ctx.out/runs``.
     """
-    grid = sorted(grid or lr_grid(ctx.scale.lr, decades=2.0, per_decade=3))
-    seed_list = list(range(seeds if seeds is not None else ctx.seeds))
+    grid = sorted(grid or lr_grid(ctx.scale.lr, decades=(ctx.scale.tune_points - 1) / 3,
+                                  per_decade=3))
+    seed_list = list(range(seeds if seeds is not None else ctx.scale.tune_seeds))
     tuned = TunedLR(network=norm, optimizer=optimizer, best=grid[0], grid=grid)
     tag = "-".join(f"{k}{v}" for k, v in sorted(fields.items()))
     for lr in grid:

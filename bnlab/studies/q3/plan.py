@@ -71,7 +71,7 @@ def study_epochs(scale: StudyScale) -> int:
 
     >>> from bnlab.studies.common import SCALES
     >>> study_epochs(SCALES["quick"]), study_epochs(SCALES["paper"])
-    (3, 15)
+    (2, 15)
     """
     return max(1, scale.epochs // 2)
 
@@ -87,7 +87,7 @@ def sweep_plan(scale: StudyScale, num_train: int) -> tuple[list[SweepPoint], lis
     >>> from bnlab.studies.common import SCALES
     >>> points, skipped = sweep_plan(SCALES["quick"], 2000)
     >>> [(p.batch_size, p.epochs) for p in points], skipped
-    ([(2, 1), (8, 3), (32, 3), (64, 3), (256, 3)], [])
+    ([(2, 1), (8, 2), (32, 2), (64, 2), (256, 2)], [])
     """
     sizes = sorted(set(SWEEP_BATCH_SIZES) | {scale.batch_size})
     full_from = min(FULL_LENGTH_FROM, scale.batch_size)
