@@ -44,6 +44,29 @@ REPRESENTATIVE_SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
+# Finite differences run in PyTorch's fast mode ("Fast gradcheck and gradgradcheck" in the
+# torch.autograd docs: the analytic and numerical Jacobians are compared through random
+# projections u^T J v, a few passes instead of one per input element), on a corner of each
+# input: this many images, and at most this many positions per spatial axis. The analytic
+# comparisons against autograd use the whole shape. The test suite runs the full
+# element-by-element gradcheck and gradgradcheck (tests/test_dropin.py, test_functional.py).
+FD_BATCH, FD_SPATIAL = 4, 3
+FD_BATCH_GRADGRAD, FD_SPATIAL_GRADGRAD = 3, 2
+
+
+def finite_difference_input(x: torch.Tensor, batch: int = FD_BATCH,
+                            spatial: int = FD_SPATIAL) -> torch.Tensor:
+    """A corner of ``x`` (N, C, *spatial) for finite differences: the first ``batch`` images,
+    the first ``spatial`` positions per spatial axis, in ``x``'s memory format, as a fresh
+    leaf that requires grad."""
+    corner = x[(slice(0, batch), slice(None), *[slice(0, spatial)] * (x.dim() - 2))].detach()
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        corner = corner.contiguous(memory_format=torch.channels_last)
+    else:
+        corner = corner.contiguous()
+    return corner.requires_grad_(True)
+
+
 @dataclass
 class CheckRow:
     """One line of the ``bnlab gradcheck`` table: max relative errors per gradient."""
@@ -85,8 +108,13 @@ def bn_gradcheck_rows(
     finite_differences: bool = True,
     progress: Callable[[str], None] | None = None,
     variants: bool | None = None,
+    on_row: Callable[[CheckRow], None] | None = None,
 ) -> list[CheckRow]:
     """Check dx, dgamma, dbeta of bnlab's BN against float64 autograd for each shape.
+
+    With ``finite_differences``, ``gradcheck`` (on :func:`finite_difference_input`'s corner)
+    and ``gradgradcheck`` (on a smaller corner) run in training and evaluation mode.
+    ``on_row`` is called with each row as it is finished (``bnlab gradcheck`` prints it).
 
     ``variants`` adds the rows of :func:`variant_gradcheck_rows` (Batch Renorm, ghost BN,
     GroupNorm, both engines); by default they are added when ``shapes`` is not given.
@@ -116,16 +144,21 @@ def bn_gradcheck_rows(
         }
         ok = None
         if finite_differences:
-            small = [t[:4].detach().clone().requires_grad_(True) if i == 0 else t
-                     for i, t in enumerate(inputs)]
+            small = [finite_difference_input(x), *inputs[1:]]
+            tiny = [finite_difference_input(x, FD_BATCH_GRADGRAD, FD_SPATIAL_GRADGRAD),
+                    *inputs[1:]]
             ok = all(
-                check(f, small, eps=1e-6, atol=1e-8, raise_exception=False)
+                check(f, args, eps=1e-6, atol=1e-8, raise_exception=False, fast_mode=True)
                 for f in (ours, _eval_mode(eps))
-                for check in (torch.autograd.gradcheck, torch.autograd.gradgradcheck)
+                for check, args in ((torch.autograd.gradcheck, small),
+                                    (torch.autograd.gradgradcheck, tiny))
             )
-        rows.append(CheckRow(name, tuple(shape), errors, ok))
+        row = CheckRow(name, tuple(shape), errors, ok)
+        rows.append(row)
+        if on_row:
+            on_row(row)
     if variants or (variants is None and shapes is None):
-        rows += variant_gradcheck_rows(seed, eps, finite_differences, progress)
+        rows += variant_gradcheck_rows(seed, eps, finite_differences, progress, on_row)
     return rows
 
 
@@ -256,6 +289,7 @@ def variant_gradcheck_rows(
     eps: float = 1e-5,
     finite_differences: bool = True,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[CheckRow], None] | None = None,
 ) -> list[CheckRow]:
     """Rows for Batch Renorm, ghost BN and GroupNorm (training mode), both engines.
 
@@ -291,11 +325,13 @@ def variant_gradcheck_rows(
         if finite_differences and not options.get("manual"):
             far, _ = _variant_functions(layer, options, c, eps, True,
                                         torch.Generator().set_state(state))
-            small = [t[:4].detach().clone().requires_grad_(True) if i == 0 else t
-                     for i, t in enumerate(inputs)]
+            small = [finite_difference_input(x), *inputs[1:]]
             ok = torch.autograd.gradcheck(far, small, eps=1e-6, atol=1e-8,
-                                          raise_exception=False)
-        rows.append(CheckRow(name, tuple(shape), errors, ok))
+                                          raise_exception=False, fast_mode=True)
+        row = CheckRow(name, tuple(shape), errors, ok)
+        rows.append(row)
+        if on_row:
+            on_row(row)
     return rows
 
 
@@ -319,7 +355,8 @@ NETWORK_CASES: dict[str, dict] = {
 }
 
 
-def network_gradcheck_rows(progress: Callable[[str], None] | None = None) -> list[CheckRow]:
+def network_gradcheck_rows(progress: Callable[[str], None] | None = None,
+                           on_row: Callable[[CheckRow], None] | None = None) -> list[CheckRow]:
     """Whole-network rows: the manual engine's gradients vs autograd on the nn.Module twin.
 
     All-CNN-C at width 0.125 on a batch of 4 16x16 images, float64: the input gradient and
@@ -334,6 +371,8 @@ def network_gradcheck_rows(progress: Callable[[str], None] | None = None) -> lis
             progress(name)
         errors = compare_engines(**options)
         grads = [v for k, v in errors.items() if k.startswith("grad ")]
-        rows.append(CheckRow(name, (4, 3, 16, 16),
-                             {"dx": errors["input"], "dweights": max(grads)}))
+        row = CheckRow(name, (4, 3, 16, 16), {"dx": errors["input"], "dweights": max(grads)})
+        rows.append(row)
+        if on_row:
+            on_row(row)
     return rows

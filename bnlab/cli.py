@@ -67,27 +67,36 @@ def _machine() -> dict:
 
 # ---- bnlab gradcheck -----------------------------------------------------------------------
 
+_GRADCHECK_COLUMNS = (("check", 40), ("shape", 13), ("dx", 8), ("dgamma", 8), ("dbeta", 8),
+                      ("dweights", 8), ("finite diff", 11), ("result", 6))
+
+
+def _gradcheck_line(cells: dict[str, str]) -> str:
+    return "  ".join(f"{cells[name]:<{width}}" for name, width in _GRADCHECK_COLUMNS).rstrip()
+
+
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from bnlab.bench import format_table
-    from bnlab.checks import bn_gradcheck_rows, network_gradcheck_rows
+    from bnlab.checks import CheckRow, bn_gradcheck_rows, network_gradcheck_rows
 
     print("bnlab gradcheck: hand-derived backward vs autograd, float64 "
           "(max relative error, norm-wise)")
-    rows = bn_gradcheck_rows(progress=_status(args.quiet), finite_differences=not args.fast)
-    rows += network_gradcheck_rows(progress=_status(args.quiet))
-    _clear_status()
-    table = []
-    for r in rows:
+    print(_gradcheck_line({name: name for name, _ in _GRADCHECK_COLUMNS}))
+    print(_gradcheck_line({name: "-" * width for name, width in _GRADCHECK_COLUMNS}))
+
+    def print_row(r: CheckRow) -> None:  # each row as soon as it is checked
+        _clear_status()
         errs = {k: r.errors.get(k) for k in ("dx", "dgamma", "dbeta", "dweights")}
-        table.append({
+        print(_gradcheck_line({
             "check": r.name, "shape": "x".join(map(str, r.shape)),
             **{k: "-" if v is None else f"{v:.1e}" for k, v in errs.items()},
             "finite diff": {None: "-", True: "ok", False: "FAIL"}[r.gradcheck],
             "result": "pass" if r.passed else "FAIL",
-        })
-    cols = [(k, k, "") for k in ("check", "shape", "dx", "dgamma", "dbeta", "dweights",
-                                 "finite diff", "result")]
-    print(format_table(table, cols))
+        }), flush=True)
+
+    rows = bn_gradcheck_rows(progress=_status(args.quiet), finite_differences=not args.fast,
+                             on_row=print_row)
+    rows += network_gradcheck_rows(progress=_status(args.quiet), on_row=print_row)
+    _clear_status()
     failed = [r.name for r in rows if not r.passed]
     tol = rows[0].tolerance
     if failed:

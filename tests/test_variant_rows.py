@@ -82,3 +82,33 @@ def test_bench_layers_compute_what_they_are_named():
     assert torch.allclose(a(x), b(x), atol=1e-5)
     with pytest.raises(ValueError, match="unknown layers"):
         bench_bn(layers=("LayerNorm",))
+
+
+def test_finite_difference_check_catches_a_wrong_backward(monkeypatch):
+    # the fast-mode gradcheck of the command must still fail a backward that is off by 1%
+    from bnlab import nn as bnn
+
+    backward = bnn.BatchNormFunction.backward
+
+    def wrong(ctx, *grads):
+        out = backward(ctx, *grads)
+        return (out[0] * 1.01, *out[1:])
+
+    monkeypatch.setattr(bnn.BatchNormFunction, "backward", staticmethod(wrong))
+    rows = checks.bn_gradcheck_rows(shapes={"BatchNorm2d": (8, 3, 4, 4)}, variants=False)
+    assert rows[0].gradcheck is False and not rows[0].passed
+
+
+def test_gradcheck_rows_are_reported_as_they_finish():
+    seen = []
+    rows = checks.bn_gradcheck_rows(shapes={"a": (6, 3), "b": (4, 2, 3)},
+                                    finite_differences=False, on_row=seen.append)
+    assert seen == rows and len(seen) == 2
+
+
+def test_finite_difference_input_is_a_corner_in_the_same_layout():
+    x = torch.randn(8, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    corner = checks.finite_difference_input(x)
+    assert corner.shape == (4, 6, 3, 3) and corner.requires_grad and corner.is_leaf
+    assert corner.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(corner.detach(), x[:4, :, :3, :3])
