@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.initializers import conv_default_init_, dropout_mask
+from bnlab.initializers import check_dropout_p, conv_default_init_, dropout_mask
 
 __all__ = [
     "ELU",
@@ -791,8 +791,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
+        check_dropout_p(p)
         self.p = p
         self.generator = generator
         self._mask: Tensor | None = None
