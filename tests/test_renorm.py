@@ -17,20 +17,12 @@ import bnlab.nn as bnn
 from bnlab.checks import max_rel_err, textbook_batch_renorm
 from bnlab.manual import BatchRenorm2d as ManualBatchRenorm2d
 from bnlab.variants import renorm
+from tests.helpers import FORMATS, assert_eval_is_bn, grads, memory_format
 
 MODULES = {2: bnn.BatchRenorm1d, 3: bnn.BatchRenorm1d, 4: bnn.BatchRenorm2d,
            5: bnn.BatchRenorm3d}
 SHAPES = [(16, 4), (8, 4, 6), (6, 4, 5, 5), (4, 3, 3, 4, 2)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
-FORMATS = ["contiguous", "channels_last"]
-
-
-def memory_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if fmt == "channels_last" and x.dim() == 5:
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    return x
 
 
 def make(shape, dtype=torch.float64, seed=0, **kwargs):
@@ -43,12 +35,6 @@ def make(shape, dtype=torch.float64, seed=0, **kwargs):
         m.running_mean.copy_(torch.randn(shape[1], generator=gen) * 0.6 + 0.5)
         m.running_var.copy_(torch.rand(shape[1], generator=gen) * 6 + 1)
     return m
-
-
-def grads(module, x, dy):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    return y, torch.autograd.grad(y, (x, module.weight, module.bias), dy)
 
 
 # ---- the backward against autograd -------------------------------------------------------
@@ -99,16 +85,7 @@ def test_matches_autograd_of_textbook_forward(shape, fmt):
     assert max(errors) < 1e-12
     assert g[0].stride() == x.stride()
 
-    m.eval()  # evaluation: BN's, with the running statistics as constants
-    y, g = grads(m, x, dy)
-    inputs = [t.detach().clone().requires_grad_(True) for t in (x, m.weight, m.bias)]
-    view = (1, -1, *[1] * (len(shape) - 2))
-    y_ref = ((inputs[0] - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view)
-             + m.eps) * inputs[1].view(view) + inputs[2].view(view))
-    g_ref = torch.autograd.grad(y_ref, inputs, dy)
-    assert max_rel_err(y, y_ref) < 1e-12
-    for a, b in zip(g, g_ref, strict=True):
-        assert max_rel_err(a, b) < 1e-12
+    assert_eval_is_bn(m, x, dy)  # evaluation: BN's, with the running statistics as constants
 
 
 # ---- BN as a special case ----------------------------------------------------------------

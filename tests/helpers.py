@@ -1,0 +1,69 @@
+"""Helpers several test modules share: tolerances in words, memory formats, gradients.
+
+Import what a module needs (``from tests.helpers import grads, memory_format``); the
+``single_thread`` fixture takes effect in a module that imports it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.checks import max_rel_err
+
+FORMATS = ["contiguous", "channels_last"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread for the test (restored after), whatever BNLAB_TEST_THREADS says."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (the absolute error if expected is 0)."""
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def memory_format(x: torch.Tensor, fmt: str | bool) -> torch.Tensor:
+    """``x`` in channels_last (4D) or channels_last_3d (5D) when ``fmt`` is
+    ``"channels_last"`` or True; else ``x`` itself."""
+    if fmt is True or fmt == "channels_last":
+        if x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def grads(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """``(y, (dx, dgamma, dbeta))`` of ``module`` at a fresh leaf copy of ``x``, through
+    autograd with upstream gradient ``dy`` (gamma/beta left out where the module has none)."""
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    wrt = [x, *[p for p in (module.weight, module.bias) if p is not None]]
+    return y, torch.autograd.grad(y, wrt, dy)
+
+
+def assert_eval_is_bn(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                      tol: float = 1e-12) -> None:
+    """In evaluation mode ``module`` is BN with its running statistics as constants:
+    output and gradients (dx, dgamma, dbeta) against autograd through the textbook
+    ``(x - running_mean) / sqrt(running_var + eps) * gamma + beta``, to ``tol`` relative."""
+    module.eval()
+    y, g = grads(module, x, dy)
+    inputs = [t.detach().clone().requires_grad_(True) for t in (x, module.weight, module.bias)]
+    view = (1, -1, *[1] * (x.dim() - 2))
+    y_ref = ((inputs[0] - module.running_mean.view(view))
+             / torch.sqrt(module.running_var.view(view) + module.eps)
+             * inputs[1].view(view) + inputs[2].view(view))
+    g_ref = torch.autograd.grad(y_ref, inputs, dy)
+    assert max_rel_err(y, y_ref) < tol
+    for a, b in zip(g, g_ref, strict=True):
+        assert max_rel_err(a, b) < tol
+
