@@ -12,6 +12,7 @@ import torch
 from bnlab.checks import max_rel_err
 
 FORMATS = ["contiguous", "channels_last"]
+TOL = 1e-10  # float64 agreement of two computations of one thing (engines, layers)
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
+    """Print a few pairs and the error, then assert (a check that only prints never fails).
+
+    The error is :func:`rel_err` in float64.
+    """
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    err = rel_err(actual.double(), expected.double())
+    pairs = list(zip(actual.flatten()[:2].tolist(), expected.flatten()[:2].tolist(), strict=True))
+    print(f"{name}: max rel err {err:.2e}  (ours, reference) {pairs}")
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
 
 
 def memory_format(x: torch.Tensor, fmt: str | bool) -> torch.Tensor:
@@ -67,3 +80,22 @@ def assert_eval_is_bn(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor
     for a, b in zip(g, g_ref, strict=True):
         assert max_rel_err(a, b) < tol
 
+
+
+def layer_vs_autograd(layer, reference, x: torch.Tensor, training: bool = True,
+                      dy_format: torch.memory_format | None = None):
+    """Run ``layer`` (manual engine) and ``reference`` (autograd) on ``x`` with one random dy.
+
+    ``dy`` is ``torch.randn_like`` of the reference output (from the global RNG), in
+    ``dy_format`` when given. Returns ``(y, dx, y_ref, dx_ref, dy)``.
+    """
+    xr = x.clone().requires_grad_()
+    y_ref = reference(xr)
+    dy = torch.randn_like(y_ref)
+    if dy_format is not None:
+        dy = dy.contiguous(memory_format=dy_format)
+    y_ref.backward(dy)
+    with torch.no_grad():
+        y = layer.forward(x, training=training)
+        dx = layer.backward(dy)
+    return y, dx, y_ref.detach(), xr.grad, dy
