@@ -99,3 +99,36 @@ def layer_vs_autograd(layer, reference, x: torch.Tensor, training: bool = True,
         y = layer.forward(x, training=training)
         dx = layer.backward(dy)
     return y, dx, y_ref.detach(), xr.grad, dy
+
+
+def print_then_assert(errors: dict[str, float], tol: float = TOL) -> None:
+    """Print the four largest of ``errors`` (name -> relative error), then assert all <= tol."""
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])
+    print(f"{len(errors)} tensors compared; largest relative errors:")
+    for name, err in worst[:4]:
+        print(f"  {name:32s} {err:.2e}")
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol:.0e}: {bad}"
+
+
+def copy_to_manual(module: torch.nn.Module, layer) -> None:
+    """Give a manual-engine BN ``layer`` copies of ``module``'s parameters and BN buffers."""
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    layer.params.update({k: state[k] for k in ("weight", "bias")})
+    layer.buffers.update({k: state[k] for k in ("running_mean", "running_var",
+                                                "num_batches_tracked")})
+
+
+def assert_manual_step_is_autograd(module: torch.nn.Module, layer, x: torch.Tensor,
+                                   dy: torch.Tensor, training: bool, step: int) -> None:
+    """One step of the autograd ``module`` and its manual twin ``layer`` in ``training``
+    mode: y, dx, dgamma, dbeta and every buffer equal bit for bit."""
+    module.train(training)
+    y_ref, (dx_ref, dw_ref, db_ref) = grads(module, x, dy)
+    y = layer.forward(x, training)
+    dx = layer.backward(dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), step
+    assert torch.equal(layer.grads["weight"], dw_ref), step
+    assert torch.equal(layer.grads["bias"], db_ref), step
+    for k, v in module.named_buffers():
+        assert torch.equal(layer.buffers[k], v), (step, k)

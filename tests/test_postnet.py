@@ -41,7 +41,13 @@ from bnlab.manual import (
 from bnlab.plans import post_net_plan
 from bnlab.post.manual_net import GRADIENT_ERRORS, post_net
 from bnlab.post.net import PostNet
-from tests.helpers import check, layer_vs_autograd, rel_err, single_thread  # noqa: F401 (an autouse fixture)
+from tests.helpers import (  # noqa: F401 (single_thread: an autouse fixture)
+    check,
+    layer_vs_autograd,
+    print_then_assert,
+    rel_err,
+    single_thread,
+)
 
 TOL = 1e-10
 F64 = torch.float64
@@ -482,15 +488,6 @@ def engine_errors(net, model, images, labels, training: bool) -> dict[str, float
     for name, b in model.named_buffers():
         errors[f"buffer {name}"] = rel_err(net.state_dict()[name].double(), b.double())
     return errors
-
-
-def print_then_assert(errors: dict[str, float], tol: float = TOL) -> None:
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])
-    print(f"{len(errors)} tensors compared; largest relative errors:")
-    for name, err in worst[:4]:
-        print(f"  {name:28s} {err:.2e}")
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol:.0e}: {bad}"
 
 
 # (name, bn, norm, extra kwargs of the twins, batch)

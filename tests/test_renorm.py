@@ -17,7 +17,14 @@ import bnlab.nn as bnn
 from bnlab.checks import max_rel_err, textbook_batch_renorm
 from bnlab.manual import BatchRenorm2d as ManualBatchRenorm2d
 from bnlab.variants import renorm
-from tests.helpers import FORMATS, assert_eval_is_bn, grads, memory_format
+from tests.helpers import (
+    FORMATS,
+    assert_eval_is_bn,
+    assert_manual_step_is_autograd,
+    copy_to_manual,
+    grads,
+    memory_format,
+)
 
 MODULES = {2: bnn.BatchRenorm1d, 3: bnn.BatchRenorm1d, 4: bnn.BatchRenorm2d,
            5: bnn.BatchRenorm3d}
@@ -295,21 +302,10 @@ def test_manual_layer_matches_autograd_layer(fmt):
     options = {"momentum": 0.2, "rmax": 2.0, "dmax": 1.0, "warmup_steps": 2}
     auto = make((8, 4, 3, 3), seed=8, **options)
     manual = ManualBatchRenorm2d(4, dtype=torch.float64, **options)
-    state = {k: v.detach().clone() for k, v in auto.state_dict().items()}
-    manual.params.update({k: state[k] for k in ("weight", "bias")})
-    manual.buffers.update({k: state[k] for k in ("running_mean", "running_var",
-                                                  "num_batches_tracked")})
+    copy_to_manual(auto, manual)
     for step in range(5):
         training = step < 4
-        auto.train(training)
         x = memory_format(torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64) * 2
                           + step, fmt)
         dy = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
-        y_ref, (dx_ref, dw_ref, db_ref) = grads(auto, x, dy)
-        y = manual.forward(x, training)
-        dx = manual.backward(dy)
-        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), step
-        assert torch.equal(manual.grads["weight"], dw_ref), step
-        assert torch.equal(manual.grads["bias"], db_ref), step
-        for k, v in auto.named_buffers():
-            assert torch.equal(manual.buffers[k], v), (step, k)
+        assert_manual_step_is_autograd(auto, manual, x, dy, training, step)
