@@ -12,7 +12,7 @@ autograd Function, in training and in evaluation mode.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,35 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
+def _random_case(
+    shape: tuple[int, ...], seed: int, channels_last: bool
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           list[torch.Tensor]]:
+    """One gradient check's float64 input, drawn in this order from a generator seeded ``seed``.
+
+    ``x`` (``shape``, N(0.5, 2^2), channels_last when asked), ``gamma`` (C,) in [0.5, 1.5),
+    ``beta`` (C,) and ``dy`` (``shape``) standard normal. Returns the generator (for what is
+    drawn next), ``x, gamma, beta, dy`` and fresh leaf copies of ``(x, gamma, beta)`` that
+    require grad.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    beta = torch.randn(c, generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+    return gen, x, gamma, beta, dy, inputs
+
+
+def _grad_errors(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> dict[str, float]:
+    """``{"dx", "dgamma", "dbeta"}`` -> :func:`max_rel_err` of ours against the reference."""
+    return {k: max_rel_err(a, b)
+            for k, a, b in zip(("dx", "dgamma", "dbeta"), grads, refs, strict=True)}
+
+
 def _textbook_bn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     dims = F.reduce_dims(x)
     shape = (1, -1, *[1] * (x.dim() - 2))
@@ -123,29 +152,18 @@ def bn_gradcheck_rows(
     for name, shape in (shapes or REPRESENTATIVE_SHAPES).items():
         if progress:
             progress(name)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
-        if "channels_last" in name:
-            x = x.contiguous(memory_format=torch.channels_last)
-        c = shape[1]
-        gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
-        beta = torch.randn(c, generator=gen, dtype=torch.float64)
-        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        _, _, _, _, dy, inputs = _random_case(shape, seed, "channels_last" in name)
 
         def ours(x, g, b):
             return BatchNormFunction.apply(x, g, b, F.batch_norm_prepare(x.detach(), eps=eps))
 
         grads = torch.autograd.grad(ours(*inputs), inputs, dy)
         refs = torch.autograd.grad(_textbook_bn(*inputs, eps), inputs, dy)
-        errors = {
-            k: max_rel_err(a, b) for k, a, b in zip(("dx", "dgamma", "dbeta"), grads, refs,
-                                                    strict=True)
-        }
+        errors = _grad_errors(grads, refs)
         ok = None
         if finite_differences:
-            small = [finite_difference_input(x), *inputs[1:]]
-            tiny = [finite_difference_input(x, FD_BATCH_GRADGRAD, FD_SPATIAL_GRADGRAD),
+            small = [finite_difference_input(inputs[0]), *inputs[1:]]
+            tiny = [finite_difference_input(inputs[0], FD_BATCH_GRADGRAD, FD_SPATIAL_GRADGRAD),
                     *inputs[1:]]
             ok = all(
                 check(f, args, eps=1e-6, atol=1e-8, raise_exception=False, fast_mode=True)
@@ -302,15 +320,8 @@ def variant_gradcheck_rows(
     for name, (layer, shape, channels_last, options) in VARIANT_CASES.items():
         if progress:
             progress(name)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        gen, x, gamma, beta, dy, inputs = _random_case(shape, seed, channels_last)
         c = shape[1]
-        gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
-        beta = torch.randn(c, generator=gen, dtype=torch.float64)
-        dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
         state = gen.get_state()
         ours, ref = _variant_functions(layer, options, c, eps, False, gen)
         refs = torch.autograd.grad(ref(*inputs), inputs, dy)
@@ -319,8 +330,7 @@ def variant_gradcheck_rows(
                                   torch.Generator().set_state(state))
         else:
             grads = torch.autograd.grad(ours(*inputs), inputs, dy)
-        errors = {k: max_rel_err(a, b)
-                  for k, a, b in zip(("dx", "dgamma", "dbeta"), grads, refs, strict=True)}
+        errors = _grad_errors(grads, refs)
         ok = None
         if finite_differences and not options.get("manual"):
             far, _ = _variant_functions(layer, options, c, eps, True,

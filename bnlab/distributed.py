@@ -312,40 +312,11 @@ def launch(
     ]
     for proc in procs:
         proc.start()
+    run_timeout_s = timeout_s if run_timeout_s is None else run_timeout_s
     values: dict[int, Any] = {}
     fates: dict[int, str] = {}
-    seen_dead: dict[int, float] = {}
-    run_timeout_s = timeout_s if run_timeout_s is None else run_timeout_s
-    deadline = time.monotonic() + run_timeout_s
-    failed_at: float | None = None
     try:
-        while len(values) + len(fates) < nprocs:
-            try:
-                rank, status, payload = results.get(timeout=0.1)
-            except queue.Empty:
-                now = time.monotonic()
-                for rank, proc in enumerate(procs):
-                    if rank in values or rank in fates or proc.exitcode is None:
-                        continue
-                    # a report sent just before exiting may still be in the pipe: wait 1 s
-                    if now - seen_dead.setdefault(rank, now) > 1.0:
-                        fates[rank] = f"exited with code {proc.exitcode} before finishing"
-                if now > deadline:
-                    for rank in range(nprocs):
-                        if rank not in values and rank not in fates:
-                            fates[rank] = f"did not finish within {run_timeout_s:g} s"
-                # a rank failed: the others get timeout_s to notice, then are stopped
-                failed_at = failed_at or (now if fates else None)
-                if failed_at is not None and now - failed_at > timeout_s:
-                    for rank in range(nprocs):
-                        if rank not in values and rank not in fates:
-                            fates[rank] = (f"did not finish within {timeout_s:g} s of "
-                                           f"another rank's failure")
-                continue
-            if status == "ok":
-                values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            else:
-                fates[rank] = payload
+        _collect(procs, results, values, fates, timeout_s, run_timeout_s)
     finally:
         for proc in procs:
             proc.join(timeout=2.0 if not fates else 0.5)
@@ -360,6 +331,57 @@ def launch(
             f"distributed run failed ({len(fates)} of {nprocs} ranks): " + "; ".join(parts)
         )
     return [values[rank] for rank in range(nprocs)]
+
+
+def _collect(
+    procs: list[Any],
+    results: Any,
+    values: dict[int, Any],
+    fates: dict[int, str],
+    timeout_s: float,
+    run_timeout_s: float,
+) -> None:
+    """Wait for every rank of :func:`launch`: its return value into ``values``, or its fate.
+
+    A rank's fate (into ``fates``, rank -> text) is the error it reported, its exit
+    before reporting, no report within ``run_timeout_s``, or no report within ``timeout_s``
+    of another rank's failure. Fills both dicts in place, so that the caller's cleanup
+    sees what was gathered even when this is interrupted.
+    """
+    nprocs = len(procs)
+    seen_dead: dict[int, float] = {}
+    deadline = time.monotonic() + run_timeout_s
+    failed_at: float | None = None
+    while len(values) + len(fates) < nprocs:
+        try:
+            rank, status, payload = results.get(timeout=0.1)
+        except queue.Empty:
+            now = time.monotonic()
+            for rank, proc in enumerate(procs):
+                if rank in values or rank in fates or proc.exitcode is None:
+                    continue
+                # a report sent just before exiting may still be in the pipe: wait 1 s
+                if now - seen_dead.setdefault(rank, now) > 1.0:
+                    fates[rank] = f"exited with code {proc.exitcode} before finishing"
+            if now > deadline:
+                _give_fate(fates, values, nprocs, f"did not finish within {run_timeout_s:g} s")
+            # a rank failed: the others get timeout_s to notice, then are stopped
+            failed_at = failed_at or (now if fates else None)
+            if failed_at is not None and now - failed_at > timeout_s:
+                _give_fate(fates, values, nprocs,
+                           f"did not finish within {timeout_s:g} s of another rank's failure")
+            continue
+        if status == "ok":
+            values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        else:
+            fates[rank] = payload
+
+
+def _give_fate(fates: dict[int, str], values: dict[int, Any], nprocs: int, text: str) -> None:
+    """``fates[rank] = text`` for every rank that has neither a value nor a fate yet."""
+    for rank in range(nprocs):
+        if rank not in values and rank not in fates:
+            fates[rank] = text
 
 
 # ---------------------------------------------------------------------------------------

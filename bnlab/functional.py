@@ -76,8 +76,10 @@ __all__ = [
     "batch_norm_prepare",
     "batch_norm_stats",
     "bias_corrected_running_stats",
+    "check_values_per_channel",
     "num_per_channel",
     "reduce_dims",
+    "step_factor",
     "update_running_stats",
     "validate_batch_norm_args",
 ]
@@ -844,3 +846,45 @@ def batch_norm_backward_staged(
     dx = dx1 + dx2
     return dx, dgamma, dbeta
 
+
+
+# ---- the step bookkeeping every BN layer shares ----------------------------------------------
+
+
+def step_factor(num_batches_tracked: Tensor | None, momentum: float | None,
+                training: bool) -> float:
+    """Count one training step in ``num_batches_tracked`` (in place); return its factor.
+
+    The factor is the ``momentum`` of :func:`update_running_stats` for this step, in
+    PyTorch's convention (``torch.nn.BatchNorm*d.forward``): ``momentum`` weights the *new*
+    statistics; ``momentum=None`` gives the cumulative average, factor
+    ``1 / num_batches_tracked`` after the increment. Outside training (or without the
+    buffer, e.g. ``track_running_stats=False``) nothing is counted and the factor is
+    ``momentum`` (0 when None). Every BN layer of bnlab (both engines, the variants, sync
+    BN) counts its steps here, so that a layer that reduces to BN does so to the last bit.
+
+    >>> t = torch.tensor(0)
+    >>> step_factor(t, None, True), int(t)
+    (1.0, 1)
+    """
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # the cumulative moving average
+            factor = 1.0 / float(num_batches_tracked)
+    return factor
+
+
+def check_values_per_channel(x: Tensor, what: str = "input") -> None:
+    """PyTorch's training-mode check: more than one value per channel of ``x`` (N, C, *S).
+
+    Raises ``ValueError`` with PyTorch's message when every channel holds exactly one value
+    (batch statistics would have zero variance); none at all (an empty batch) passes, as in
+    PyTorch. ``what`` names the tensor in the message (e.g. a virtual batch).
+
+    >>> check_values_per_channel(torch.zeros(2, 3))   # two values per channel: fine
+    """
+    if x.dim() >= 2 and x.numel() // max(1, x.shape[1]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {what} size {x.size()}"
+        )

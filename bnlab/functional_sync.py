@@ -40,6 +40,8 @@ Usage (one process: no group, the merge of one rank is that rank's statistics)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -63,6 +65,7 @@ __all__ = [
     "batch_norm_merge_moments",
     "sync_batch_norm_backward",
     "sync_batch_norm_stats",
+    "sync_group",
 ]
 
 
@@ -251,3 +254,18 @@ def sync_batch_norm_backward(
     total_dy, total_dy_xmu = combined.split(sum_dy.shape[0])
     dx = batch_norm_backward_elemt(dy, x, saved, weight, total_dy, total_dy_xmu, count)
     return dx, dgamma, dbeta
+
+
+def sync_group(process_group: Any | None, active: bool) -> tuple[Any | None, int]:
+    """The group a synchronized BN call merges over and its size W, or ``(None, 1)``.
+
+    PyTorch's rule (``torch.nn.SyncBatchNorm.forward``): statistics are synchronized only
+    when ``active`` (the layer uses batch statistics in training mode) and
+    ``torch.distributed`` is initialized with more than one rank in ``process_group``
+    (None: the default group, ``dist.group.WORLD``); otherwise the layer is its local self.
+    """
+    if not (active and dist.is_available() and dist.is_initialized()):
+        return None, 1
+    group = process_group if process_group is not None else dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    return (group, world_size) if world_size > 1 else (None, 1)

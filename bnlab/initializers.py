@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["INIT_SCHEMES", "INIT_STD", "conv_default_init_", "draw_target", "dropout_mask",
-           "init_conv_", "kaiming_init_", "post_init_"]
+__all__ = ["INIT_SCHEMES", "INIT_STD", "check_dropout_p", "conv_default_init_", "draw_target",
+           "dropout_mask", "init_conv_", "kaiming_init_", "post_init_"]
 
 INIT_STD = 0.05  # the post's tf.random_normal(stddev=0.05) for every conv weight
 INIT_SCHEMES = ("kaiming", "torch", "post")  # kaiming_init_ | conv_default_init_ | post_init_
@@ -143,6 +143,16 @@ def post_init_(weight: Tensor, generator: torch.Generator | None = None) -> None
             weight.copy_(target)
 
 
+def check_dropout_p(p: float) -> None:
+    """Raise ``ValueError`` (PyTorch's message, with ``p``) unless 0 <= ``p`` < 1.
+
+    The one check of a dropout probability, for both engines' dropout layers and
+    :func:`dropout_mask` (``p = 1`` would divide by zero in the mask's ``1 / (1 - p)``).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
+
+
 def dropout_mask(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
     r"""The scaled mask of inverted dropout: ``b / (1 - p)`` with ``b ~ Bernoulli(1 - p)``.
 
@@ -154,8 +164,7 @@ def dropout_mask(x: Tensor, p: float, generator: torch.Generator | None = None) 
     >>> sorted(set(mask.tolist()))
     [0.0, 2.0]
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
+    check_dropout_p(p)
     if generator is None or generator.device.type == x.device.type:
         mask = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
     else:  # e.g. a CPU generator for CUDA activations: draw there, then move

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import nn as bnn
-from bnlab.initializers import dropout_mask, init_conv_
+from bnlab.initializers import check_dropout_p, dropout_mask, init_conv_
 from bnlab.plans import LayerSpec, all_cnn_c_plan
 
 __all__ = [
@@ -60,8 +60,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
+        check_dropout_p(p)
         self.p = p
         self.generator = generator
 

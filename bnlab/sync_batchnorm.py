@@ -158,14 +158,6 @@ class SyncBatchNorm(_BatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _sync_group(self, bn_training: bool) -> tuple[Any | None, int]:
-        """The group to synchronize over and its size, or ``(None, 1)``: PyTorch's rule."""
-        if not (bn_training and self.training and dist.is_available() and dist.is_initialized()):
-            return None, 1
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        world_size = dist.get_world_size(group)
-        return (group, world_size) if world_size > 1 else (None, 1)
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
@@ -174,11 +166,8 @@ class SyncBatchNorm(_BatchNorm):
             raise RuntimeError(
                 f"{what} should contain {input.shape[1]} elements not {self.num_features}"
             )
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # the cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        counter = self.num_batches_tracked if self.track_running_stats else None
+        factor = F.step_factor(counter, self.momentum, self.training)
         # Batch statistics in training mode, and in eval mode when there are no buffers;
         # buffers are updated only when tracked and training.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -189,7 +178,7 @@ class SyncBatchNorm(_BatchNorm):
             running_mean, running_var = F.bias_corrected_running_stats(
                 running_mean, running_var, int(self.num_batches_tracked), self.momentum
             )
-        group, world_size = self._sync_group(bn_training)
+        group, world_size = FS.sync_group(self.process_group, bn_training and self.training)
         x = input.detach()
         if group is None:
             count = x.numel() // x.shape[1]

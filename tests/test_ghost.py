@@ -14,21 +14,18 @@ import bnlab.nn as bnn
 from bnlab.checks import max_rel_err, textbook_ghost_batch_norm
 from bnlab.manual import GhostBatchNorm2d as ManualGhostBatchNorm2d
 from bnlab.variants import ghost
+from tests.helpers import (
+    FORMATS,
+    assert_eval_is_bn,
+    assert_manual_step_is_autograd,
+    copy_to_manual,
+    grads,
+    memory_format,
+)
 
-FORMATS = ["contiguous", "channels_last"]
 # (N, virtual_batch_size): even, uneven (last slice smaller), one slice, size > N
 SPLITS = [(8, 4), (8, 3), (9, 2), (6, 6), (5, 8)]
 SPLIT_IDS = [f"N{n}-B{b}" for n, b in SPLITS]
-
-
-def memory_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" else x
-
-
-def grads(module, x, dy):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    return y, torch.autograd.grad(y, (x, module.weight, module.bias), dy)
 
 
 def make(channels, size, dtype=torch.float64, seed=0, **kwargs):
@@ -77,16 +74,7 @@ def test_matches_autograd_of_textbook_forward(n, size, fmt):
     assert max(errors) < 1e-12
     assert y.stride() == x.stride() and g[0].stride() == x.stride()
 
-    m.eval()  # evaluation: BN's, with the running statistics as constants
-    y, g = grads(m, x, dy)
-    inputs = [t.detach().clone().requires_grad_(True) for t in (x, m.weight, m.bias)]
-    view = (1, -1, 1, 1)
-    y_ref = ((inputs[0] - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view)
-             + m.eps) * inputs[1].view(view) + inputs[2].view(view))
-    g_ref = torch.autograd.grad(y_ref, inputs, dy)
-    assert max_rel_err(y, y_ref) < 1e-12
-    for a, b in zip(g, g_ref, strict=True):
-        assert max_rel_err(a, b) < 1e-12
+    assert_eval_is_bn(m, x, dy)  # evaluation: BN's, with the running statistics as constants
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -175,21 +163,10 @@ def test_manual_layer_matches_autograd_layer(n, size, fmt):
     auto = make(4, size, momentum=0.3)
     manual = ManualGhostBatchNorm2d(4, momentum=0.3, virtual_batch_size=size,
                                     dtype=torch.float64)
-    state = {k: v.detach().clone() for k, v in auto.state_dict().items()}
-    manual.params.update({k: state[k] for k in ("weight", "bias")})
-    manual.buffers.update({k: state[k] for k in ("running_mean", "running_var",
-                                                  "num_batches_tracked")})
+    copy_to_manual(auto, manual)
     for step in range(4):
         training = step < 3
-        auto.train(training)
         x = memory_format(torch.randn(n, 4, 3, 3, generator=gen, dtype=torch.float64) + step,
                           fmt)
         dy = torch.randn(n, 4, 3, 3, generator=gen, dtype=torch.float64)
-        y_ref, (dx_ref, dw_ref, db_ref) = grads(auto, x, dy)
-        y = manual.forward(x, training)
-        dx = manual.backward(dy)
-        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), step
-        assert torch.equal(manual.grads["weight"], dw_ref), step
-        assert torch.equal(manual.grads["bias"], db_ref), step
-        for k, v in auto.named_buffers():
-            assert torch.equal(manual.buffers[k], v), (step, k)
+        assert_manual_step_is_autograd(auto, manual, x, dy, training, step)

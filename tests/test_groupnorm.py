@@ -16,6 +16,7 @@ import bnlab.nn as bnn
 from bnlab.checks import max_rel_err, textbook_group_norm
 from bnlab.manual import GroupNorm as ManualGroupNorm
 from bnlab.variants.groupnorm import GroupNormFunction
+from tests.helpers import grads, memory_format
 
 # (shape, num_groups): LayerNorm-like (G = 1), InstanceNorm-like (G = C) and in between;
 # 2D to 5D input.
@@ -31,14 +32,6 @@ CASES = [
 IDS = [f"{'x'.join(map(str, s))}-G{g}" for s, g in CASES]
 
 
-def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if channels_last and x.dim() == 5:
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    return x
-
-
 def pair(num_groups: int, channels: int, dtype: torch.dtype, **kwargs):
     ours = bnn.GroupNorm(num_groups, channels, dtype=dtype, **kwargs)
     if ours.weight is not None:
@@ -49,13 +42,6 @@ def pair(num_groups: int, channels: int, dtype: torch.dtype, **kwargs):
     theirs = torch.nn.GroupNorm(num_groups, channels, dtype=dtype, **kwargs)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
-
-
-def grads(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    wrt = [x, *[p for p in (module.weight, module.bias) if p is not None]]
-    return y, torch.autograd.grad(y, wrt, dy)
 
 
 def dx_term_scale(x: torch.Tensor, num_groups: int, gamma: torch.Tensor,

@@ -26,25 +26,9 @@ from bnlab.manual import (
     softmax_cross_entropy,
 )
 from bnlab.models import Dropout as AutogradDropout
+from tests.helpers import check, layer_vs_autograd
 
-TOL = 1e-10
 F64 = torch.float64
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 when both are zero)."""
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
-    """Print a few pairs and the errors, then assert (a check that only prints never fails)."""
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    err = rel_err(actual, expected)
-    pairs = list(zip(actual.flatten()[:2].tolist(), expected.flatten()[:2].tolist(), strict=True))
-    print(f"{name}: max rel err {err:.2e}  (manual, autograd) {pairs}")
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
 
 
 def fmt(memory_format: torch.memory_format, x: torch.Tensor) -> torch.Tensor:
@@ -84,15 +68,9 @@ def test_conv2d_backward_is_autograd(n, c_in, c_out, h, w, kernel, stride, paddi
         if bias:
             twin.bias.copy_(layer.params["bias"])
     x = fmt(mf, torch.randn(n, c_in, h, w, dtype=F64))
-    xr = x.clone().requires_grad_()
-    y_ref = twin(xr)
-    dy = fmt(mf, torch.randn_like(y_ref))
-    y_ref.backward(dy)
-    with torch.no_grad():
-        y = layer.forward(x, training=True)
-        dx = layer.backward(dy)
-    check("y", y, y_ref.detach())
-    check("dx", dx, xr.grad)
+    y, dx, y_ref, dx_ref, dy = layer_vs_autograd(layer, twin, x, dy_format=mf)
+    check("y", y, y_ref)
+    check("dx", dx, dx_ref)
     check("dweight", layer.grads["weight"], twin.weight.grad)
     if bias:
         check("dbias", layer.grads["bias"], twin.bias.grad)
@@ -161,15 +139,9 @@ def test_batchnorm2d_backward_is_autograd(shape, training, kwargs, channels_last
     )
     twin.train(training)
     x = fmt(mf, torch.randn(*shape, dtype=F64) * 2 + offset)
-    xr = x.clone().requires_grad_()
-    y_ref = twin(xr)
-    dy = fmt(mf, torch.randn_like(y_ref))
-    y_ref.backward(dy)
-    with torch.no_grad():
-        y = layer.forward(x, training=training)
-        dx = layer.backward(dy)
-    check("y", y, y_ref.detach())
-    check("dx", dx, xr.grad)
+    y, dx, y_ref, dx_ref, _ = layer_vs_autograd(layer, twin, x, training, dy_format=mf)
+    check("y", y, y_ref)
+    check("dx", dx, dx_ref)
     for name, p in twin.named_parameters():
         check(f"d{name}", layer.grads[name], p.grad)
     assert set(layer.grads) == {n for n, _ in twin.named_parameters()}
@@ -207,15 +179,11 @@ def test_batchnorm_feature_view_gives_per_activation_bn(training, bias):
     Sequential([("bn", layer)]).load_state_dict(state)
     twin.train(training)
     x = fmt(torch.channels_last, torch.randn(n, c, h, w, dtype=F64))
-    xr = x.clone().requires_grad_()
-    y_ref = twin(xr.reshape(n, -1)).reshape(n, c, h, w)
-    dy = torch.randn_like(y_ref)
-    y_ref.backward(dy)
-    with torch.no_grad():
-        y = layer.forward(x, training=training)
-        dx = layer.backward(dy)
-    check("y", y, y_ref.detach())
-    check("dx", dx, xr.grad)
+    y, dx, y_ref, dx_ref, _ = layer_vs_autograd(
+        layer, lambda xr: twin(xr.reshape(n, -1)).reshape(n, c, h, w), x, training
+    )
+    check("y", y, y_ref)
+    check("dx", dx, dx_ref)
     check("dweight", layer.grads["weight"], twin.weight.grad)
     assert ("bias" in layer.grads) == bias
     check("running_var", layer.buffers["running_var"], twin.running_var)

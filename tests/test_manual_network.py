@@ -26,26 +26,10 @@ import torch
 from bnlab.check_engines import compare_engines, randomize_batchnorm_, relative_error
 from bnlab.manual import all_cnn_c, softmax_cross_entropy, train_step
 from bnlab.models import AllCNNC
+from tests.helpers import print_then_assert, single_thread  # noqa: F401 (an autouse fixture)
 
 TOL = 1e-10
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def print_then_assert(errors: dict[str, float], tol: float = TOL) -> None:
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])
-    print(f"{len(errors)} tensors compared; largest relative errors:")
-    for name, err in worst[:4]:
-        print(f"  {name:32s} {err:.2e}")
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol:.0e}: {bad}"
 
 
 # ---------------------------------------------------------------------------------------

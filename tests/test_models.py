@@ -8,14 +8,7 @@ import torch
 from bnlab import nn as bnn
 from bnlab.manual import MIN_INPUT_SIZE, all_cnn_c, all_cnn_c_plan
 from bnlab.models import AllCNNC, Dropout
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import single_thread  # noqa: F401 (an autouse fixture)
 
 
 def convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:

@@ -41,6 +41,13 @@ from bnlab.manual import (
 from bnlab.plans import post_net_plan
 from bnlab.post.manual_net import GRADIENT_ERRORS, post_net
 from bnlab.post.net import PostNet
+from tests.helpers import (  # noqa: F401 (single_thread: an autouse fixture)
+    check,
+    layer_vs_autograd,
+    print_then_assert,
+    rel_err,
+    single_thread,
+)
 
 TOL = 1e-10
 F64 = torch.float64
@@ -48,47 +55,8 @@ CL = torch.channels_last
 EPS = 1e-8  # the post's BN epsilon
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (the absolute error if expected is 0)."""
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
-    """Print a few pairs and the error, then assert (a check that only prints never fails)."""
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    err = rel_err(actual.double(), expected.double())
-    pairs = list(zip(actual.flatten()[:2].tolist(), expected.flatten()[:2].tolist(), strict=True))
-    print(f"{name}: max rel err {err:.2e}  (ours, reference) {pairs}")
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
-
-
 def fmt(channels_last: bool, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CL if channels_last else torch.contiguous_format)
-
-
-def layer_vs_autograd(layer, reference, x: torch.Tensor, training: bool = True):
-    """Run ``layer`` (manual) and ``reference`` (autograd) on ``x`` with one random dy.
-
-    Returns ``(y, dx, y_ref, dx_ref, dy)``.
-    """
-    xr = x.clone().requires_grad_()
-    y_ref = reference(xr)
-    dy = torch.randn_like(y_ref)
-    y_ref.backward(dy)
-    with torch.no_grad():
-        y = layer.forward(x, training=training)
-        dx = layer.backward(dy)
-    return y, dx, y_ref.detach(), xr.grad, dy
 
 
 # ---------------------------------------------------------------------------------------
@@ -520,15 +488,6 @@ def engine_errors(net, model, images, labels, training: bool) -> dict[str, float
     for name, b in model.named_buffers():
         errors[f"buffer {name}"] = rel_err(net.state_dict()[name].double(), b.double())
     return errors
-
-
-def print_then_assert(errors: dict[str, float], tol: float = TOL) -> None:
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])
-    print(f"{len(errors)} tensors compared; largest relative errors:")
-    for name, err in worst[:4]:
-        print(f"  {name:28s} {err:.2e}")
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol:.0e}: {bad}"
 
 
 # (name, bn, norm, extra kwargs of the twins, batch)

@@ -17,20 +17,19 @@ import bnlab.nn as bnn
 from bnlab.checks import max_rel_err, textbook_batch_renorm
 from bnlab.manual import BatchRenorm2d as ManualBatchRenorm2d
 from bnlab.variants import renorm
+from tests.helpers import (
+    FORMATS,
+    assert_eval_is_bn,
+    assert_manual_step_is_autograd,
+    copy_to_manual,
+    grads,
+    memory_format,
+)
 
 MODULES = {2: bnn.BatchRenorm1d, 3: bnn.BatchRenorm1d, 4: bnn.BatchRenorm2d,
            5: bnn.BatchRenorm3d}
 SHAPES = [(16, 4), (8, 4, 6), (6, 4, 5, 5), (4, 3, 3, 4, 2)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
-FORMATS = ["contiguous", "channels_last"]
-
-
-def memory_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "channels_last" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    if fmt == "channels_last" and x.dim() == 5:
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    return x
 
 
 def make(shape, dtype=torch.float64, seed=0, **kwargs):
@@ -43,12 +42,6 @@ def make(shape, dtype=torch.float64, seed=0, **kwargs):
         m.running_mean.copy_(torch.randn(shape[1], generator=gen) * 0.6 + 0.5)
         m.running_var.copy_(torch.rand(shape[1], generator=gen) * 6 + 1)
     return m
-
-
-def grads(module, x, dy):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    return y, torch.autograd.grad(y, (x, module.weight, module.bias), dy)
 
 
 # ---- the backward against autograd -------------------------------------------------------
@@ -99,16 +92,7 @@ def test_matches_autograd_of_textbook_forward(shape, fmt):
     assert max(errors) < 1e-12
     assert g[0].stride() == x.stride()
 
-    m.eval()  # evaluation: BN's, with the running statistics as constants
-    y, g = grads(m, x, dy)
-    inputs = [t.detach().clone().requires_grad_(True) for t in (x, m.weight, m.bias)]
-    view = (1, -1, *[1] * (len(shape) - 2))
-    y_ref = ((inputs[0] - m.running_mean.view(view)) / torch.sqrt(m.running_var.view(view)
-             + m.eps) * inputs[1].view(view) + inputs[2].view(view))
-    g_ref = torch.autograd.grad(y_ref, inputs, dy)
-    assert max_rel_err(y, y_ref) < 1e-12
-    for a, b in zip(g, g_ref, strict=True):
-        assert max_rel_err(a, b) < 1e-12
+    assert_eval_is_bn(m, x, dy)  # evaluation: BN's, with the running statistics as constants
 
 
 # ---- BN as a special case ----------------------------------------------------------------
@@ -318,21 +302,10 @@ def test_manual_layer_matches_autograd_layer(fmt):
     options = {"momentum": 0.2, "rmax": 2.0, "dmax": 1.0, "warmup_steps": 2}
     auto = make((8, 4, 3, 3), seed=8, **options)
     manual = ManualBatchRenorm2d(4, dtype=torch.float64, **options)
-    state = {k: v.detach().clone() for k, v in auto.state_dict().items()}
-    manual.params.update({k: state[k] for k in ("weight", "bias")})
-    manual.buffers.update({k: state[k] for k in ("running_mean", "running_var",
-                                                  "num_batches_tracked")})
+    copy_to_manual(auto, manual)
     for step in range(5):
         training = step < 4
-        auto.train(training)
         x = memory_format(torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64) * 2
                           + step, fmt)
         dy = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
-        y_ref, (dx_ref, dw_ref, db_ref) = grads(auto, x, dy)
-        y = manual.forward(x, training)
-        dx = manual.backward(dy)
-        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref), step
-        assert torch.equal(manual.grads["weight"], dw_ref), step
-        assert torch.equal(manual.grads["bias"], db_ref), step
-        for k, v in auto.named_buffers():
-            assert torch.equal(manual.buffers[k], v), (step, k)
+        assert_manual_step_is_autograd(auto, manual, x, dy, training, step)

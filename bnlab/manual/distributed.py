@@ -73,12 +73,6 @@ class _SyncStatistics:
     params: dict[str, Tensor]
     _sync_count: int | None
 
-    def _group(self, use_batch_stats: bool, training: bool) -> Any | None:
-        if not (use_batch_stats and training and dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
-
     def _statistics(
         self,
         xf: Tensor,
@@ -87,7 +81,7 @@ class _SyncStatistics:
         use_batch_stats: bool,
         training: bool,
     ) -> tuple[F.BatchNormSaved, int]:
-        group = self._group(use_batch_stats, training)
+        group, world_size = FS.sync_group(self.process_group, use_batch_stats and training)
         self._sync_count = None
         if group is None:
             return super()._statistics(  # type: ignore[misc]
@@ -97,7 +91,7 @@ class _SyncStatistics:
         if count <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got {count} over "
-                f"{dist.get_world_size(group)} processes"
+                f"{world_size} processes"
             )
         self._sync_count, self._sync_group = count, group
         return saved, count

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.initializers import conv_default_init_, dropout_mask
+from bnlab.initializers import check_dropout_p, conv_default_init_, dropout_mask
 
 __all__ = [
     "ELU",
@@ -97,6 +97,14 @@ def _is_dense(x: Tensor) -> bool:
 def _check_4d(x: Tensor, layer: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{layer}: expected 4D input (N, C, H, W) (got {x.dim()}D input)")
+
+
+def _check_channels(x: Tensor, num_features: int) -> None:
+    """PyTorch's error for a feature count (axis 1 of ``x``) other than ``num_features``."""
+    if x.shape[1] != num_features:
+        raise RuntimeError(
+            f"running_mean should contain {x.shape[1]} elements not {num_features}"
+        )
 
 
 class Layer:
@@ -337,7 +345,75 @@ def set_compute_dtype(network: Iterable[tuple[str, Layer]], dtype: torch.dtype |
 # ---------------------------------------------------------------------------------------
 
 
-class _BatchNorm(Layer):
+class _NormLayer(Layer):
+    """What every BN layer of the manual engine holds, as ``torch.nn.BatchNorm2d`` makes it.
+
+    The hyperparameters (``num_features``, ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats``), the parameters gamma = 1 (``weight``) and beta = 0 (``bias``,
+    left out when ``bias=False``) of shape (C,) when ``affine``, and the buffers
+    ``running_mean`` = 0, ``running_var`` = ``running_var_init`` (C,) and
+    ``num_batches_tracked`` = 0 when ``track_running_stats``; plus the bookkeeping of the
+    backward (the forward's cache, the gradients of gamma and beta). Subclasses:
+    :class:`_BatchNorm` here and the variants of :mod:`bnlab.manual.norms`. Raises
+    ``ValueError`` when ``num_features`` is not positive.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        *,
+        bias: bool = True,
+        running_var_init: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.params["weight"] = torch.ones(num_features, **factory)
+            if bias:
+                self.params["bias"] = torch.zeros(num_features, **factory)
+        if track_running_stats:
+            self.buffers["running_mean"] = torch.zeros(num_features, **factory)
+            self.buffers["running_var"] = torch.full((num_features,), running_var_init, **factory)
+            self.buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=device)
+        self._cache: Any = None
+
+    def _set_grads(self, dgamma: Tensor, dbeta: Tensor) -> None:
+        """Keep ``dgamma``/``dbeta`` as the gradients of the parameters the layer has."""
+        if "weight" in self.params:
+            self.grads["weight"] = dgamma
+        if "bias" in self.params:
+            self.grads["bias"] = dbeta
+
+    def _cached(self) -> Any:
+        """What the forward kept; ``RuntimeError`` when backward comes before forward."""
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self._cache
+
+    def clear(self) -> None:
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+
+class _BatchNorm(_NormLayer):
     r"""Batch normalization over the *feature view* of the input, with PyTorch's semantics.
 
     The math is :mod:`bnlab.functional`'s (Ioffe & Szegedy 2015, Algorithm 1)::
@@ -387,27 +463,13 @@ class _BatchNorm(Layer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if num_features <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features}")
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, bias=bias,
+            running_var_init=running_var_init, device=device, dtype=dtype,
+        )
         self.bias_correction = bias_correction
         self.running_var_init = running_var_init
         self.unbiased_running_var = unbiased_running_var
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.params["weight"] = torch.ones(num_features, **factory)
-            if bias:
-                self.params["bias"] = torch.zeros(num_features, **factory)
-        if track_running_stats:
-            self.buffers["running_mean"] = torch.zeros(num_features, **factory)
-            self.buffers["running_var"] = torch.full((num_features,), running_var_init, **factory)
-            self.buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=device)
-        self._cache: tuple[Tensor, F.BatchNormSaved, torch.Size] | None = None
 
     def _features(self, x: Tensor) -> Tensor:
         """The view of ``x`` whose axis 1 holds the features BN normalizes separately."""
@@ -430,12 +492,9 @@ class _BatchNorm(Layer):
         over processes (:mod:`bnlab.manual.distributed`). Raises ``ValueError`` when batch
         statistics would rest on one value per feature (none at all is a no-op, as in torch).
         """
+        if use_batch_stats:  # 0 values (an empty input) is a no-op
+            F.check_values_per_channel(xf)
         count = F.num_per_channel(xf)
-        if use_batch_stats and count == 1:  # 0 values (an empty input) is a no-op
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                f"{xf.size()}"
-            )
         saved = F.batch_norm_prepare(
             xf, running_mean, running_var, training=use_batch_stats, eps=self.eps
         )
@@ -451,16 +510,10 @@ class _BatchNorm(Layer):
         """Normalize with batch statistics (training) or running statistics (evaluation)."""
         self._check_input(x)
         xf = self._features(x)
-        if xf.shape[1] != self.num_features:
-            raise RuntimeError(
-                f"running_mean should contain {xf.shape[1]} elements not {self.num_features}"
-            )
+        _check_channels(xf, self.num_features)
         buffers = self.buffers
-        factor = 0.0 if self.momentum is None else self.momentum
-        if training and self.track_running_stats:
-            buffers["num_batches_tracked"].add_(1)
-            if self.momentum is None:  # the cumulative moving average
-                factor = 1.0 / float(buffers["num_batches_tracked"])
+        counter = buffers["num_batches_tracked"] if self.track_running_stats else None
+        factor = F.step_factor(counter, self.momentum, training)
         use_batch_stats = training or not self.track_running_stats
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         F.validate_batch_norm_args(
@@ -484,26 +537,15 @@ class _BatchNorm(Layer):
 
     def backward(self, dy: Tensor, need_dx: bool = True) -> Tensor | None:
         """``dx, dgamma, dbeta`` from :func:`bnlab.functional.batch_norm_backward`."""
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        xf, saved, shape = self._cache
+        xf, saved, shape = self._cached()
         dx, dgamma, dbeta = self._gradients(self._features(dy), xf, saved)
-        if "weight" in self.params:
-            self.grads["weight"] = dgamma
-        if "bias" in self.params:
-            self.grads["bias"] = dbeta
+        self._set_grads(dgamma, dbeta)
         if not need_dx:
             return None
         return dx.view(shape) if dx.shape != shape else dx
 
-    def clear(self) -> None:
-        self._cache = None
-
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-        )
+        text = super().extra_repr()
         if self.affine and "bias" not in self.params:
             text += ", bias=False"
         if self.running_var_init != 1.0:
@@ -749,8 +791,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability has to be in [0, 1), but got {p}")
+        check_dropout_p(p)
         self.p = p
         self.generator = generator
         self._mask: Tensor | None = None

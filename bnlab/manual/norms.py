@@ -28,69 +28,13 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from bnlab.manual.layers import Layer
+from bnlab.manual.layers import Layer, _check_4d, _check_channels, _NormLayer
 from bnlab.variants import ghost, groupnorm, renorm
 
 __all__ = ["BatchRenorm2d", "GhostBatchNorm2d", "GroupNorm"]
-
-
-def _check_4d(x: Tensor, layer: str) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"{layer}: expected 4D input (N, C, H, W) (got {x.dim()}D input)")
-
-
-def _check_channels(x: Tensor, num_features: int) -> None:
-    if x.shape[1] != num_features:
-        raise RuntimeError(
-            f"running_mean should contain {x.shape[1]} elements not {num_features}"
-        )
-
-
-class _NormLayer(Layer):
-    """Parameters (gamma = 1, beta = 0) and BN's buffers, as ``torch.nn.BatchNorm2d`` makes them."""
-
-    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
-                 track_running_stats: bool, device: Any, dtype: Any) -> None:
-        super().__init__()
-        if num_features <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features}")
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.params["weight"] = torch.ones(num_features, **factory)
-            self.params["bias"] = torch.zeros(num_features, **factory)
-        if track_running_stats:
-            self.buffers["running_mean"] = torch.zeros(num_features, **factory)
-            self.buffers["running_var"] = torch.ones(num_features, **factory)
-            self.buffers["num_batches_tracked"] = torch.tensor(0, dtype=torch.long, device=device)
-        self._cache: Any = None
-
-    def _set_grads(self, dgamma: Tensor, dbeta: Tensor) -> None:
-        if "weight" in self.params:
-            self.grads["weight"] = dgamma
-        if "bias" in self.params:
-            self.grads["bias"] = dbeta
-
-    def _cached(self) -> Any:
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        return self._cache
-
-    def clear(self) -> None:
-        self._cache = None
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
 
 class BatchRenorm2d(_NormLayer):
@@ -121,7 +65,7 @@ class BatchRenorm2d(_NormLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         renorm.check_renorm_args(rmax, dmax, warmup_steps, track_running_stats)
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
         self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), int(warmup_steps)
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
@@ -176,8 +120,8 @@ class GhostBatchNorm2d(_NormLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         ghost.check_virtual_batch_size(virtual_batch_size)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
         self.virtual_batch_size = int(virtual_batch_size)
 
     def forward(self, x: Tensor, training: bool) -> Tensor:

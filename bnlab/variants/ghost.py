@@ -46,7 +46,6 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from bnlab import functional as F
-from bnlab.variants.common import check_values_per_channel, step_factor
 
 __all__ = [
     "GhostBatchNorm2d",
@@ -173,10 +172,10 @@ def ghost_batch_norm_step(
     saved = []
     for xk in x.split(virtual_batch_size) if x.shape[0] else [x]:
         if training:
-            check_values_per_channel(xk, f"virtual batch of size {xk.shape[0]}; input")
+            F.check_values_per_channel(xk, f"virtual batch of size {xk.shape[0]}; input")
         sk = F.batch_norm_prepare(xk, training=True, eps=eps)
         if training and running_mean is not None and running_var is not None:
-            factor = step_factor(num_batches_tracked, momentum, training)
+            factor = F.step_factor(num_batches_tracked, momentum, training)
             F.update_running_stats(running_mean, running_var, sk.mean, sk.var,
                                    xk.numel() // xk.shape[1], factor)
         saved.append(sk)

@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.variants.common import channel_view, same_memory_format
 
 __all__ = [
     "GroupNorm",
@@ -50,6 +49,19 @@ __all__ = [
     "group_norm_check_args",
     "group_norm_forward",
 ]
+
+
+def _same_memory_format(y: Tensor, like: Tensor) -> Tensor:
+    """``y`` in ``like``'s memory format where that is channels_last (4D or 5D)."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return y.contiguous(memory_format=torch.channels_last)
+    if like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last_3d
+    ):
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y
 
 
 class GroupNormSaved(NamedTuple):
@@ -152,7 +164,7 @@ def group_norm_forward(
     scale = None if weight is None else weight.repeat(n)
     offset = None if bias is None else bias.repeat(n)
     y = F.batch_norm_normalize(xc.view(1, n * c, -1), _per_channel(saved, c), scale, offset)
-    return same_memory_format(y.view(x.shape), x), saved
+    return _same_memory_format(y.view(x.shape), x), saved
 
 
 def group_norm_backward(
@@ -188,7 +200,7 @@ def group_norm_backward(
     cdt = _compute_dtype(x)
     xc, dyc = x.contiguous(), dy.contiguous()
     g = n * saved.num_groups
-    dx_hat = dyc if weight is None else dyc * channel_view(weight.to(cdt), dyc)  # term 1
+    dx_hat = dyc if weight is None else dyc * F._channel_view(weight.to(cdt), dyc)  # term 1
     dx, _, _ = F.batch_norm_backward(dx_hat.view(1, g, -1), xc.view(1, g, -1), saved.groups,
                                      None)  # term 2
     per_channel = _per_channel(saved, c)
@@ -199,7 +211,7 @@ def group_norm_backward(
     mean_minus_k = (per_channel.mean - per_channel.shift.to(sum_dy.dtype)).view(n, c)
     dgamma = ((sum_dy_d - mean_minus_k * sum_dy) * per_channel.invstd.view(n, c)).sum(0)
     dbeta = sum_dy.sum(0)  # term 3
-    return same_memory_format(dx.view(x.shape), x), dgamma.to(pdt), dbeta.to(pdt)
+    return _same_memory_format(dx.view(x.shape), x), dgamma.to(pdt), dbeta.to(pdt)
 
 
 class GroupNormFunction(torch.autograd.Function):

@@ -65,7 +65,6 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from bnlab import functional as F
-from bnlab.variants.common import check_values_per_channel, step_factor
 
 __all__ = [
     "BatchRenorm1d",
@@ -281,9 +280,9 @@ def batch_renorm_step(
     :func:`batch_renorm_normalize` (or :class:`BatchRenormFunction`).
     """
     if training:
-        check_values_per_channel(x)
+        F.check_values_per_channel(x)
     steps_before = int(num_batches_tracked)
-    factor = step_factor(num_batches_tracked, momentum, training)
+    factor = F.step_factor(num_batches_tracked, momentum, training)
     rmax_t, dmax_t = renorm_limits(steps_before, rmax, dmax, warmup_steps)
     saved = batch_renorm_stats(x, running_mean, running_var, training=training, rmax=rmax_t,
                                dmax=dmax_t, eps=eps)
