@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnlab import functional as F
+from bnlab import kernels
 
 __all__ = [
     "BatchNorm1d",
@@ -59,7 +60,8 @@ class _BatchNormNode(torch.autograd.Function):
 
     Dynamo cannot trace an ``autograd.Function`` that defines ``jvp`` (it breaks the graph
     there), so under ``torch.compile`` :func:`batch_norm` applies this class; everything
-    else is shared.
+    else is shared. It calls :mod:`bnlab.functional` directly, never the fused kernel
+    (Dynamo traces the functional code into its graph; a custom C++ op would break it).
     """
 
     generate_vmap_rule = True
@@ -74,6 +76,7 @@ class _BatchNormNode(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, weight, _, saved = inputs
         ctx.training = saved.training
+        ctx.fused = False  # BatchNormFunction: whether the forward could use the kernel
         ctx.save_for_backward(x, weight, *saved[:4])
         ctx.save_for_forward(x, weight, *saved[:4])
 
@@ -81,7 +84,8 @@ class _BatchNormNode(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, *stats = ctx.saved_tensors
         saved = F.BatchNormSaved(*stats, ctx.training)
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, x, saved, weight)
+        backward = kernels.batch_norm_backward if ctx.fused else F.batch_norm_backward
+        dx, dgamma, dbeta = backward(dy, x, saved, weight)
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         return (dx if need_x else None, dgamma if need_w else None, dbeta if need_b else None, None)
 
@@ -102,7 +106,24 @@ class BatchNormFunction(_BatchNormNode):
     it. The backward is itself differentiable (it switches to its composite form when
     autograd records it), so double backward (``create_graph=True``, gradient penalties)
     works in training and evaluation mode.
+
+    The forward and backward run on :mod:`bnlab.kernels`, which uses the fused C++ kernel
+    where it applies (CPU float32/float64 in a dense layout, outside ``torch.func``
+    transforms, ``vmap``, compile, export and double backward) and the functional
+    reference everywhere else; ``with bnlab.kernels.disabled():`` around the forward keeps
+    the whole step (forward and backward) on the reference.
     """
+
+    @staticmethod
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: F.BatchNormSaved
+    ) -> Tensor:
+        return kernels.batch_norm_normalize(x, saved, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _BatchNormNode.setup_context(ctx, inputs, output)
+        ctx.fused = kernels.enabled()  # the choice made here holds for the backward too
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
@@ -138,14 +159,14 @@ def batch_norm(
         _verify_batch_size(x)
     weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
-    saved = F.batch_norm_prepare(
-        x.detach(), running_mean, running_var, training=training, eps=eps
-    )
+    compiling = torch.compiler.is_compiling()
+    prepare = F.batch_norm_prepare if compiling else kernels.batch_norm_prepare
+    saved = prepare(x.detach(), running_mean, running_var, training=training, eps=eps)
     if training and running_mean is not None and running_var is not None:
         F.update_running_stats(
             running_mean, running_var, saved.mean, saved.var, F.num_per_channel(x), momentum
         )
-    node = _BatchNormNode if torch.compiler.is_compiling() else BatchNormFunction
+    node = _BatchNormNode if compiling else BatchNormFunction
     return node.apply(x, weight, bias, saved)
 
 

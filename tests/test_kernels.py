@@ -259,9 +259,11 @@ def _eager_results_without_error(x, dy, weight, bias):
         assert torch.equal(a, b)
 
 
-def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
-    """A machine without a compiler: one line on stderr, then the eager results, no error."""
+def test_no_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    """A machine without a compiler (and no cached build): one line on stderr, then the
+    eager results, no error."""
     monkeypatch.setattr(kernels, "_state", None)
+    monkeypatch.setattr(kernels, "_build_directory", lambda name: tmp_path / name)
     monkeypatch.setenv("CXX", "bnlab-no-such-compiler")
     _eager_results_without_error(*_make((8, 4, 3, 3), None, torch.float32, 0.0))
     err = capsys.readouterr().err.strip().splitlines()

@@ -74,9 +74,13 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -91,6 +95,8 @@ __all__ = [
     "batch_norm_normalize",
     "batch_norm_prepare",
     "batch_norm_stats",
+    "disabled",
+    "enabled",
     "fused_applies",
     "fused_status",
     "load",
@@ -106,6 +112,9 @@ _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+
+# False inside ``with disabled():`` (per thread and per asyncio task, as a ContextVar).
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("bnlab_fused", default=True)
 
 # The extension's state in this process: None (not tried yet), True (loaded), or the
 # reason it could not be loaded (a string, printed once).
@@ -129,13 +138,22 @@ def _build_directory(name: str) -> Path:
     return Path(root) / tag
 
 
+def _extension_name(capability: str, cflags: list[str]) -> str:
+    """``bnlab_batch_norm_<capability>_<digest>``: the digest of the source and the flags, so
+    that each version of ``batch_norm.cpp`` (two checkouts of bnlab, an upgrade) has its own
+    cached library and none rebuilds another's."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()
+    return f"bnlab_batch_norm_{capability.lower()}_{digest[:10]}"
+
+
 def load(verbose: bool = False) -> bool:
     """Build (once per machine) and load the extension; True when the fused path is usable.
 
-    The first call in a process compiles ``batch_norm.cpp`` if no cached build matches
-    (printing one line to stderr, as it takes about a minute) or loads the cached library.
-    A failure prints one line to stderr (``bnlab: fused BN kernel unavailable (...)``)
-    and returns False; later calls return the same answer without retrying.
+    The first call in a process loads the cached library of this exact source, or compiles
+    ``batch_norm.cpp`` if there is none (printing one line to stderr, as it takes about a
+    minute; concurrent first builds wait on the build folder's lock). A failure prints one
+    line to stderr (``bnlab: fused BN kernel unavailable (...)``) and returns False; later
+    calls in the process return the same answer without retrying.
     """
     global _state
     if _state is None:
@@ -150,26 +168,31 @@ def _try_load(verbose: bool) -> bool | str:
     if os.environ.get("BNLAB_FUSED", "1") == "0":
         return "BNLAB_FUSED=0"
     compiler = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension calls
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler: {compiler} not found"
     try:
-        from torch.utils import cpp_extension
-
         capability = _cpu_capability()
-        name = f"bnlab_batch_norm_{capability.lower()}"
+        cflags = ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])]
+        name = _extension_name(capability, cflags)
         build = _build_directory(name)
-        build.mkdir(parents=True, exist_ok=True)
-        if not (build / f"{name}.so").exists():
-            print(f"bnlab: compiling the fused BN kernel into {build} (once per machine, "
-                  "about a minute)", file=sys.stderr)
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])],
-            build_directory=str(build),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        library = build / f"{name}.so"
+        if library.exists() and not (build / "lock").exists():  # built, no build running
+            torch.ops.load_library(str(library))
+        else:
+            if shutil.which(compiler) is None:
+                return f"no C++ compiler: {compiler} not found"
+            from torch.utils import cpp_extension
+
+            build.mkdir(parents=True, exist_ok=True)
+            if not library.exists():
+                print(f"bnlab: compiling the fused BN kernel into {build} (once per "
+                      "machine, about a minute)", file=sys.stderr)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=cflags,
+                build_directory=str(build),
+                is_python_module=False,
+                verbose=verbose,
+            )
         torch.ops.bnlab_fused.stats  # noqa: B018 (raises if the library did not register)
     except Exception as err:  # no compiler, no ninja, a build error: fall back, never fail
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -182,6 +205,33 @@ def fused_status() -> str:
     if load():
         return f"fused C++ kernel ({_cpu_capability()})"
     return f"eager (fused kernel unavailable: {_state})"
+
+
+def enabled() -> bool:
+    """False inside :func:`disabled`; True otherwise (whether or not the kernel loads)."""
+    return _enabled.get()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every entry point takes the eager path of :mod:`bnlab.functional`.
+
+    For comparisons that must be exact (two layers whose math is the same up to the order
+    of rounding, such as Batch Renorm with ``rmax=1, dmax=0`` against BN) and for timing
+    the eager reference. ``bnlab.nn`` records the choice when the forward runs, so the
+    backward of a forward run inside the block is eager too, wherever it runs. Nests;
+    per thread (a ``contextvars.ContextVar``). ``BNLAB_FUSED=0`` does the same for a whole
+    process.
+
+    >>> with disabled():
+    ...     enabled()
+    False
+    """
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
 
 
 def _is_compiling() -> bool:
@@ -210,6 +260,8 @@ def fused_applies(x: Tensor, *others: Tensor | None) -> bool:
 
     See the module docstring for the conditions. Builds/loads the extension on first use.
     """
+    if not _enabled.get() or _is_compiling() or torch.jit.is_tracing():
+        return False
     if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
     if x.dim() < 2 or x.numel() == 0 or _channels_last(x) is None:
