@@ -445,3 +445,24 @@ def test_nn_on_the_fused_path_is_as_accurate_as_torch_batchnorm2d(dtype, fmt):
         print(f"{label:12s} bnlab err {err['bnlab']:.2e} torch err {err['torch']:.2e} "
               f"(bound {bound:.2e})")
         assert err["bnlab"] <= bound, label
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_float32_sums_that_would_overflow_are_redone_in_float64(fmt):
+    """|x - K| near 1e20: float32 squares overflow (max 3.4e38), so the kernel's float32 runs
+    give way to float64 sums; mean and var stay finite and agree with the reference (which
+    scales by a power of two) to a few float32 ulps of the spread."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 4, 6, 6, generator=g, dtype=torch.float64) * 1e20).float()
+    x = x.contiguous(memory_format=fmt)
+    assert kernels.fused_applies(x)
+    _, mean, var = kernels.batch_norm_stats(x)
+    _, mean_ref, var_ref = F.batch_norm_stats(x)
+    print(f"var {var.tolist()} reference {var_ref.tolist()}")
+    assert torch.isfinite(var).all() and torch.isfinite(mean).all()
+    u, m = torch.finfo(torch.float32).eps, x.numel() // 4
+    spread = x.double().abs().max().item()
+    assert (mean - mean_ref).abs().max() <= C16 * u * math.log2(m) * spread
+    assert (var - var_ref).abs().max() <= C16 * u * math.log2(m) * spread**2
