@@ -6,8 +6,9 @@ behaviour, momentum semantics (``momentum=None`` is the cumulative average) and 
 (``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks treat them as BN),
 which owns the parameters, buffers, ``reset_*``, ``extra_repr`` and state loading, and
 replace only ``forward``. The forward and backward math is in
-:mod:`bnlab.functional`; autograd never traces it (the backward is a
-``torch.autograd.Function``).
+:mod:`bnlab.functional`, run by :mod:`bnlab.kernels` (a fused C++ kernel computing the
+same math on CPU float32/float64 where it applies, the functional code elsewhere);
+autograd never traces it (the backward is a ``torch.autograd.Function``).
 
 Beyond plain training, the same things work on bnlab's modules as on PyTorch's (tested in
 ``tests/test_dropin.py`` and against PyTorch's own module test database): empty inputs
@@ -98,8 +99,7 @@ class BatchNormFunction(_BatchNormNode):
     ``saved`` (from :func:`~bnlab.functional.batch_norm_prepare`, computed outside autograd);
     its backward is :func:`~bnlab.functional.batch_norm_backward`, which accounts for the
     dependence of batch statistics on ``x``, and its forward-mode derivative is
-    :func:`~bnlab.functional.batch_norm_jvp`. Each calls one entry point of
-    :mod:`bnlab.functional`, so a fused kernel can replace it.
+    :func:`~bnlab.functional.batch_norm_jvp`.
 
     The modern form (``setup_context``, ``generate_vmap_rule``): ``torch.func.vmap``,
     ``grad``, ``jacrev``, ``jacfwd``/``jvp`` and ``torch.autograd.forward_ad`` work through
@@ -148,7 +148,9 @@ def batch_norm(
     In training mode the running buffers, when given, are updated in place with
     ``momentum`` weighting the new batch statistics; an empty input (no values per
     channel) gives an empty output and leaves them untouched. Bad arguments raise what
-    PyTorch raises (:func:`bnlab.functional.validate_batch_norm_args`).
+    PyTorch raises (:func:`bnlab.functional.validate_batch_norm_args`). The statistics and
+    the normalization run on :mod:`bnlab.kernels` (the fused CPU kernel where it applies,
+    else :mod:`bnlab.functional`); under ``torch.compile`` on :mod:`bnlab.functional`.
 
     >>> x = torch.randn(8, 3, requires_grad=True)
     >>> batch_norm(x, None, None, training=True).sum().backward()

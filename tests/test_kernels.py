@@ -466,3 +466,20 @@ def test_float32_sums_that_would_overflow_are_redone_in_float64(fmt):
     spread = x.double().abs().max().item()
     assert (mean - mean_ref).abs().max() <= C16 * u * math.log2(m) * spread
     assert (var - var_ref).abs().max() <= C16 * u * math.log2(m) * spread**2
+
+
+@pytest.mark.usefixtures("fused_built")
+def test_a_new_process_loads_the_cached_build_without_compiling():
+    """Once built, every later process (a CLI run, a test worker) loads the cached library:
+    no compile notice, no compiler needed (CXX pointing nowhere)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(kernels.__file__).resolve().parents[2])  # this checkout's bnlab
+    env = dict(os.environ, CXX="bnlab-no-such-compiler",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    code = "from bnlab import kernels; print(kernels.load())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    assert out.stdout.strip() == "True" and out.stderr == "", out.stderr

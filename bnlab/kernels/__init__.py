@@ -17,12 +17,15 @@ Shapes: ``x``, ``y``, ``dy``, ``dx`` (N, C, \*S); per-channel tensors (C,); see
 for the derivation of the backward (Ioffe & Szegedy 2015, section 3).
 
 Same numerics as the reference: the corrected two-pass statistics (shift ``K``, then sums
-of ``x - K`` and its square; Chan, Golub & LeVeque 1983), float64 accumulation of every
-per-channel sum and float64 per-channel coefficients, and the cancellation guard, here
-unconditional: the element-wise passes always use the shifted form ``(x - K) * s + t'``
-(one subtraction more in a pass bound by memory). The forward reads ``x`` twice and writes
-``y`` once; the backward reads ``x`` and ``dy`` twice and writes ``dx`` once. The eager
-path runs 4-6 PyTorch kernels per direction, each a pass over memory and an OpenMP barrier.
+of ``x - K`` and its square; Chan, Golub & LeVeque 1983), per-channel sums accumulated in
+``x``'s dtype over short runs (256 values of a row, or 16 rows per channel of channels-last
+input) and in float64 across runs and blocks, as the reference's ``torch.sum`` per chunk
+and float64 across chunks (float64 throughout where a float32 square would overflow),
+float64 per-channel coefficients, and the cancellation guard, here unconditional: the
+element-wise passes always use the shifted form ``(x - K) * s + t'`` (one subtraction more
+in a pass bound by memory). The forward reads ``x`` twice and writes ``y`` once; the
+backward reads ``x`` and ``dy`` twice and writes ``dx`` once. The eager path runs 4-6
+PyTorch kernels per direction, each a pass over memory and an OpenMP barrier.
 
 When the fused path runs (:func:`fused_applies`): a CPU tensor of float32 or float64 with
 at least one element, in ``torch.contiguous_format`` or with the channel axis innermost
@@ -43,23 +46,25 @@ against PyTorch's native kernel, as measured when this was chosen):
 - Triton generates code for GPUs; its interpreter runs kernels on the CPU to test them,
   not to run them fast.
 - A C++/OpenMP extension built with ``torch.utils.cpp_extension.load`` compiles once per
-  machine (about 25 s of CPU time, with the compiler PyTorch extensions use), is cached
-  in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
-  ``~/.cache/torch_extensions``; concurrent first builds wait on one lock) and loads in
-  milliseconds afterwards. Threads come from ``at::parallel_for`` (OpenMP in PyTorch's CPU
-  builds), vector code from ``#pragma omp simd`` with the instruction set PyTorch itself
-  dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), so the
-  cached library never uses an instruction the CPU lacks. ``bnlab bench bn`` times it
-  beside native and eager (on a loaded 2-core CPU: 0.41-0.74x native forward+backward on
-  the four shape/format cases, where the eager path was 2.7-7x).
+  machine and source (about 25 s of CPU time, with the compiler PyTorch extensions use),
+  is cached in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
+  ``~/.cache/torch_extensions``) under a name that carries a digest of the source and
+  flags (two checkouts never rebuild each other's; concurrent first builds wait on one
+  lock) and loads in milliseconds afterwards, without a compiler. Threads come from
+  ``at::parallel_for`` (OpenMP in PyTorch's CPU builds), vector code from
+  ``#pragma omp simd`` with the instruction set PyTorch itself dispatches to on this CPU
+  (``torch.backends.cpu.get_cpu_capability()``), so the cached library never uses an
+  instruction the CPU lacks. ``bnlab bench bn`` times it beside native and eager:
+  BENCH_NUMBERS
 
 Where the extension cannot be built or loaded (no C++ compiler, no ``ninja``), the first
 call prints one line to stderr and every call takes the eager path: never an error.
 
-Wiring it into ``bnlab.nn`` is one swap: call ``kernels.batch_norm_prepare``,
-``kernels.batch_norm_normalize`` and ``kernels.batch_norm_backward`` where
-``F.batch_norm_*`` are called now (inside ``BatchNormFunction`` and ``batch_norm``); they
-choose the fused or the eager path per call.
+``bnlab.nn`` runs on these entry points (its ``batch_norm`` and ``BatchNormFunction``), so
+every bnlab BN module uses the kernel where it applies. ``with kernels.disabled():`` (or
+``BNLAB_FUSED=0`` for a process) keeps a step on the reference: for comparisons that must
+be exact between two layers whose math agrees (rounding order differs between the paths)
+and for timing the reference.
 
 Usage::
 
