@@ -483,3 +483,25 @@ def test_a_new_process_loads_the_cached_build_without_compiling():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300, check=True)
     assert out.stdout.strip() == "True" and out.stderr == "", out.stderr
+
+
+@pytest.mark.usefixtures("fused_built")
+def test_jit_trace_and_disabled_take_the_eager_path():
+    """A traced graph must not record the extension's op (a loaded trace would need the
+    library); ``disabled()`` nests and restores the fused path on exit, even on an error."""
+    x = torch.randn(4, 3, 2, 2)
+    seen = []
+
+    def traced(xi):
+        seen.append(kernels.fused_applies(xi))
+        return xi * 2
+
+    torch.jit.trace(traced, x)
+    assert seen == [False]
+    assert kernels.fused_applies(x) and kernels.enabled()
+    with pytest.raises(RuntimeError, match="inside"), kernels.disabled():
+        with kernels.disabled():
+            assert not kernels.fused_applies(x)
+        assert not kernels.fused_applies(x) and not kernels.enabled()
+        raise RuntimeError("inside")
+    assert kernels.fused_applies(x) and kernels.enabled()

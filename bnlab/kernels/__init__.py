@@ -32,10 +32,11 @@ at least one element, in ``torch.contiguous_format`` or with the channel axis in
 (``channels_last``, ``channels_last_3d``, or (N, C) input), while autograd records nothing
 (no ``requires_grad`` input under grad mode: call it inside an ``autograd.Function``, as
 ``bnlab.nn`` does), outside ``torch.vmap``/functorch transforms, ``torch.compile`` and
-``torch.export`` tracing (plain ``torch.Tensor`` or ``Parameter`` inputs only, no
-subclasses such as fake tensors). Everything else (CUDA, MPS, float16/bfloat16, strided
-views, empty input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0``
-switches the fused path off.
+``torch.export`` and ``torch.jit.trace`` tracing (plain ``torch.Tensor`` or ``Parameter``
+inputs only, no subclasses such as fake tensors), and outside :func:`disabled`. Everything
+else (CUDA, MPS, float16/bfloat16 and autocast's bfloat16 activations, strided views, empty
+input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0`` switches the
+fused path off for the process.
 
 Why a C++ extension (forward+backward of (128, 96, 32, 32) float32 on a 2-core x86 CPU,
 against PyTorch's native kernel, as measured when this was chosen):
