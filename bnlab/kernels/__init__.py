@@ -55,8 +55,14 @@ against PyTorch's native kernel, as measured when this was chosen):
   ``at::parallel_for`` (OpenMP in PyTorch's CPU builds), vector code from
   ``#pragma omp simd`` with the instruction set PyTorch itself dispatches to on this CPU
   (``torch.backends.cpu.get_cpu_capability()``), so the cached library never uses an
-  instruction the CPU lacks. ``bnlab bench bn`` times it beside native and eager:
-  BENCH_NUMBERS
+  instruction the CPU lacks. ``bnlab bench bn`` times it beside native and eager. On a
+  heavily loaded 2-core AVX2 CPU (three rounds, median and range of fused/native,
+  forward+backward, float32): (128, 96, 32, 32) 0.92 (0.84-0.95) contiguous and 0.90
+  (0.88-0.97) channels_last, (128, 192, 16, 16) 0.62 (0.45-0.88) and 0.71 (0.48-0.73);
+  the eager path was 4.3-5.8x. The forward wins (two passes over memory to native's
+  three); the backward makes the same passes as native's and is at par (0.9-1.1x).
+  Allocating the 50 MB outputs (page faults on fresh memory) costs as much as the
+  passes themselves there, for both kernels alike.
 
 Where the extension cannot be built or loaded (no C++ compiler, no ``ninja``), the first
 call prints one line to stderr and every call takes the eager path: never an error.
