@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab import functional as F
 from bnlab import kernels
 from bnlab import nn as bnn
 
@@ -149,8 +148,9 @@ def bench_bn(
     """Time training-mode forward, backward and forward+backward: native, eager, fused.
 
     All paths run as modules under autograd, the way a model uses them (for BN,
-    ``torch.nn.BatchNorm2d``, ``bnlab.nn.BatchNorm2d`` on the eager functions and the same
-    module on :mod:`bnlab.kernels`' fused functions; ``layers`` picks rows of
+    ``torch.nn.BatchNorm2d``, ``bnlab.nn.BatchNorm2d`` on the eager functions (inside
+    :func:`bnlab.kernels.disabled`) and the same module as it runs by default, on the fused
+    kernel; ``layers`` picks rows of
     :data:`BENCH_LAYERS`: BN, Batch Renorm and ghost BN against native BN, GroupNorm against
     ``torch.nn.GroupNorm``); the backward computes the input, weight and bias gradients from a
     saved graph (``retain_graph=True``). Before timing, every path's output and gradients are
@@ -170,33 +170,13 @@ def bench_bn(
     return rows
 
 
-class _FusedFunction(torch.autograd.Function):
-    """``bnlab.nn.BatchNormFunction`` with :mod:`bnlab.kernels`' functions (the bench's
-    stand-in until ``bnlab.nn`` calls the kernels itself)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, saved):  # type: ignore[override]
-        ctx.saved = saved
-        ctx.save_for_backward(x, weight)
-        return kernels.batch_norm_normalize(x, saved, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        dx, dgamma, dbeta = kernels.batch_norm_backward(dy, x, ctx.saved, weight)
-        return dx, dgamma, dbeta, None
-
-
-class _FusedBatchNorm2d(bnn.BatchNorm2d):
-    """Training-mode ``bnlab.nn.BatchNorm2d`` on the fused kernel, running statistics
-    updated as ``bnlab.nn`` does (the bench's modules keep the default momentum 0.1)."""
+class _EagerBatchNorm2d(bnn.BatchNorm2d):
+    """``bnlab.nn.BatchNorm2d`` on the eager reference alone (:func:`bnlab.kernels.disabled`
+    around the forward, which holds for its backward too): the bench's eager column."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        saved = kernels.batch_norm_prepare(input.detach(), training=True, eps=self.eps)
-        F.update_running_stats(self.running_mean, self.running_var, saved.mean, saved.var,
-                               input.numel() // input.shape[1], float(self.momentum))
-        return _FusedFunction.apply(input, self.weight, self.bias, saved)
+        with kernels.disabled():
+            return super().forward(input)
 
 
 # Largest error allowed, relative to the largest magnitude of the reference tensor, for a path
@@ -246,9 +226,10 @@ def _bench_bn_case(
         "bnlab": make_bnlab(shape[1]).to(device, dtype),
     }
     note = ""
-    if layer == "BatchNorm2d":  # the fused kernel is BN's
+    if layer == "BatchNorm2d":  # the fused kernel is BN's: bnlab.nn runs it where it applies
+        mods["bnlab"] = _EagerBatchNorm2d(shape[1]).to(device, dtype)
         if kernels.fused_applies(x.detach()):
-            mods["fused"] = _FusedBatchNorm2d(shape[1]).to(device, dtype)
+            mods["fused"] = bnn.BatchNorm2d(shape[1]).to(device, dtype)
         else:
             note = "fused: " + kernels.fused_status() if device == "cpu" else "fused: CPU only"
     with torch.no_grad():  # distinct gamma and beta, the same in every path

@@ -6,8 +6,9 @@ behaviour, momentum semantics (``momentum=None`` is the cumulative average) and 
 (``torch.nn.modules.batchnorm._BatchNorm``, so ``isinstance`` checks treat them as BN),
 which owns the parameters, buffers, ``reset_*``, ``extra_repr`` and state loading, and
 replace only ``forward``. The forward and backward math is in
-:mod:`bnlab.functional`; autograd never traces it (the backward is a
-``torch.autograd.Function``).
+:mod:`bnlab.functional`, run by :mod:`bnlab.kernels` (a fused C++ kernel computing the
+same math on CPU float32/float64 where it applies, the functional code elsewhere);
+autograd never traces it (the backward is a ``torch.autograd.Function``).
 
 Beyond plain training, the same things work on bnlab's modules as on PyTorch's (tested in
 ``tests/test_dropin.py`` and against PyTorch's own module test database): empty inputs
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnlab import functional as F
+from bnlab import kernels
 
 __all__ = [
     "BatchNorm1d",
@@ -59,7 +61,8 @@ class _BatchNormNode(torch.autograd.Function):
 
     Dynamo cannot trace an ``autograd.Function`` that defines ``jvp`` (it breaks the graph
     there), so under ``torch.compile`` :func:`batch_norm` applies this class; everything
-    else is shared.
+    else is shared. It calls :mod:`bnlab.functional` directly, never the fused kernel
+    (Dynamo traces the functional code into its graph; a custom C++ op would break it).
     """
 
     generate_vmap_rule = True
@@ -74,6 +77,7 @@ class _BatchNormNode(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, weight, _, saved = inputs
         ctx.training = saved.training
+        ctx.fused = False  # BatchNormFunction: whether the forward could use the kernel
         ctx.save_for_backward(x, weight, *saved[:4])
         ctx.save_for_forward(x, weight, *saved[:4])
 
@@ -81,7 +85,8 @@ class _BatchNormNode(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, *stats = ctx.saved_tensors
         saved = F.BatchNormSaved(*stats, ctx.training)
-        dx, dgamma, dbeta = F.batch_norm_backward(dy, x, saved, weight)
+        backward = kernels.batch_norm_backward if ctx.fused else F.batch_norm_backward
+        dx, dgamma, dbeta = backward(dy, x, saved, weight)
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         return (dx if need_x else None, dgamma if need_w else None, dbeta if need_b else None, None)
 
@@ -94,15 +99,31 @@ class BatchNormFunction(_BatchNormNode):
     ``saved`` (from :func:`~bnlab.functional.batch_norm_prepare`, computed outside autograd);
     its backward is :func:`~bnlab.functional.batch_norm_backward`, which accounts for the
     dependence of batch statistics on ``x``, and its forward-mode derivative is
-    :func:`~bnlab.functional.batch_norm_jvp`. Each calls one entry point of
-    :mod:`bnlab.functional`, so a fused kernel can replace it.
+    :func:`~bnlab.functional.batch_norm_jvp`.
 
     The modern form (``setup_context``, ``generate_vmap_rule``): ``torch.func.vmap``,
     ``grad``, ``jacrev``, ``jacfwd``/``jvp`` and ``torch.autograd.forward_ad`` work through
     it. The backward is itself differentiable (it switches to its composite form when
     autograd records it), so double backward (``create_graph=True``, gradient penalties)
     works in training and evaluation mode.
+
+    The forward and backward run on :mod:`bnlab.kernels`, which uses the fused C++ kernel
+    where it applies (CPU float32/float64 in a dense layout, outside ``torch.func``
+    transforms, ``vmap``, compile, export and double backward) and the functional
+    reference everywhere else; ``with bnlab.kernels.disabled():`` around the forward keeps
+    the whole step (forward and backward) on the reference.
     """
+
+    @staticmethod
+    def forward(
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, saved: F.BatchNormSaved
+    ) -> Tensor:
+        return kernels.batch_norm_normalize(x, saved, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _BatchNormNode.setup_context(ctx, inputs, output)
+        ctx.fused = kernels.enabled()  # the choice made here holds for the backward too
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None,
@@ -127,7 +148,9 @@ def batch_norm(
     In training mode the running buffers, when given, are updated in place with
     ``momentum`` weighting the new batch statistics; an empty input (no values per
     channel) gives an empty output and leaves them untouched. Bad arguments raise what
-    PyTorch raises (:func:`bnlab.functional.validate_batch_norm_args`).
+    PyTorch raises (:func:`bnlab.functional.validate_batch_norm_args`). The statistics and
+    the normalization run on :mod:`bnlab.kernels` (the fused CPU kernel where it applies,
+    else :mod:`bnlab.functional`); under ``torch.compile`` on :mod:`bnlab.functional`.
 
     >>> x = torch.randn(8, 3, requires_grad=True)
     >>> batch_norm(x, None, None, training=True).sum().backward()
@@ -138,14 +161,14 @@ def batch_norm(
         _verify_batch_size(x)
     weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
-    saved = F.batch_norm_prepare(
-        x.detach(), running_mean, running_var, training=training, eps=eps
-    )
+    compiling = torch.compiler.is_compiling()
+    prepare = F.batch_norm_prepare if compiling else kernels.batch_norm_prepare
+    saved = prepare(x.detach(), running_mean, running_var, training=training, eps=eps)
     if training and running_mean is not None and running_var is not None:
         F.update_running_stats(
             running_mean, running_var, saved.mean, saved.var, F.num_per_channel(x), momentum
         )
-    node = _BatchNormNode if torch.compiler.is_compiling() else BatchNormFunction
+    node = _BatchNormNode if compiling else BatchNormFunction
     return node.apply(x, weight, bias, saved)
 
 

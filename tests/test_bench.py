@@ -88,3 +88,24 @@ def test_bench_bn_times_native_eager_and_fused():
         assert all(r.fused_ms > 0 and r.note == "" for r in rows)
     else:
         assert all(r.fused_ms != r.fused_ms and "fused" in r.note for r in rows)  # NaN
+
+
+def test_bench_bn_eager_column_runs_no_kernel(monkeypatch):
+    """The eager column times bnlab.nn on the reference (forward and backward), the fused
+    column bnlab.nn as it runs by default."""
+    from bnlab import kernels
+    from bnlab import nn as bnn
+    from bnlab.bench import _EagerBatchNorm2d
+
+    if not kernels.load():
+        pytest.skip("no fused kernel here")
+    calls = []
+    for op in ("stats", "normalize", "backward"):
+        real = getattr(torch.ops.bnlab_fused, op)
+        monkeypatch.setattr(torch.ops.bnlab_fused, op,
+                            lambda *a, _op=op, _real=real: calls.append(_op) or _real(*a))
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    _EagerBatchNorm2d(3)(x).sum().backward()
+    assert calls == []
+    bnn.BatchNorm2d(3)(x).sum().backward()
+    assert calls == ["stats", "normalize", "backward"]

@@ -13,6 +13,7 @@ enters the bounds of ``y`` and ``dx``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -71,28 +72,11 @@ def _report(name, a, b, tol):
     return err
 
 
-@pytest.mark.usefixtures("fused_built")
-@pytest.mark.parametrize("offset", OFFSETS, ids=["mean0", "mean1e4"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize(("name", "shape", "fmt"), LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
-def test_fused_equals_eager(name, shape, fmt, dtype, training, offset):
-    x, dy, weight, bias = _make(shape, fmt, dtype, offset)
-    assert kernels.fused_applies(x, dy, weight), "the fused path must be the one tested"
-    with torch.no_grad():  # as inside an autograd.Function, with a module's parameter
-        assert kernels.fused_applies(x, dy, torch.nn.Parameter(weight))
-    c = shape[1]
-    running_mean = torch.full((c,), offset, dtype=dtype) + 0.1
-    running_var = torch.full((c,), 1.2, dtype=dtype)
-    y, saved = kernels.batch_norm_forward(
-        x, weight, bias, running_mean, running_var, training=training, eps=1e-5
-    )
-    y_ref, saved_ref = F.batch_norm_forward(
-        x, weight, bias, running_mean, running_var, training=training, eps=1e-5
-    )
-    dx, dgamma, dbeta = kernels.batch_norm_backward(dy, x, saved, weight)
-    dx_ref, dgamma_ref, dbeta_ref = F.batch_norm_backward(dy, x, saved_ref, weight)
-
+def _bounds(x, dy, weight, bias, saved, saved_ref):
+    """Largest differences allowed between the fused and the eager results (module doc):
+    per element a few roundings (C16 ulps) of the terms' magnitudes, per channel sum
+    ``u * log2(m)`` of the sum of its terms' magnitudes, ``|mu| / sigma`` for y and dx."""
+    dtype, c = x.dtype, x.shape[1]
     u = torch.finfo(dtype).eps / 2
     m = x.numel() // c
     log_m = math.log2(m)
@@ -117,6 +101,32 @@ def test_fused_equals_eager(name, shape, fmt, dtype, training, offset):
         * (dy.double().abs() * (x_hat.abs() + k_off + 1)).sum(dims).max().item(),
         "dbeta": C16 * u * log_m * dy.double().abs().sum(dims).max().item(),
     }
+    return tol
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("offset", OFFSETS, ids=["mean0", "mean1e4"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize(("name", "shape", "fmt"), LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
+def test_fused_equals_eager(name, shape, fmt, dtype, training, offset):
+    x, dy, weight, bias = _make(shape, fmt, dtype, offset)
+    assert kernels.fused_applies(x, dy, weight), "the fused path must be the one tested"
+    with torch.no_grad():  # as inside an autograd.Function, with a module's parameter
+        assert kernels.fused_applies(x, dy, torch.nn.Parameter(weight))
+    c = shape[1]
+    running_mean = torch.full((c,), offset, dtype=dtype) + 0.1
+    running_var = torch.full((c,), 1.2, dtype=dtype)
+    y, saved = kernels.batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training=training, eps=1e-5
+    )
+    y_ref, saved_ref = F.batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training=training, eps=1e-5
+    )
+    dx, dgamma, dbeta = kernels.batch_norm_backward(dy, x, saved, weight)
+    dx_ref, dgamma_ref, dbeta_ref = F.batch_norm_backward(dy, x, saved_ref, weight)
+
+    tol = _bounds(x, dy, weight, bias, saved, saved_ref)
     pairs = {"mean": (saved.mean, saved_ref.mean), "var": (saved.var, saved_ref.var),
              "y": (y, y_ref), "dx": (dx, dx_ref), "dgamma": (dgamma, dgamma_ref),
              "dbeta": (dbeta, dbeta_ref)}
@@ -182,16 +192,16 @@ def test_without_weight_and_bias():
 
 @pytest.mark.usefixtures("fused_built")
 def test_gradcheck_of_the_fused_path_in_float64():
-    """The fused forward and backward, wrapped as an autograd Function (statistics
+    """The fused forward and backward, as bnlab.nn's autograd Function (statistics
     recomputed from x on every call), match numerical gradients."""
-    from bnlab.bench import _FusedFunction
+    from bnlab.nn import BatchNormFunction
 
     x, _, weight, bias = _make((5, 3, 2, 3), torch.channels_last, torch.float64, 3.0)
 
     def fn(x, weight, bias):
         saved = kernels.batch_norm_prepare(x.detach(), training=True, eps=1e-5)
         assert kernels.fused_applies(x.detach())
-        return _FusedFunction.apply(x, weight, bias, saved)
+        return BatchNormFunction.apply(x, weight, bias, saved)
 
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, weight, bias))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
@@ -259,9 +269,11 @@ def _eager_results_without_error(x, dy, weight, bias):
         assert torch.equal(a, b)
 
 
-def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
-    """A machine without a compiler: one line on stderr, then the eager results, no error."""
+def test_no_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    """A machine without a compiler (and no cached build): one line on stderr, then the
+    eager results, no error."""
     monkeypatch.setattr(kernels, "_state", None)
+    monkeypatch.setattr(kernels, "_build_directory", lambda name: tmp_path / name)
     monkeypatch.setenv("CXX", "bnlab-no-such-compiler")
     _eager_results_without_error(*_make((8, 4, 3, 3), None, torch.float32, 0.0))
     err = capsys.readouterr().err.strip().splitlines()
@@ -297,9 +309,9 @@ def test_opt_out_by_environment(monkeypatch, capsys):
 
 @pytest.mark.usefixtures("fused_built")
 def test_a_module_runs_the_fused_path_end_to_end(monkeypatch):
-    """Through an autograd Function with nn.Parameter weights (the bench's module, and
-    bnlab.nn once wired), no eager function runs."""
-    from bnlab.bench import _FusedBatchNorm2d
+    """Through bnlab.nn's module (an autograd Function with nn.Parameter weights), no eager
+    function runs."""
+    from bnlab.nn import BatchNorm2d
 
     def eager_called(*args, **kwargs):
         raise AssertionError("the eager path ran")
@@ -307,8 +319,189 @@ def test_a_module_runs_the_fused_path_end_to_end(monkeypatch):
     for name in ("batch_norm_stats", "batch_norm_prepare", "batch_norm_normalize",
                  "batch_norm_backward"):
         monkeypatch.setattr(F, name, eager_called)
-    bn = _FusedBatchNorm2d(6)
+    bn = BatchNorm2d(6)
     x = torch.randn(8, 6, 5, 5, requires_grad=True)
     y = bn(x)
     dx, dgamma, dbeta = torch.autograd.grad(y, (x, bn.weight, bn.bias), torch.randn_like(y))
     assert dx.shape == x.shape and dgamma.shape == dbeta.shape == (6,)
+
+
+# ---- bnlab.nn runs the fused path, and computes what it computes on the reference ----------
+
+_MODULES = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+def _module_step(module, x, dy):
+    """y, (dx, dgamma, dbeta) and the running buffers after one call of ``module``."""
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    grads = torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+    return y.detach(), grads, (module.running_mean.clone(), module.running_var.clone())
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("offset", OFFSETS, ids=["mean0", "mean1e4"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize(("name", "shape", "fmt"), LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
+def test_nn_fused_equals_nn_eager(monkeypatch, name, shape, fmt, dtype, training, offset):
+    """bnlab.nn's module as it runs by default (the fused kernel: checked by counting kernel
+    calls) against the same module inside ``kernels.disabled()`` (the reference), within
+    the bounds of test_fused_equals_eager; running buffers within those of mean and var."""
+    import bnlab.nn as bnn
+
+    x, dy, weight, bias = _make(shape, fmt, dtype, offset)
+    c = shape[1]
+    modules = []
+    for _ in range(2):
+        module = getattr(bnn, _MODULES[len(shape)])(c, momentum=0.3).to(dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+            module.running_mean.fill_(offset + 0.1)
+            module.running_var.fill_(1.2)
+        modules.append(module.train(training))
+    fused_calls = []
+    for op in ("stats", "normalize", "backward"):
+        real = getattr(torch.ops.bnlab_fused, op)
+        monkeypatch.setattr(torch.ops.bnlab_fused, op,
+                            lambda *a, _op=op, _real=real: fused_calls.append(_op) or _real(*a))
+    y, grads, buffers = _module_step(modules[0], x, dy)
+    assert fused_calls == (["stats"] if training else []) + ["normalize", "backward"]
+    with kernels.disabled():
+        y_ref, grads_ref, buffers_ref = _module_step(modules[1], x, dy)
+    assert fused_calls == (["stats"] if training else []) + ["normalize", "backward"]
+
+    running = (torch.full((c,), offset + 0.1, dtype=dtype), torch.full((c,), 1.2, dtype=dtype))
+    _, saved = kernels.batch_norm_forward(x, weight, bias, *running, training=training)
+    _, saved_ref = F.batch_norm_forward(x, weight, bias, *running, training=training)
+    tol = _bounds(x, dy, weight, bias, saved, saved_ref)
+    m = x.numel() // c
+    pairs = {"y": (y, y_ref), "dx": (grads[0], grads_ref[0]),
+             "dgamma": (grads[1], grads_ref[1]), "dbeta": (grads[2], grads_ref[2]),
+             # running buffers: momentum times the mean (var, with m / (m - 1)) bound
+             "mean": (buffers[0], buffers_ref[0]), "var": (buffers[1], buffers_ref[1])}
+    scale = {"mean": 0.3, "var": 0.3 * m / (m - 1)}
+    for k, (a, b) in pairs.items():
+        bound = tol[k] * scale.get(k, 1.0) + C16 * torch.finfo(dtype).eps * b.abs().max().item()
+        err = _report(k, a, b, bound)
+        assert err <= bound, f"{k}: {err:.3e} > {bound:.3e}"
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride()
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nn_empty_input_is_the_same_on_both_paths(training):
+    """An empty batch: the kernel does not apply; both paths give an empty output and
+    leave the buffers as PyTorch does."""
+    import bnlab.nn as bnn
+
+    x = torch.empty(0, 4, 3, 3, requires_grad=True)
+    results = []
+    for context in (contextlib.nullcontext, kernels.disabled):
+        bn = bnn.BatchNorm2d(4).train(training)
+        with context():
+            y = bn(x)
+        y.sum().backward()
+        results.append((y.shape, bn.running_mean.clone(), int(bn.num_batches_tracked)))
+    torch_bn = torch.nn.BatchNorm2d(4).train(training)
+    torch_bn(x)
+    assert results[0][0] == results[1][0] == (0, 4, 3, 3)
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[0][1], torch_bn.running_mean)
+    assert results[0][2] == results[1][2] == int(torch_bn.num_batches_tracked)
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_nn_on_the_fused_path_is_as_accurate_as_torch_batchnorm2d(dtype, fmt):
+    """bnlab.nn.BatchNorm2d (fused) and torch.nn.BatchNorm2d, each against the float64
+    reference computed from the same rounded input (mean 3, so the shift matters): bnlab's
+    error is at most twice PyTorch's plus a few ulps of the result (C16 u |ref|)."""
+    import bnlab.nn as bnn
+
+    assert kernels.load()
+    x, dy, weight, bias = _make((16, 12, 9, 9), fmt, dtype, 3.0, seed=5)
+    outs = {}
+    for name, cls in (("bnlab", bnn.BatchNorm2d), ("torch", torch.nn.BatchNorm2d),
+                      ("ref", bnn.BatchNorm2d)):
+        bn = cls(12).double() if name == "ref" else cls(12).to(dtype)
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        xi = x.double() if name == "ref" else x
+        dyi = dy.double() if name == "ref" else dy
+        with kernels.disabled() if name == "ref" else contextlib.nullcontext():
+            y, grads, buffers = _module_step(bn, xi, dyi)
+        outs[name] = (y, *grads, *buffers)
+    u = torch.finfo(dtype).eps / 2
+    labels = ("y", "dx", "dgamma", "dbeta", "running_mean", "running_var")
+    for i, label in enumerate(labels):
+        ref = outs["ref"][i]
+        err = {k: (outs[k][i].double() - ref).abs().max().item() for k in ("bnlab", "torch")}
+        bound = 2 * err["torch"] + C16 * u * ref.abs().max().item()
+        print(f"{label:12s} bnlab err {err['bnlab']:.2e} torch err {err['torch']:.2e} "
+              f"(bound {bound:.2e})")
+        assert err["bnlab"] <= bound, label
+
+
+@pytest.mark.usefixtures("fused_built")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_float32_sums_that_would_overflow_are_redone_in_float64(fmt):
+    """|x - K| near 1e20: float32 squares overflow (max 3.4e38), so the kernel's float32 runs
+    give way to float64 sums; mean and var stay finite and agree with the reference (which
+    scales by a power of two) to a few float32 ulps of the spread."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 4, 6, 6, generator=g, dtype=torch.float64) * 1e20).float()
+    x = x.contiguous(memory_format=fmt)
+    assert kernels.fused_applies(x)
+    _, mean, var = kernels.batch_norm_stats(x)
+    _, mean_ref, var_ref = F.batch_norm_stats(x)
+    print(f"var {var.tolist()} reference {var_ref.tolist()}")
+    assert torch.isfinite(var).all() and torch.isfinite(mean).all()
+    u, m = torch.finfo(torch.float32).eps, x.numel() // 4
+    spread = x.double().abs().max().item()
+    assert (mean - mean_ref).abs().max() <= C16 * u * math.log2(m) * spread
+    assert (var - var_ref).abs().max() <= C16 * u * math.log2(m) * spread**2
+
+
+@pytest.mark.usefixtures("fused_built")
+def test_a_new_process_loads_the_cached_build_without_compiling():
+    """Once built, every later process (a CLI run, a test worker) loads the cached library:
+    no compile notice, no compiler needed (CXX pointing nowhere)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(kernels.__file__).resolve().parents[2])  # this checkout's bnlab
+    env = dict(os.environ, CXX="bnlab-no-such-compiler",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    code = "from bnlab import kernels; print(kernels.load())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    assert out.stdout.strip() == "True" and out.stderr == "", out.stderr
+
+
+@pytest.mark.usefixtures("fused_built")
+def test_jit_trace_and_disabled_take_the_eager_path():
+    """A traced graph must not record the extension's op (a loaded trace would need the
+    library); ``disabled()`` nests and restores the fused path on exit, even on an error."""
+    x = torch.randn(4, 3, 2, 2)
+    seen = []
+
+    def traced(xi):
+        seen.append(kernels.fused_applies(xi))
+        return xi * 2
+
+    torch.jit.trace(traced, x, check_trace=False)  # one call, the traced one
+    assert seen == [False]
+    assert kernels.fused_applies(x) and kernels.enabled()
+    with pytest.raises(RuntimeError, match="inside"), kernels.disabled():
+        with kernels.disabled():
+            assert not kernels.fused_applies(x)
+        assert not kernels.fused_applies(x) and not kernels.enabled()
+        raise RuntimeError("inside")
+    assert kernels.fused_applies(x) and kernels.enabled()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import bnlab.nn as bnn
 from bnlab import functional as F
+from bnlab import kernels
 
 PAIRS = {1: (bnn.BatchNorm1d, torch.nn.BatchNorm1d), 2: (bnn.BatchNorm2d, torch.nn.BatchNorm2d),
          3: (bnn.BatchNorm3d, torch.nn.BatchNorm3d)}
@@ -204,19 +206,32 @@ def test_bad_constructor_arguments_match_torch():
             bnn.BatchNorm2d(**kwargs)
 
 
-def test_gradients_come_from_the_hand_derived_backward(monkeypatch):
-    """The module's backward is bnlab's closed form, not autograd tracing the forward."""
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "kernels-disabled"])
+def test_gradients_come_from_the_hand_derived_backward(monkeypatch, fused):
+    """The module's backward is bnlab's closed form, not autograd tracing the forward: the
+    entry point of bnlab.kernels (the fused kernel where it is built, else the reference it
+    falls back to), or with ``kernels.disabled()`` around the forward, the reference alone."""
     calls = []
-    real = F.batch_norm_backward
+    real_kernels, real_functional = kernels.batch_norm_backward, F.batch_norm_backward
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(name, real):
+        def called(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return called
 
-    monkeypatch.setattr(F, "batch_norm_backward", spy)
+    monkeypatch.setattr(kernels, "batch_norm_backward", spy("kernels", real_kernels))
+    monkeypatch.setattr(F, "batch_norm_backward", spy("functional", real_functional))
     x = torch.randn(4, 3, requires_grad=True)
-    bnn.BatchNorm1d(3)(x).sum().backward()
-    assert calls == [1]
+    with contextlib.nullcontext() if fused else kernels.disabled():
+        y = bnn.BatchNorm1d(3)(x)
+    y.sum().backward()  # outside the block: the path was chosen by the forward
+    if not fused:
+        assert calls == ["functional"]
+    elif kernels.load():
+        assert calls == ["kernels"]
+    else:  # no compiler here: the kernels' entry point hands over to the reference
+        assert calls == ["kernels", "functional"]
 
 
 # ---- bias-corrected running averages (opt-in, the post's Q5) ---------------------------------

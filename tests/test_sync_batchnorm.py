@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from bnlab import functional as F
 from bnlab import functional_sync as FS
+from bnlab import kernels
 from bnlab.distributed import free_port, local_loss_scale, shard_batches, shard_bounds
 from bnlab.nn import BatchNorm2d as BnlabBatchNorm2d
 from bnlab.nn import SyncBatchNorm
@@ -189,7 +190,8 @@ def test_bias_correction_carries_over_and_matches_bnlab_batchnorm() -> None:
     ours.eval()
     sync.eval()
     x = torch.randn(4, 3, 2, 2, dtype=DT)
-    assert torch.equal(sync(x), ours(x))
+    with kernels.disabled():  # both on bnlab.functional: the same math, exactly
+        assert torch.equal(sync(x), ours(x))
     assert not torch.equal(sync(x), torch.nn.functional.batch_norm(
         x, sync.running_mean, sync.running_var, sync.weight, sync.bias))  # it is corrected
     assert batchnorm_from_sync(sync, BnlabBatchNorm2d).bias_correction

@@ -17,22 +17,26 @@ Shapes: ``x``, ``y``, ``dy``, ``dx`` (N, C, \*S); per-channel tensors (C,); see
 for the derivation of the backward (Ioffe & Szegedy 2015, section 3).
 
 Same numerics as the reference: the corrected two-pass statistics (shift ``K``, then sums
-of ``x - K`` and its square; Chan, Golub & LeVeque 1983), float64 accumulation of every
-per-channel sum and float64 per-channel coefficients, and the cancellation guard, here
-unconditional: the element-wise passes always use the shifted form ``(x - K) * s + t'``
-(one subtraction more in a pass bound by memory). The forward reads ``x`` twice and writes
-``y`` once; the backward reads ``x`` and ``dy`` twice and writes ``dx`` once. The eager
-path runs 4-6 PyTorch kernels per direction, each a pass over memory and an OpenMP barrier.
+of ``x - K`` and its square; Chan, Golub & LeVeque 1983), per-channel sums accumulated in
+``x``'s dtype over short runs (256 values of a row, or 16 rows per channel of channels-last
+input) and in float64 across runs and blocks, as the reference's ``torch.sum`` per chunk
+and float64 across chunks (float64 throughout where a float32 square would overflow),
+float64 per-channel coefficients, and the cancellation guard, here unconditional: the
+element-wise passes always use the shifted form ``(x - K) * s + t'`` (one subtraction more
+in a pass bound by memory). The forward reads ``x`` twice and writes ``y`` once; the
+backward reads ``x`` and ``dy`` twice and writes ``dx`` once. The eager path runs 4-6
+PyTorch kernels per direction, each a pass over memory and an OpenMP barrier.
 
 When the fused path runs (:func:`fused_applies`): a CPU tensor of float32 or float64 with
 at least one element, in ``torch.contiguous_format`` or with the channel axis innermost
 (``channels_last``, ``channels_last_3d``, or (N, C) input), while autograd records nothing
 (no ``requires_grad`` input under grad mode: call it inside an ``autograd.Function``, as
 ``bnlab.nn`` does), outside ``torch.vmap``/functorch transforms, ``torch.compile`` and
-``torch.export`` tracing (plain ``torch.Tensor`` or ``Parameter`` inputs only, no
-subclasses such as fake tensors). Everything else (CUDA, MPS, float16/bfloat16, strided
-views, empty input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0``
-switches the fused path off.
+``torch.export`` and ``torch.jit.trace`` tracing (plain ``torch.Tensor`` or ``Parameter``
+inputs only, no subclasses such as fake tensors), and outside :func:`disabled`. Everything
+else (CUDA, MPS, float16/bfloat16 and autocast's bfloat16 activations, strided views, empty
+input, double backward) takes the eager path, silently. ``BNLAB_FUSED=0`` switches the
+fused path off for the process.
 
 Why a C++ extension (forward+backward of (128, 96, 32, 32) float32 on a 2-core x86 CPU,
 against PyTorch's native kernel, as measured when this was chosen):
@@ -43,23 +47,31 @@ against PyTorch's native kernel, as measured when this was chosen):
 - Triton generates code for GPUs; its interpreter runs kernels on the CPU to test them,
   not to run them fast.
 - A C++/OpenMP extension built with ``torch.utils.cpp_extension.load`` compiles once per
-  machine (about 25 s of CPU time, with the compiler PyTorch extensions use), is cached
-  in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
-  ``~/.cache/torch_extensions``; concurrent first builds wait on one lock) and loads in
-  milliseconds afterwards. Threads come from ``at::parallel_for`` (OpenMP in PyTorch's CPU
-  builds), vector code from ``#pragma omp simd`` with the instruction set PyTorch itself
-  dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), so the
-  cached library never uses an instruction the CPU lacks. ``bnlab bench bn`` times it
-  beside native and eager (on a loaded 2-core CPU: 0.41-0.74x native forward+backward on
-  the four shape/format cases, where the eager path was 2.7-7x).
+  machine and source (about 25 s of CPU time, with the compiler PyTorch extensions use),
+  is cached in the PyTorch extensions folder (``$TORCH_EXTENSIONS_DIR`` or
+  ``~/.cache/torch_extensions``) under a name that carries a digest of the source and
+  flags (two checkouts never rebuild each other's; concurrent first builds wait on one
+  lock) and loads in milliseconds afterwards, without a compiler. Threads come from
+  ``at::parallel_for`` (OpenMP in PyTorch's CPU builds), vector code from
+  ``#pragma omp simd`` with the instruction set PyTorch itself dispatches to on this CPU
+  (``torch.backends.cpu.get_cpu_capability()``), so the cached library never uses an
+  instruction the CPU lacks. ``bnlab bench bn`` times it beside native and eager. On a
+  heavily loaded 2-core AVX2 CPU (three rounds, median and range of fused/native,
+  forward+backward, float32): (128, 96, 32, 32) 0.92 (0.84-0.95) contiguous and 0.90
+  (0.88-0.97) channels_last, (128, 192, 16, 16) 0.62 (0.45-0.88) and 0.71 (0.48-0.73);
+  the eager path was 4.3-5.8x. The forward wins (two passes over memory to native's
+  three); the backward makes the same passes as native's and is at par (0.9-1.1x).
+  Allocating the 50 MB outputs (page faults on fresh memory) costs as much as the
+  passes themselves there, for both kernels alike.
 
 Where the extension cannot be built or loaded (no C++ compiler, no ``ninja``), the first
 call prints one line to stderr and every call takes the eager path: never an error.
 
-Wiring it into ``bnlab.nn`` is one swap: call ``kernels.batch_norm_prepare``,
-``kernels.batch_norm_normalize`` and ``kernels.batch_norm_backward`` where
-``F.batch_norm_*`` are called now (inside ``BatchNormFunction`` and ``batch_norm``); they
-choose the fused or the eager path per call.
+``bnlab.nn`` runs on these entry points (its ``batch_norm`` and ``BatchNormFunction``), so
+every bnlab BN module uses the kernel where it applies. ``with kernels.disabled():`` (or
+``BNLAB_FUSED=0`` for a process) keeps a step on the reference: for comparisons that must
+be exact between two layers whose math agrees (rounding order differs between the paths)
+and for timing the reference.
 
 Usage::
 
@@ -74,9 +86,13 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -91,6 +107,8 @@ __all__ = [
     "batch_norm_normalize",
     "batch_norm_prepare",
     "batch_norm_stats",
+    "disabled",
+    "enabled",
     "fused_applies",
     "fused_status",
     "load",
@@ -106,6 +124,9 @@ _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+
+# False inside ``with disabled():`` (per thread and per asyncio task, as a ContextVar).
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("bnlab_fused", default=True)
 
 # The extension's state in this process: None (not tried yet), True (loaded), or the
 # reason it could not be loaded (a string, printed once).
@@ -129,13 +150,22 @@ def _build_directory(name: str) -> Path:
     return Path(root) / tag
 
 
+def _extension_name(capability: str, cflags: list[str]) -> str:
+    """``bnlab_batch_norm_<capability>_<digest>``: the digest of the source and the flags, so
+    that each version of ``batch_norm.cpp`` (two checkouts of bnlab, an upgrade) has its own
+    cached library and none rebuilds another's."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()
+    return f"bnlab_batch_norm_{capability.lower()}_{digest[:10]}"
+
+
 def load(verbose: bool = False) -> bool:
     """Build (once per machine) and load the extension; True when the fused path is usable.
 
-    The first call in a process compiles ``batch_norm.cpp`` if no cached build matches
-    (printing one line to stderr, as it takes about a minute) or loads the cached library.
-    A failure prints one line to stderr (``bnlab: fused BN kernel unavailable (...)``)
-    and returns False; later calls return the same answer without retrying.
+    The first call in a process loads the cached library of this exact source, or compiles
+    ``batch_norm.cpp`` if there is none (printing one line to stderr, as it takes about a
+    minute; concurrent first builds wait on the build folder's lock). A failure prints one
+    line to stderr (``bnlab: fused BN kernel unavailable (...)``) and returns False; later
+    calls in the process return the same answer without retrying.
     """
     global _state
     if _state is None:
@@ -150,26 +180,31 @@ def _try_load(verbose: bool) -> bool | str:
     if os.environ.get("BNLAB_FUSED", "1") == "0":
         return "BNLAB_FUSED=0"
     compiler = os.environ.get("CXX", "c++")  # the compiler torch.utils.cpp_extension calls
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler: {compiler} not found"
     try:
-        from torch.utils import cpp_extension
-
         capability = _cpu_capability()
-        name = f"bnlab_batch_norm_{capability.lower()}"
+        cflags = ["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])]
+        name = _extension_name(capability, cflags)
         build = _build_directory(name)
-        build.mkdir(parents=True, exist_ok=True)
-        if not (build / f"{name}.so").exists():
-            print(f"bnlab: compiling the fused BN kernel into {build} (once per machine, "
-                  "about a minute)", file=sys.stderr)
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp-simd", *_ARCH_FLAGS.get(capability, [])],
-            build_directory=str(build),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        library = build / f"{name}.so"
+        if library.exists() and not (build / "lock").exists():  # built, no build running
+            torch.ops.load_library(str(library))
+        else:
+            if shutil.which(compiler) is None:
+                return f"no C++ compiler: {compiler} not found"
+            from torch.utils import cpp_extension
+
+            build.mkdir(parents=True, exist_ok=True)
+            if not library.exists():
+                print(f"bnlab: compiling the fused BN kernel into {build} (once per "
+                      "machine, about a minute)", file=sys.stderr)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=cflags,
+                build_directory=str(build),
+                is_python_module=False,
+                verbose=verbose,
+            )
         torch.ops.bnlab_fused.stats  # noqa: B018 (raises if the library did not register)
     except Exception as err:  # no compiler, no ninja, a build error: fall back, never fail
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -182,6 +217,33 @@ def fused_status() -> str:
     if load():
         return f"fused C++ kernel ({_cpu_capability()})"
     return f"eager (fused kernel unavailable: {_state})"
+
+
+def enabled() -> bool:
+    """False inside :func:`disabled`; True otherwise (whether or not the kernel loads)."""
+    return _enabled.get()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every entry point takes the eager path of :mod:`bnlab.functional`.
+
+    For comparisons that must be exact (two layers whose math is the same up to the order
+    of rounding, such as Batch Renorm with ``rmax=1, dmax=0`` against BN) and for timing
+    the eager reference. ``bnlab.nn`` records the choice when the forward runs, so the
+    backward of a forward run inside the block is eager too, wherever it runs. Nests;
+    per thread (a ``contextvars.ContextVar``). ``BNLAB_FUSED=0`` does the same for a whole
+    process.
+
+    >>> with disabled():
+    ...     enabled()
+    False
+    """
+    token = _enabled.set(False)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
 
 
 def _is_compiling() -> bool:
@@ -210,6 +272,8 @@ def fused_applies(x: Tensor, *others: Tensor | None) -> bool:
 
     See the module docstring for the conditions. Builds/loads the extension on first use.
     """
+    if not _enabled.get() or _is_compiling() or torch.jit.is_tracing():
+        return False
     if type(x) not in _PLAIN or x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
     if x.dim() < 2 or x.numel() == 0 or _channels_last(x) is None:

@@ -13,9 +13,11 @@
 //   * corrected two-pass statistics (Chan, Golub & LeVeque 1983): K = a rough mean rounded to
 //     x's dtype, then d = x - K (exact near the mean, Sterbenz), sum(d) and sum(d*d);
 //     mu = K + sum(d)/m, var = max(sum(d*d)/m - (sum(d)/m)^2, 0);
-//   * float64 accumulation of every per-channel sum (here for every element, not only
-//     across chunks: d and d*d of a float32 are exact in float64) and float64 per-channel
-//     coefficients;
+//   * per-channel sums accumulated in x's dtype over short runs (256 values of a row, or 16
+//     rows per channel of channels-last input), then in
+//     float64 across runs and blocks -- the eager path's torch.sum per chunk and float64
+//     across chunks; where a float32 run overflows (|x - K| > 1.8e19) or the input is not
+//     finite, the sums are redone in float64 throughout. Per-channel coefficients in float64;
 //   * the cancellation guard: element-wise passes always use the shifted form
 //     y = (x - K) * s + t', never x * s + t (it costs one subtraction in a pass that is
 //     bound by memory, so it is never switched off).
@@ -38,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,27 +69,47 @@ int64_t num_blocks(int64_t rows, int64_t row_len) {
   return std::max<int64_t>(1, std::min<int64_t>({64, rows, total / 2048}));
 }
 
-// Per-channel sums of f(a, b) over a block-split walk of the rows.
+// Per-channel sums of f(a, b) over a block-split walk of the rows, accumulated in acc_t
+// (x's dtype, as the eager path's torch.sum) over at most kRun values per channel, then in
+// float64 (as the eager path's sums across chunks).
 //   first layout: row r = (n, c) holds `inner` contiguous values of channel r % C
 //   last layout : row r = (n, i) holds C contiguous values, one per channel
 // Two accumulators per channel, returned as a (2, C) float64 tensor.
-template <typename scalar_t, typename Body>
+constexpr int64_t kRun = 256;      // values summed in acc_t along a row (first layout)
+constexpr int64_t kRunRows = 16;   // rows summed in acc_t per channel (last layout)
+
+template <typename acc_t, typename Body>
 Tensor channel_sums2(const Geometry& g, const Body& body) {
   const int64_t rows = g.last ? g.n * g.inner : g.n * g.c;
   const int64_t row_len = g.last ? g.c : g.inner;
   const int64_t blocks = num_blocks(rows, row_len);
   std::vector<double> part(static_cast<size_t>(blocks * 2 * g.c), 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> run(g.last ? static_cast<size_t>(2 * g.c) : 0);
     for (int64_t b = b0; b < b1; ++b) {
       double* __restrict acc0 = part.data() + b * 2 * g.c;
       double* __restrict acc1 = acc0 + g.c;
       const int64_t r0 = rows * b / blocks, r1 = rows * (b + 1) / blocks;
-      for (int64_t r = r0; r < r1; ++r) {
-        if (g.last) {
-          body.row_last(r, acc0, acc1);
-        } else {
+      if (g.last) {
+        acc_t* __restrict run0 = run.data();
+        acc_t* __restrict run1 = run0 + g.c;
+        for (int64_t q0 = r0; q0 < r1; q0 += kRunRows) {
+          std::fill(run.begin(), run.end(), acc_t(0));
+          for (int64_t r = q0; r < std::min(r1, q0 + kRunRows); ++r) body.row_last(r, run0, run1);
+          for (int64_t j = 0; j < g.c; ++j) {
+            acc0[j] += static_cast<double>(run0[j]);
+            acc1[j] += static_cast<double>(run1[j]);
+          }
+        }
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
           double s0 = 0.0, s1 = 0.0;
-          body.row_first(r, s0, s1);
+          for (int64_t i0 = 0; i0 < g.inner; i0 += kRun) {
+            acc_t t0 = 0, t1 = 0;
+            body.row_first(r, i0, std::min(g.inner, i0 + kRun), t0, t1);
+            s0 += static_cast<double>(t0);
+            s1 += static_cast<double>(t1);
+          }
           acc0[r % g.c] += s0;
           acc1[r % g.c] += s1;
         }
@@ -101,6 +124,21 @@ Tensor channel_sums2(const Geometry& g, const Body& body) {
   return out;
 }
 
+// The sums in x's dtype, or in float64 where those overflowed (float32 squares of |x - K| >
+// 1.8e19) or the input holds inf/NaN: float64 does not overflow, and gives inf/NaN input
+// the eager path's non-finite statistics.
+template <typename scalar_t, typename Body>
+Tensor channel_sums2_guarded(const Geometry& g, const Body& body) {
+  Tensor sums = channel_sums2<scalar_t>(g, body);
+  if (!std::is_same<scalar_t, double>::value) {
+    const double* s = sums.data_ptr<double>();
+    bool finite = true;
+    for (int64_t j = 0; j < 2 * g.c; ++j) finite = finite && std::isfinite(s[j]);
+    if (!finite) sums = channel_sums2<double>(g, body);
+  }
+  return sums;
+}
+
 // ---- statistics: sum(x - K), sum((x - K)^2) ----------------------------------------------
 
 template <typename scalar_t>
@@ -108,25 +146,28 @@ struct StatsBody {
   const scalar_t* x;
   const scalar_t* k;  // (C,)
   int64_t c, inner;
-  void row_first(int64_t r, double& s0, double& s1) const {
+  // values i0..i1 of row r (first layout): t0 += sum(d), t1 += sum(d * d)
+  template <typename acc_t>
+  void row_first(int64_t r, int64_t i0, int64_t i1, acc_t& t0, acc_t& t1) const {
     const scalar_t* __restrict xr = x + r * inner;
-    const scalar_t kc = k[r % c];
-    double a = 0.0, b = 0.0;
+    const acc_t kc = static_cast<acc_t>(k[r % c]);
+    acc_t a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < inner; ++i) {
-      const double d = static_cast<double>(xr[i] - kc);  // exact near the mean
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t d = static_cast<acc_t>(xr[i]) - kc;  // exact near the mean
       a += d;
       b += d * d;
     }
-    s0 = a;
-    s1 = b;
+    t0 += a;
+    t1 += b;
   }
-  void row_last(int64_t r, double* __restrict a, double* __restrict b) const {
+  template <typename acc_t>
+  void row_last(int64_t r, acc_t* __restrict a, acc_t* __restrict b) const {
     const scalar_t* __restrict xr = x + r * c;
     const scalar_t* __restrict kk = k;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      const double d = static_cast<double>(xr[j] - kk[j]);
+      const acc_t d = static_cast<acc_t>(xr[j]) - static_cast<acc_t>(kk[j]);
       a[j] += d;
       b[j] += d * d;
     }
@@ -164,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> stats(const Tensor& x, bool channels_last) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_stats", [&] {
     shift = rough_mean<scalar_t>(x, g);
     StatsBody<scalar_t> body{x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), g.c, g.inner};
-    sums = channel_sums2<scalar_t>(g, body);
+    sums = channel_sums2_guarded<scalar_t>(g, body);
   });
   Tensor mean = at::empty({g.c}, at::kDouble), var = at::empty({g.c}, at::kDouble);
   const double* s = sums.data_ptr<double>();
@@ -279,29 +320,31 @@ struct BackwardBody {
   const scalar_t* x;
   const scalar_t* k;
   int64_t c, inner;
-  void row_first(int64_t r, double& s0, double& s1) const {
+  template <typename acc_t>
+  void row_first(int64_t r, int64_t i0, int64_t i1, acc_t& t0, acc_t& t1) const {
     const scalar_t* __restrict dyr = dy + r * inner;
     const scalar_t* __restrict xr = x + r * inner;
-    const scalar_t kc = k[r % c];
-    double a = 0.0, b = 0.0;
+    const acc_t kc = static_cast<acc_t>(k[r % c]);
+    acc_t a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < inner; ++i) {
-      const double gy = static_cast<double>(dyr[i]);
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t gy = static_cast<acc_t>(dyr[i]);
       a += gy;
-      b += gy * static_cast<double>(xr[i] - kc);
+      b += gy * (static_cast<acc_t>(xr[i]) - kc);
     }
-    s0 = a;
-    s1 = b;
+    t0 += a;
+    t1 += b;
   }
-  void row_last(int64_t r, double* __restrict a, double* __restrict b) const {
+  template <typename acc_t>
+  void row_last(int64_t r, acc_t* __restrict a, acc_t* __restrict b) const {
     const scalar_t* __restrict dyr = dy + r * c;
     const scalar_t* __restrict xr = x + r * c;
     const scalar_t* __restrict kk = k;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      const double gy = static_cast<double>(dyr[j]);
+      const acc_t gy = static_cast<acc_t>(dyr[j]);
       a[j] += gy;
-      b[j] += gy * static_cast<double>(xr[j] - kk[j]);
+      b[j] += gy * (static_cast<acc_t>(xr[j]) - static_cast<acc_t>(kk[j]));
     }
   }
 };
@@ -328,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dy, const Tensor& x,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_batch_norm_backward_sums", [&] {
     BackwardBody<scalar_t> body{dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                 kt.data_ptr<scalar_t>(), g.c, g.inner};
-    sums = channel_sums2<scalar_t>(g, body);
+    sums = channel_sums2_guarded<scalar_t>(g, body);
   });
   Tensor k64 = kt.to(at::kDouble), mu = mean.to(at::kDouble).contiguous();
   Tensor is = invstd.to(at::kDouble).contiguous(), w = weight.to(at::kDouble).contiguous();
