@@ -80,7 +80,7 @@ def _plot_running_error(s: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Q5: BN's running statistics (momentum {s['bn_momentum']:g}) vs the "
                  f"population statistics of {s['population_images']} training images, first "
-                 f"{s['window']} steps (mean ± std over {s['seeds']} seeds; dotted: epoch ends)",
+                 f"{s['window']} steps (mean ± std over {s['n_seeds']} seeds; dotted: epoch ends)",
                  fontsize=10)
     save_figure(fig, path)
 
@@ -99,7 +99,7 @@ def _plot_early_accuracy(s: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy in eval mode (fraction)")
     ax.set_title(f"Q5: test accuracy ({s['test_images']} test images) in the first "
                  f"{s['window']} steps, by the statistics BN normalizes with "
-                 f"(mean ± std over {s['seeds']} seeds; dotted: epoch ends)", fontsize=10)
+                 f"(mean ± std over {s['n_seeds']} seeds; dotted: epoch ends)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -124,7 +124,7 @@ def _plot_momentum(s: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("BN momentum (PyTorch's convention: weight of the new batch)")
     ax.set_ylabel("final test accuracy in eval mode (fraction)")
     ax.set_title(f"Q5: final test accuracy after {s['total_steps']} steps by BN momentum "
-                 f"(mean ± std over {s['seeds']} seeds)", fontsize=10)
+                 f"(mean ± std over {s['n_seeds']} seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
