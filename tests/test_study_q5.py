@@ -223,7 +223,7 @@ def test_study_writes_summary_figures_and_runs(study):
     assert not s["long_enough"] and s["claims"]["default_momentum"]["verdict"] == "inconclusive"
     assert s["momenta"]["0.01"]["start_weight"] == pytest.approx(0.99 ** 10)
     for png in ("q5_ewa_series.png", "q5_ewa_startup.png", "q5_bn_running_error.png",
-                "q5_bn_early_accuracy.png", "q5_momentum_accuracy.png"):
+                "q5_bn_early_accuracy.png", "q5_momentum_accuracy.png", "q5_precise_bn.png"):
         assert is_png(out / png)
 
 
@@ -232,7 +232,7 @@ def test_section_is_drawn_from_the_summary(study):
     text = q5.render(out)
     assert text.startswith(f"## {q5.TITLE}") and "Q5" in text.splitlines()[0]
     figures = section_figures(text)
-    assert len(figures) == 5 and all((out / f).is_file() for _, f in figures)
+    assert len(figures) == 6 and all((out / f).is_file() for _, f in figures)
     s = read_summary(out)
     assert f"{s['early']['var_error_raw']['mean']:.3f}" in text
     assert f"{s['final_acc_population']['mean']:.3f}" in text

@@ -419,7 +419,11 @@ def _timing(ctx: StudyContext, base: SweepPoint, results: dict, ledger: dict
                               "device": str(resolve_device(ctx.device)),
                               "torch_threads": torch.get_num_threads()}
     epochs = base.epochs
+    # the sweep's runs serve when they have an epoch after the warm-up one
+    timing["reuses_sweep"] = reuse = base.epochs >= 2
     for key, label, fields in _TIME_CONFIGS:
+        if fields is None and not reuse:
+            fields = {"norm": key.split("_")[1]}
         if fields is None:  # the shuffled runs of experiment 1 at the scale's batch size
             norm = key.split("_")[1]
             runs = [(seed, r) for seed, _, r in results[(base.batch_size, norm)]]

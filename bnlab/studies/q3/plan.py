@@ -17,9 +17,11 @@ quick budget is ~150 s of training on a 2-core CPU in float32, standard ~1200 s 
   (750, 23, 5 updates: only batch 2 gets near 1,000), 3 seeds: 18 runs, 27k images;
   GroupNorm and Batch Renorm at B = 2 and 256, ghost BN at 256 (at B <= its virtual batch
   of 32 ghost BN *is* BN): 15 runs, 22k images; class-sorted, 6 runs, 9k images; timing,
-  9 runs of 2 epochs, 27k images (the manual engine is slower). About 85k images: ~200 s
-  on a quiet 2-core CPU in float32, over the ~150 s share: quick answers are
-  inconclusive wherever the updates fall short anyway.
+  15 dedicated runs of 2 epochs (the sweep's single epoch would time the warm-up), 45k
+  images (the manual engine is slower). About 100k images: ~250 s on a quiet 2-core CPU
+  in float32, over the ~150 s share (the first place to cut: the variants at 256, or
+  the timing runs); quick answers are inconclusive wherever the updates fall short
+  anyway.
 - ``standard`` (5,085 images, width 0.5): BN and no BN at B = 2, 8, 32, 64, 256, at most
   3 epochs (2,542, 1,270, 474, 237, 57 updates: the answer counts at 2 and 8 only), 3
   seeds: 30 runs, 366k images; variants at 2 and 256: 15 runs, 168k; class-sorted, 92k;

@@ -111,6 +111,8 @@ def render(study_dir: Path) -> str:
         "",
         "**Answer.** " + _answer(s),
         "",
+        "**Scale.** " + _scale_text(s),
+        "",
     ]
     if s.get("wall_time_s") is not None:
         clock, ledger = s["stage_time_s"], s.get("runs", {"reused": 0, "trained": 0})
@@ -274,9 +276,12 @@ def render(study_dir: Path) -> str:
         "### Time",
         "",
         f"Training seconds per epoch (evaluation excluded) at batch {st['batch_size']}, from "
-        "`metrics.jsonl`, over the epochs after the first and over seeds. The autograd runs "
-        f"without BN and with PyTorch's BN are those of the batch-size sweep; the others "
-        f"are dedicated runs of {tm['dedicated_epochs']} epoch(s). Measured on "
+        "`metrics.jsonl`, over the epochs after the first and over seeds. "
+        + ("The autograd runs without BN and with PyTorch's BN are those of the batch-size "
+           "sweep; the others are dedicated runs" if tm.get("reuses_sweep", True) else
+           "Every configuration has dedicated runs (the sweep's had a single epoch, whose "
+           "time includes the warm-up)")
+        + f" of {tm['dedicated_epochs']} epoch(s). Measured on "
         f"{tm.get('device', 'an unrecorded device')} with {tm.get('torch_threads', '?')} "
         "PyTorch thread(s); on a shared machine these times move with its load.",
         "",
@@ -310,6 +315,20 @@ def render(study_dir: Path) -> str:
     lines += ["", "Recurrent networks, another drawback often listed for BN, are not measured "
               "here: All-CNN-C has no recurrence."]
     return "\n".join(lines) + "\n"
+
+
+def _scale_text(s: dict[str, Any]) -> str:
+    """At which scale these answers hold, and where the runs were long enough to count."""
+    st, points = s["settings"], s["batch_size"]["points"]
+    counted = [str(p["batch_size"]) for p in points if p["enough_updates"]]
+    return (f"These answers were obtained at preset `{s['preset']}` (All-CNN-C at width "
+            f"{st['width']:g}, {st['train_images']} training images of {s['data']}, "
+            f"{s['n_seeds']} seeds), not on full CIFAR-10 or ImageNet. Runs reached the "
+            f"{st['min_updates']} updates an answer needs "
+            + (f"at batch {', '.join(counted)}" if counted else "at no batch size")
+            + "; every other comparison is reported with its update count and is "
+            "inconclusive at this scale. What the papers report at full scale follows each "
+            "subsection.")
 
 
 def _answer(s: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from bnlab.studies.q5.averages import ewa_experiment
 from bnlab.studies.q5.figures import (
     _plot_early_accuracy,
     _plot_momentum,
+    _plot_precise,
     _plot_running_error,
     _plot_series,
     _plot_startup,
@@ -98,6 +99,7 @@ def run(ctx: StudyContext) -> dict:
     _plot_running_error(summary, ctx.out / "q5_bn_running_error.png")
     _plot_early_accuracy(summary, ctx.out / "q5_bn_early_accuracy.png")
     _plot_momentum(summary, ctx.out / "q5_momentum_accuracy.png")
+    _plot_precise(summary, ctx.out / "q5_precise_bn.png")
     write_summary(ctx.out, summary)
     return summary
 

@@ -179,6 +179,11 @@ def render(study_dir: Path) -> str:
         f"interval of precise − moving lies below {c['min_effect'] * 100:g} point(s)): "
         f"**{VERDICT_TEXT[c['verdict']]}**. At full scale: {LITERATURE}",
         "",
+        f"![Test accuracy in eval mode (fraction) at the end of epochs "
+        f"{', '.join(str(p['epoch']) for p in s['precise'])}: BN normalizing with the moving "
+        "average, or with precise population statistics of the augmented or the plain "
+        "training images; error bars ± std over seeds](q5_precise_bn.png)",
+        "",
         "### Final accuracy across momentum values",
         "",
         f"After all {s['total_steps']} steps, on all {s['all_test_images']} test images. "
@@ -239,6 +244,13 @@ def render(study_dir: Path) -> str:
         f"training, the running statistics of momentum {s['bn_momentum']:g} give "
         f"{fmt_pm(own['acc_raw'], 3)} against {fmt_pm(s['final_acc_population'], 3)} with "
         "the population statistics.",
+        "",
+        f"**Scale.** These answers were obtained at preset `{s['preset']}` (All-CNN-C at "
+        f"width {s['width']:g}, {s['train_images']} training images, {s['total_steps']} "
+        f"steps per run, {plural(s['n_seeds'], 'seed')}), not on full CIFAR-10 or ImageNet"
+        + ("." if s["long_enough"] else f"; the runs are shorter than the {s['min_steps']} "
+           "steps a momentum sweep needs.") + " What the literature reports at full scale is "
+        "in the precise-BN subsection.",
         "",
         f"Against the post's claim that the running averages stand in for the data's "
         f"statistics at test time: **{VERDICT_TEXT[v['running_stand_in']]}**. Against the "
