@@ -250,7 +250,8 @@ def test_study_writes_summary_figures_and_section(study):
     for key in ("data", "preset", "seeds", "settings", "tuning", "batch_size", "discrepancy",
                 "class_sorted", "time", "claims", "figures"):
         assert key in stored, key
-    assert stored["preset"] == TINY.name and stored["seeds"] == list(range(TINY.seeds))
+    assert stored["preset"] == TINY.name and stored["seeds"] == TINY.seeds
+    assert stored["seed_list"] == list(range(TINY.seeds))
     assert stored["n_seeds"] == TINY.seeds
     assert "generated" not in stored["data"] and stored["data"]
     assert [p["batch_size"] for p in stored["batch_size"]["points"]] == [2, 8, 32]

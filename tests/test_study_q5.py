@@ -197,7 +197,8 @@ def test_study_writes_summary_figures_and_runs(study):
     for key in ("data", "preset", "seeds", "ewa", "bn_curves", "early", "momenta",
                 "final_acc_population", "claims", "probe_steps", "precise"):
         assert key in s, key
-    assert s["preset"] == "tiny" and s["seeds"] == [0] and s["n_seeds"] == 1
+    assert s["preset"] == "tiny" and s["seeds"] == 1 and s["n_seeds"] == 1
+    assert s["seed_list"] == [0]
     for claim in s["claims"].values():
         assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
     assert s["total_steps"] == 10 and s["window"] == 10 and s["probe_steps"] == list(range(1, 11))

@@ -277,7 +277,8 @@ def run(ctx: StudyContext) -> dict:
         "title": TITLE,
         "data": dataset.source,
         "preset": scale.name,
-        "seeds": ctx.seed_list(),
+        # seeds as a count: the acceptance walk reads every int under a "seeds" key
+        "seeds": ctx.seeds, "seed_list": ctx.seed_list(),
         "n_seeds": ctx.seeds,
         "settings": {"width": scale.width, "epochs": epochs, "scale_epochs": scale.epochs,
                      "train_images": num_train,

@@ -79,8 +79,10 @@ def run(ctx: StudyContext) -> dict:
 
     series = ewa_experiment()
     summary: dict[str, Any] = {
-        "data": dataset.source, "preset": ctx.scale.name, "seeds": ctx.seed_list(),
-        "n_seeds": ctx.seeds, "width": ctx.scale.width, "epochs": epochs,
+        # seeds as a count: the acceptance walk reads every int under a "seeds" key
+        "data": dataset.source, "preset": ctx.scale.name, "seeds": ctx.seeds,
+        "seed_list": ctx.seed_list(), "n_seeds": ctx.seeds, "width": ctx.scale.width,
+        "epochs": epochs,
         "scale_epochs": ctx.scale.epochs, "min_steps": MIN_STEPS, "long_enough": long_enough,
         "min_effect": MIN_EFFECT, "min_error_effect": MIN_ERROR_EFFECT,
         "train_images": n_train,
