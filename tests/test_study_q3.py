@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnlab.data
 import bnlab.train
 from bnlab import bnstats
 from bnlab.data import load_cifar10_dir
@@ -25,18 +26,67 @@ TINY = StudyScale("tiny-q3", width=0.125, epochs=1, subset=None, batch_size=8, l
 
 
 @pytest.mark.parametrize(("scale", "num_train", "expected", "skipped"), [
-    (SCALES["quick"], 2000, [(2, 1), (8, 2), (32, 2), (64, 2), (256, 2)], []),
-    (SCALES["paper"], 50000, [(2, 4), (8, 15), (32, 15), (128, 15), (256, 15)], []),
-    (TINY, 40, [(2, 1), (8, 1), (32, 1)], [256]),
+    # (batch, epochs, updates): toward 1,000 updates, capped at the plan's max_epochs
+    (SCALES["quick"], 1500, [(2, 1, 750), (64, 1, 23), (256, 1, 5)], []),
+    (SCALES["standard"], 5085,
+     [(2, 1, 2542), (8, 2, 1270), (32, 3, 474), (64, 3, 237), (256, 3, 57)], []),
+    (SCALES["paper"], 50000,
+     [(2, 1, 25000), (8, 1, 6250), (32, 1, 1562), (128, 3, 1170), (256, 6, 1170)], []),
+    (TINY, 40, [(2, 1, 20), (8, 1, 5), (32, 1, 1)], [256]),
 ])
-def test_sweep_plan_clamps_and_shortens_small_batches(scale, num_train, expected, skipped):
+def test_sweep_plan_aims_at_a_thousand_updates(scale, num_train, expected, skipped):
     points, left_out = q3.sweep_plan(scale, num_train)
-    assert [(p.batch_size, p.epochs) for p in points] == expected
+    print([(p.batch_size, p.epochs, p.updates, p.enough_updates) for p in points])
+    assert [(p.batch_size, p.epochs, p.updates) for p in points] == expected
     assert left_out == skipped
-    base = next(p for p in points if p.batch_size == scale.batch_size)
-    assert base.lr == scale.lr and base.epochs == q3.study_epochs(scale) and not base.reduced
-    for p in points:  # lr = lr0 sqrt(B / B0)
+    for p in points:
+        assert p.enough_updates == (p.updates >= q3.MIN_UPDATES)
+        assert p.epochs <= q3.scale_plan(scale).max_epochs
+        # lr = lr0 sqrt(B / B0): the factor the study applies to each network's tuned rate
         assert p.lr == pytest.approx(scale.lr * (p.batch_size / scale.batch_size) ** 0.5)
+    base = next(p for p in points if p.batch_size == scale.batch_size)
+    assert base.lr == scale.lr
+    variants = {p.batch_size for p in points if p.variants}
+    assert variants == set(q3.scale_plan(scale).variant_batch_sizes) - set(left_out)
+
+
+def test_start_weight_is_what_the_running_average_still_holds():
+    # issue 17: batch 256 with 21 updates still holds 11 % of its start
+    assert q3.start_weight(0.1, 21) == pytest.approx(0.9 ** 21) and 0.10 < 0.9 ** 21 < 0.12
+    assert q3.start_weight(None, 21) is None
+
+
+@pytest.mark.parametrize(("low", "high", "want"), [
+    (-0.02, 0.005, "supported"),      # a cost above 1 point is ruled out
+    (0.02, 0.08, "contradicted"),     # the cost exceeds 1 point
+    (-0.01, 0.03, "inconclusive"),    # the interval reaches past 1 point but not wholly
+    (None, None, "inconclusive"),     # one seed: no interval
+])
+def test_no_worse_verdict_is_a_non_inferiority_test(low, high, want):
+    assert q3.no_worse_verdict({"low": low, "high": high}, min_effect=0.01) == want
+
+
+def test_short_runs_are_inconclusive_whatever_the_interval():
+    strong = {"mean": 0.2, "low": 0.15, "high": 0.25, "n": 3}
+    assert q3.judged(strong, "above", enough_updates=True) == "supported"
+    assert q3.judged(strong, "below", enough_updates=True) == "contradicted"
+    assert q3.judged(strong, "above", enough_updates=False) == "inconclusive"
+
+
+def test_augmented_batches_cover_the_set_once_with_fixed_crops(tmp_path):
+    write_cifar10_folder(tmp_path, per_batch=8, test=4)
+    data = load_cifar10_dir(tmp_path)
+    first = list(q3.augmented_train_batches(data, 16, channels_last=False))
+    again = list(q3.augmented_train_batches(data, 16, channels_last=False))
+    other = list(q3.augmented_train_batches(data, 16, channels_last=False, seed=1))
+    assert [len(y) for _, y in first] == [16, 16, 8]
+    labels = torch.cat([y for _, y in first])
+    assert sorted(labels.tolist()) == sorted(data.train_labels.tolist())
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, other, strict=True))
+    plain = bnlab.data.normalize(data.train_images)
+    # cropped: not the stored images in any order (padding brings in black pixels)
+    assert not torch.allclose(torch.cat([x for x, _ in first]).sum(), plain.sum())
 
 
 def test_epoch_time_leaves_out_the_first_epoch():
@@ -197,15 +247,21 @@ def study(tmp_path_factory):
 def test_study_writes_summary_figures_and_section(study):
     out, _, _ = study
     stored = json.loads((out / "summary.json").read_text())
-    for key in ("data", "preset", "seeds", "settings", "batch_size", "discrepancy",
+    for key in ("data", "preset", "seeds", "settings", "tuning", "batch_size", "discrepancy",
                 "class_sorted", "time", "claims", "figures"):
         assert key in stored, key
     assert stored["preset"] == TINY.name and stored["seeds"] == TINY.seeds
+    assert stored["seed_list"] == list(range(TINY.seeds))
+    assert stored["n_seeds"] == TINY.seeds
     assert "generated" not in stored["data"] and stored["data"]
     assert [p["batch_size"] for p in stored["batch_size"]["points"]] == [2, 8, 32]
     assert stored["batch_size"]["skipped"] == [256]
     for claim in stored["claims"].values():
         assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
+        if not claim.get("enough_updates", True):  # 1 to 20 updates here: nothing counts
+            assert claim["verdict"] == "inconclusive", claim
+    assert set(stored["claims"]) == {"time", "unrepresentative", "sorted_recovery",
+                                     "small_batch", "train_test", "group", "renorm"}
     section = (out / "section.md").read_text()
     assert section.startswith(f"## {q3.TITLE}") and "Q3" in section.splitlines()[0]
     figures = [src for _, src in section_figures(section)]
@@ -214,7 +270,39 @@ def test_study_writes_summary_figures_and_section(study):
         assert is_png(out / name)
     assert (out / "report.html").is_file()
     assert section.count("**The data support it.**") + section.count(
-        "**The data contradict it.**") + section.count("**Inconclusive at this scale.**") == 4
+        "**The data contradict it.**") + section.count(
+        "**Inconclusive at this scale.**") == len(stored["claims"])
+    assert "fewer than the 1000 this study asks for" in section
+
+
+def test_each_network_trains_at_its_own_tuned_rate_scaled_by_sqrt_batch(study):
+    out, _, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    tuned = {norm: stored["tuning"][norm]["best"] for norm in ("torch", "none")}
+    for p in stored["batch_size"]["points"]:
+        factor = (p["batch_size"] / TINY.batch_size) ** 0.5
+        for key, rate in p["lr"].items():
+            assert rate == pytest.approx(tuned["none" if key == "none" else "torch"] * factor)
+            config = json.loads((out / "runs" / f"bs{p['batch_size']}-{key}-seed0" /
+                                 "config.json").read_text())
+            assert config["lr"] == pytest.approx(rate)
+            assert config["epochs"] == p["epochs"]
+
+
+def test_variants_beside_bn_paired_by_seed(study):
+    out, _, _ = study
+    stored = json.loads((out / "summary.json").read_text())
+    points = {p["batch_size"]: p for p in stored["batch_size"]["points"]}
+    # ghost BN over batches of 2 <= its virtual batch of 32 is BN: not trained
+    assert points[2]["variants"] == ["group", "renorm"] and points[8]["variants"] == []
+    for key in ("group", "renorm"):
+        v = points[2][key]
+        assert v["test_acc"]["n"] == TINY.seeds
+        by_bn = {r["seed"]: r["test_acc"] for r in points[2]["torch"]["runs"]}
+        diffs = [r["test_acc"] - by_bn[r["seed"]] for r in v["runs"]]
+        assert v["vs_bn"]["values"] == pytest.approx(diffs)
+        config = json.loads((out / "runs" / f"bs2-{key}-seed0" / "config.json").read_text())
+        assert config["norm_kind"] == key
 
 
 def test_section_numbers_come_from_the_summary(study):
@@ -248,6 +336,8 @@ def test_study_discrepancy_is_measured_on_every_bn_network(study):
                                                      ["test_acc"]["mean"])
         for key, _ in q3.STAT_KINDS:
             assert g[key]["n"] == TINY.seeds
+        assert {s["seed"] for s in g["per_seed"]} == set(range(TINY.seeds))
+        assert g["exact_augmented_vs_running"]["n"] == TINY.seeds
 
 
 def test_resume_trains_nothing_again(study):
@@ -265,6 +355,7 @@ def test_resume_trains_nothing_again(study):
         mp.setattr("bnlab.studies.common.train", counting)
         again = run_study("q3", out, preset=TINY.name, device="cpu", quiet=True,
                           log=lambda _: None, dataset=dataset, resume=True)
-    assert len(calls) == 22
+    assert len(calls) == len(list((out / "runs").iterdir())) == (summary["runs"]["trained"]
+                                                           + 2 * TINY.tune_points * TINY.tune_seeds)
     assert again["batch_size"]["points"] == summary["batch_size"]["points"]
     assert again["discrepancy"]["groups"] == summary["discrepancy"]["groups"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bnlab import bnstats
+from bnlab import data as bdata
 from bnlab import train as T
 from bnlab.data import load_cifar10_dir
 from bnlab.functional import bias_corrected_running_stats
@@ -135,6 +136,40 @@ def test_corrected_is_bias_corrected_running_stats():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize(("epochs", "steps", "want"), [
+    (5, 23, (5, False)),     # quick: 44 epochs would be needed, far beyond 1.25 x 5
+    (12, 79, (13, True)),    # standard: one more epoch reaches 1,027 steps
+    (30, 390, (30, True)),   # paper: long enough already
+    (2, 5, (2, False)),      # the tests' tiny scale
+])
+def test_run_epochs_lengthen_to_a_thousand_steps_only_when_cheap(epochs, steps, want):
+    got = q5.run_epochs(epochs, steps)
+    assert got == want
+    assert got[1] == (got[0] * steps >= q5.MIN_STEPS)
+
+
+def test_precise_epochs_spread_over_training():
+    assert q5.precise_epochs(5) == [1, 3, 5]
+    assert q5.precise_epochs(13) == [1, 7, 13]
+    assert q5.precise_epochs(2) == [1, 2] and q5.precise_epochs(1) == [1]
+
+
+def test_population_batches_are_augmented_as_in_training(dataset, tmp_path):
+    config = T.TrainConfig(width=0.125, epochs=1, batch_size=8, device="cpu", norm="bnlab")
+    probe = q5_replay._Probe(config, dataset, tmp_path, steps_per_epoch=5, window=5)
+    again = q5_replay._Probe(config, dataset, tmp_path, steps_per_epoch=5, window=5)
+    got = torch.cat(probe.population_batches)
+    assert torch.equal(got, torch.cat(again.population_batches))  # fixed crops
+    images = got.shape[0]
+    g = torch.Generator().manual_seed(q5_replay._POPULATION_SEED)
+    index = torch.randperm(dataset.num_train, generator=g)[:images]
+    plain = bdata.normalize(dataset.train_images[index])
+    assert got.shape == plain.shape and not torch.equal(got, plain)
+    # the crops pad with black: some pixels are the normalized black of the plain images
+    black = bdata.normalize(torch.zeros_like(dataset.train_images[:1]))
+    assert (got == black).any() and torch.cat(probe._training_batches(False)).shape[0] == 40
+
+
 # ---- the study end to end ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -160,14 +195,17 @@ def test_study_writes_summary_figures_and_runs(study):
     out, _ = study
     s = read_summary(out)
     for key in ("data", "preset", "seeds", "ewa", "bn_curves", "early", "momenta",
-                "final_acc_population", "verdicts", "probe_steps"):
+                "final_acc_population", "claims", "probe_steps", "precise"):
         assert key in s, key
-    assert s["preset"] == "tiny" and s["seeds"] == 1
+    assert s["preset"] == "tiny" and s["seeds"] == 1 and s["n_seeds"] == 1
+    assert s["seed_list"] == [0]
+    for claim in s["claims"].values():
+        assert claim["verdict"] in ("supported", "contradicted", "inconclusive")
     assert s["total_steps"] == 10 and s["window"] == 10 and s["probe_steps"] == list(range(1, 11))
     assert set(s["momenta"]) == {"0.01", "0.1", "0.5", "cumulative"}
     run_dir = out / "runs" / "bn-seed0"
     for name in ("result.json", "probes.jsonl", "final.json", "replay-epoch1.pt",
-                 "replay-epoch2.pt"):
+                 "replay-epoch2.pt", "precise.jsonl"):
         assert (run_dir / name).is_file(), name
     # the run's own epoch metrics use the raw running statistics of momentum 0.1: the same
     # number as the replay of momentum 0.1 evaluated on the whole test set
@@ -175,9 +213,18 @@ def test_study_writes_summary_figures_and_runs(study):
     assert s["momenta"]["0.1"]["acc_raw"]["mean"] == pytest.approx(metrics[-1]["test_acc"])
     # at step 1 the raw running variance still holds 0.9 of its initial 1: correction helps
     assert s["first_step"]["var_error_corrected"]["mean"] < s["first_step"]["var_error_raw"]["mean"]
-    assert s["verdicts"]["bias_correction"] == "inconclusive"  # one seed
+    assert s["claims"]["bias_correction"]["verdict"] == "inconclusive"  # one seed
+    # precise BN at the end of epochs 1 and 2; the moving average there is what the run's
+    # own evaluation used, on the same test images
+    assert [p["epoch"] for p in s["precise"]] == [1, 2]
+    assert [p["step"] for p in s["precise"]] == [5, 10]
+    assert s["precise"][-1]["acc_running"]["mean"] == pytest.approx(metrics[-1]["test_acc"])
+    assert s["precise"][0]["acc_running"]["mean"] == pytest.approx(metrics[0]["test_acc"])
+    # 10 steps: far from the 1,000 a momentum sweep needs
+    assert not s["long_enough"] and s["claims"]["default_momentum"]["verdict"] == "inconclusive"
+    assert s["momenta"]["0.01"]["start_weight"] == pytest.approx(0.99 ** 10)
     for png in ("q5_ewa_series.png", "q5_ewa_startup.png", "q5_bn_running_error.png",
-                "q5_bn_early_accuracy.png", "q5_momentum_accuracy.png"):
+                "q5_bn_early_accuracy.png", "q5_momentum_accuracy.png", "q5_precise_bn.png"):
         assert is_png(out / png)
 
 
@@ -186,12 +233,14 @@ def test_section_is_drawn_from_the_summary(study):
     text = q5.render(out)
     assert text.startswith(f"## {q5.TITLE}") and "Q5" in text.splitlines()[0]
     figures = section_figures(text)
-    assert len(figures) == 5 and all((out / f).is_file() for _, f in figures)
+    assert len(figures) == 6 and all((out / f).is_file() for _, f in figures)
     s = read_summary(out)
     assert f"{s['early']['var_error_raw']['mean']:.3f}" in text
     assert f"{s['final_acc_population']['mean']:.3f}" in text
     assert f"| 0.9 | 0.1 | {s['ewa']['betas']['0.9']['computed']['0.367879']} |" in text
     assert s["data"] in text and "Inconclusive at this scale" in text
+    assert "**Short.** The runs had 10 steps" in text
+    assert f"0.01 still holds {0.99 ** 10:.2g}" in text
 
 
 def test_replay_matches_runs_trained_with_that_momentum(study, dataset, tmp_path):

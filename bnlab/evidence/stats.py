@@ -34,6 +34,7 @@ __all__ = [
     "fmt_pm",
     "interval_verdict",
     "mean_std",
+    "no_worse_verdict",
     "paired_difference",
     "plural",
     "relation",
@@ -177,6 +178,28 @@ def interval_verdict(difference: Mapping[str, Any], expected: str,
     if near > min_effect:
         return "supported"
     if far < 0.0:
+        return "contradicted"
+    return "inconclusive"
+
+
+def no_worse_verdict(difference: Mapping[str, Any], min_effect: float) -> str:
+    """The verdict on "it costs nothing that matters", from the interval of a
+    :func:`paired_difference` of the cost (a non-inferiority test): "supported" when the
+    whole interval lies below ``min_effect`` (a cost that matters is ruled out),
+    "contradicted" when it lies wholly above ``min_effect``, else (also with no interval)
+    "inconclusive". A null claim is never supported by a wide interval around zero.
+
+    >>> no_worse_verdict({"low": -0.02, "high": 0.005}, 0.01)
+    'supported'
+    >>> no_worse_verdict({"low": -0.02, "high": 0.05}, 0.01)
+    'inconclusive'
+    """
+    low, high = difference.get("low"), difference.get("high")
+    if low is None or high is None:
+        return "inconclusive"
+    if high < min_effect:
+        return "supported"
+    if low > min_effect:
         return "contradicted"
     return "inconclusive"
 

@@ -18,7 +18,7 @@ from bnlab.studies.q3.plan import (
 def _setting_text(summary: dict[str, Any]) -> str:
     st = summary["settings"]
     return (f"All-CNN-C ×{st['width']:g}, {st['train_images']} train images of the "
-            f"{short_data(summary['data'])}; mean ± std over {summary['seeds']} seed(s)")
+            f"{short_data(summary['data'])}; mean ± std over {summary['n_seeds']} seed(s)")
 
 
 def _colors() -> dict[str, Any]:
@@ -26,32 +26,41 @@ def _colors() -> dict[str, Any]:
 
 
 def _plot_batch_size(summary: dict[str, Any], path: Path) -> None:
-    """Final test accuracy vs batch size (log x), BN and no BN, ±1 std error bars; points
-    trained for fewer epochs are drawn hollow and labelled with their epochs."""
+    """Final test accuracy vs batch size (log x): BN, no BN and the BN variants, ±1 std
+    error bars; points with fewer than the study's minimum updates are drawn hollow and
+    labelled with their updates."""
     import matplotlib.pyplot as plt
 
     points = summary["batch_size"]["points"]
+    minimum = summary["settings"]["min_updates"]
     colors = _colors()
+    variants = [k for p in points for k in p["variants"]]
+    keys = [(norm, label) for norm, label in NORMS] + [
+        (k, next(p[k]["label"] for p in points if k in p["variants"]))
+        for k in dict.fromkeys(variants)]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
-    for norm, label in NORMS:
+    for index, (key, label) in enumerate(keys):
+        c = colors.get(key) or color(key, index)
         xs, means, stds = [], [], []
         for p in points:
-            stat = p[norm]["test_acc"]
-            if stat["mean"] is None:
+            stat = p[key]["test_acc"] if key in p else None
+            if not stat or stat["mean"] is None:
                 continue
             xs.append(p["batch_size"])
             means.append(stat["mean"])
             stds.append(stat["std"])
-        ax.errorbar(xs, means, yerr=stds, color=colors[norm], marker="o", ms=6, capsize=4,
-                    lw=1.8, label=label)
+        ax.errorbar(xs, means, yerr=stds, color=c, marker="o", ms=6, capsize=4,
+                    lw=1.8 if key in ("torch", "none") else 1.2,
+                    ls="-" if key in ("torch", "none") else "--", label=label)
         for p in points:
-            stat = p[norm]["test_acc"]
-            if p["reduced"] and stat["mean"] is not None:
-                ax.plot([p["batch_size"]], [stat["mean"]], "o", ms=9, mfc="white",
-                        mec=colors[norm], mew=2)
-                ax.annotate(f"{p['epochs']} epoch(s)", (p["batch_size"], stat["mean"]),
-                            textcoords="offset points", xytext=(8, -4), fontsize=8,
-                            color=colors[norm])
+            stat = p[key]["test_acc"] if key in p else None
+            if p["updates"] < minimum and stat and stat["mean"] is not None:
+                ax.plot([p["batch_size"]], [stat["mean"]], "o", ms=9, mfc="white", mec=c,
+                        mew=2)
+                if key == "torch":
+                    ax.annotate(f"{p['updates']} updates", (p["batch_size"], stat["mean"]),
+                                textcoords="offset points", xytext=(8, -4), fontsize=8,
+                                color=c)
     ax.axhline(CHANCE, color="0.5", lw=0.8, ls=":", label="chance (10 classes)")
     ax.set_xscale("log", base=2)
     ax.set_xticks([p["batch_size"] for p in points], [str(p["batch_size"]) for p in points])
@@ -59,8 +68,8 @@ def _plot_batch_size(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("final test accuracy (fraction)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title(f"Test accuracy vs batch size, with and without BN (Adam, lr ∝ √batch)\n"
-                 f"{_setting_text(summary)}", fontsize=9)
+    ax.set_title(f"Test accuracy vs batch size (Adam, tuned lr ∝ √batch; hollow: fewer than "
+                 f"{minimum} updates)\n{_setting_text(summary)}", fontsize=9)
     save_figure(fig, path)
 
 
@@ -153,5 +162,5 @@ def _plot_time(summary: dict[str, Any], path: Path) -> None:
     which = "epochs after the first" if \
         configs["autograd_none"]["epoch_time_s"].get("skipped_first", True) else "all epochs"
     ax.set_title(f"Cost of BN per epoch: {st['train_images']} images, batch {st['batch_size']}, "
-                 f"evaluation excluded; {which}, {summary['seeds']} seed(s)", fontsize=9)
+                 f"evaluation excluded; {which}, {summary['n_seeds']} seed(s)", fontsize=9)
     save_figure(fig, path)

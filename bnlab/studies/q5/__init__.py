@@ -8,7 +8,7 @@ Conventions. The post (after Andrew Ng's lectures) writes the average as
 (:func:`bnlab.functional.bias_corrected_running_stats` for BN, where ``v_0`` is 0 for the
 mean and 1 for the variance).
 
-Four measurements:
+Five measurements:
 
 1. **The averages themselves** (no training): many seeded realizations of a constant plus
    noise, averaged with several betas, raw and bias-corrected (:func:`ewa_experiment`).
@@ -21,17 +21,28 @@ Four measurements:
    and variance of every BN layer, raw and bias-corrected, against the statistics they
    estimate, computed exactly for the current weights: Ioffe & Szegedy's Algorithm 2
    (the mean of the batch means and of the unbiased batch variances) over a fixed set of
-   training images, not augmented, in batches of the training batch size
+   training images, randomly cropped and flipped as training augments them (the batches
+   the running averages see), in batches of the training batch size
    (:func:`population_statistics`).
 3. **Test accuracy in eval mode** at the same steps, with the raw running statistics, the
    bias-corrected ones and the population statistics.
-4. **Final accuracy across momentum values** (0.01, 0.1, 0.5 and the cumulative average),
+4. **Precise BN against the moving average** at several epochs (first, middle, last):
+   test accuracy with the run's running statistics, and with precise statistics
+   (Wu & Johnson 2021, :func:`bnlab.variants.precise_bn`: the exact pooled statistics of
+   one pass over the training images, augmented as in training, and plain beside it).
+5. **Final accuracy across momentum values** (0.01, 0.1, 0.5 and the cumulative average),
    raw and bias-corrected. In training mode BN normalizes with batch statistics, so the
    momentum changes only the running buffers, never the weights: one run per seed gives
    every momentum. Each step's batch statistics are read back from the run's own buffers
    (``s_t = (r_t - (1 - m) r_{t-1}) / m``) and replayed into a running average per
    momentum (:class:`RunningReplay`); the tests check a replay against a run trained with
-   that momentum.
+   that momentum. The sweep counts only in runs of at least ``MIN_STEPS`` (1,000) steps;
+   a shorter run reports what each momentum still holds of its start, ``(1 - m)^steps``,
+   and the verdict is inconclusive (the plan module gives each scale's run length).
+
+Every claim is a paired difference over seeds with a 95% t interval, judged against a
+minimum effect into *supported*, *contradicted* or *inconclusive*
+(:mod:`bnlab.evidence.stats`).
 
 Training runs go through :meth:`StudyContext.train_run`; the measurements are taken by its
 ``on_step`` hook and kept in each run folder (``probes.jsonl``, ``replay-epoch<e>.pt`` at
@@ -41,12 +52,21 @@ resume.
 
 from bnlab.studies.q5.averages import ewa, ewa_experiment, settle_step, steps_to_forget
 from bnlab.studies.q5.experiment import run
-from bnlab.studies.q5.plan import BETAS, MOMENTA, NAME, TITLE
+from bnlab.studies.q5.plan import (
+    BETAS,
+    MIN_STEPS,
+    MOMENTA,
+    NAME,
+    TITLE,
+    precise_epochs,
+    run_epochs,
+)
 from bnlab.studies.q5.replay import RunningReplay, corrected
 from bnlab.studies.q5.section import render
 
 __all__ = [
     "BETAS",
+    "MIN_STEPS",
     "MOMENTA",
     "NAME",
     "TITLE",
@@ -54,8 +74,10 @@ __all__ = [
     "corrected",
     "ewa",
     "ewa_experiment",
+    "precise_epochs",
     "render",
     "run",
+    "run_epochs",
     "settle_step",
     "steps_to_forget",
 ]

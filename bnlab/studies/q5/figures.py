@@ -80,7 +80,7 @@ def _plot_running_error(s: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Q5: BN's running statistics (momentum {s['bn_momentum']:g}) vs the "
                  f"population statistics of {s['population_images']} training images, first "
-                 f"{s['window']} steps (mean ± std over {s['seeds']} seeds; dotted: epoch ends)",
+                 f"{s['window']} steps (mean ± std over {s['n_seeds']} seeds; dotted: epoch ends)",
                  fontsize=10)
     save_figure(fig, path)
 
@@ -99,7 +99,7 @@ def _plot_early_accuracy(s: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy in eval mode (fraction)")
     ax.set_title(f"Q5: test accuracy ({s['test_images']} test images) in the first "
                  f"{s['window']} steps, by the statistics BN normalizes with "
-                 f"(mean ± std over {s['seeds']} seeds; dotted: epoch ends)", fontsize=10)
+                 f"(mean ± std over {s['n_seeds']} seeds; dotted: epoch ends)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -124,7 +124,32 @@ def _plot_momentum(s: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("BN momentum (PyTorch's convention: weight of the new batch)")
     ax.set_ylabel("final test accuracy in eval mode (fraction)")
     ax.set_title(f"Q5: final test accuracy after {s['total_steps']} steps by BN momentum "
-                 f"(mean ± std over {s['seeds']} seeds)", fontsize=10)
+                 f"(mean ± std over {s['n_seeds']} seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _plot_precise(s: dict[str, Any], path: Path) -> None:
+    """Test accuracy at each precise-BN point: the moving average against precise
+    statistics of augmented and of plain training images, ± std over seeds."""
+    fig, axes = new_figure(1, 1, (8.0, 4.8))
+    ax = axes[0][0]
+    points = s["precise"]
+    epochs = [p["epoch"] for p in points]
+    for k, (key, label) in enumerate((
+            ("acc_running", "moving average (momentum 0.1)"),
+            ("acc_precise_augmented", "precise BN, augmented images"),
+            ("acc_precise_plain", "precise BN, plain images"))):
+        stats = [p[key] for p in points]
+        ax.errorbar([e + (k - 1) * 0.08 for e in epochs], [st["mean"] for st in stats],
+                    yerr=[st["std"] for st in stats], fmt="o-", capsize=4, color=f"C{k}",
+                    label=label)
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.set_xlabel("epoch (end of)")
+    ax.set_ylabel("test accuracy in eval mode (fraction)")
+    ax.set_title(f"Q5: moving average vs precise population statistics during training "
+                 f"(mean ± std over {s['n_seeds']} seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

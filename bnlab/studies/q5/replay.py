@@ -17,14 +17,17 @@ from bnlab.functional import bias_corrected_running_stats
 from bnlab.runs import atomic_torch_save, atomic_write_json
 from bnlab.studies.common import ProbeLog
 from bnlab.studies.q5.plan import (
+    _AUGMENT_SEED,
     _POPULATION_SEED,
     EARLY,
     MOMENTA,
     POPULATION_IMAGES,
     PROBE_EVERY,
     TEST_IMAGES,
+    precise_epochs,
 )
 from bnlab.train import Model, TrainConfig
+from bnlab.variants.precise import precise_bn
 
 # ---- BN statistics -----------------------------------------------------------------------
 
@@ -118,10 +121,24 @@ def _on_device(stats: Stats, device: torch.device) -> Stats:
     return [(m.to(device), v.to(device)) for m, v in stats]
 
 
+def augmented(images: Tensor, seed: int) -> Tensor:
+    """``images`` (N, 3, H, W) uint8, randomly cropped and flipped as training augments them
+    (:func:`bnlab.data.random_crop_flip`), the same for the same ``seed``; uint8."""
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    return bdata.random_crop_flip(images, generator)
+
+
+def bn_stats(module: nn.Module) -> Stats:
+    """The running (mean, var) of every BN layer of ``module``, float64 copies."""
+    return [(bn.running_mean.double().clone(), bn.running_var.double().clone())
+            for bn in bn_modules(module)]
+
+
 class _Probe:
     """The ``on_step`` hook of one run: the replay at every step, the probes of the first
-    ``window`` steps, the replay's state at the end of every epoch, and the final
-    evaluation of every momentum after the last step."""
+    ``window`` steps, the replay's state at the end of every epoch, precise BN against the
+    moving average at the end of the :func:`precise_epochs`, and the final evaluation of
+    every momentum after the last step."""
 
     def __init__(self, config: TrainConfig, dataset: bdata.CIFAR10, run_dir: Path,
                  steps_per_epoch: int, window: int) -> None:
@@ -134,10 +151,13 @@ class _Probe:
         g = torch.Generator().manual_seed(_POPULATION_SEED)
         n = min(POPULATION_IMAGES, dataset.num_train)
         index = torch.randperm(dataset.num_train, generator=g)[:n].to(dataset.device)
-        images = bdata.normalize(dataset.train_images[index],
+        # the population the running averages estimate: batches augmented as in training
+        images = bdata.normalize(augmented(dataset.train_images[index], _POPULATION_SEED),
                                  channels_last=config.channels_last)
         size = min(config.batch_size, n)
         self.population_batches = [images[i:i + size] for i in range(0, n - size + 1, size)]
+        self.precise_log = ProbeLog(run_dir / "precise.jsonl")
+        self.precise_steps = [e * steps_per_epoch for e in precise_epochs(config.epochs)]
         m = min(TEST_IMAGES, dataset.num_test)
         self.test_images = bdata.normalize(dataset.test_images[:m],
                                            channels_last=config.channels_last)
@@ -163,6 +183,8 @@ class _Probe:
         self.replay.update(_buffers(model))
         if global_step in self.probe_steps:
             self.log.append(self.measure(model, global_step))
+        if global_step in self.precise_steps:
+            self.precise_log.append(self.precise(model, global_step, epoch))
         if step == self.steps_per_epoch:
             atomic_torch_save(self._state_path(epoch), self.replay.state_dict())
         if global_step == self.total:
@@ -183,6 +205,39 @@ class _Probe:
         for kind, stats in (("raw", raw), ("corrected", fixed), ("population", population)):
             record[f"acc_{kind}"] = accuracy_with(module, _on_device(stats, device),
                                                   self.test_images, self.test_labels)
+        return record
+
+    def _training_batches(self, augment: bool) -> list[Tensor]:
+        """Every training image once, in batches of the run's size (the last smaller),
+        augmented as in training (fixed crops) or not."""
+        images = self.dataset.train_images
+        if augment:
+            images = augmented(images, _AUGMENT_SEED)
+        images = bdata.normalize(images, channels_last=self.config.channels_last)
+        size = self.config.batch_size
+        return [images[i:i + size] for i in range(0, len(images), size)]
+
+    def precise(self, model: Model, step: int, epoch: int) -> dict[str, Any]:
+        """Precise BN (Wu & Johnson 2021; :func:`bnlab.variants.precise_bn`) against the
+        moving average at this step: test accuracy on every test image with the run's
+        running statistics, with the exact pooled statistics of one pass over the
+        augmented training images, and of the plain ones; and how far the running
+        statistics are from the augmented precise ones."""
+        module, device = model.module, model.device
+        labels = self.dataset.test_labels
+        record: dict[str, Any] = {"step": step, "epoch": epoch}
+        running = bn_stats(module)
+        record["acc_running"] = accuracy_with(module, _on_device(running, device),
+                                              self.all_test_images, labels)
+        for key, augment in (("augmented", True), ("plain", False)):
+            twin = copy.deepcopy(module)
+            precise_bn(twin, self._training_batches(augment))
+            stats = bn_stats(twin)
+            record[f"acc_precise_{key}"] = accuracy_with(module, _on_device(stats, device),
+                                                         self.all_test_images, labels)
+            if augment:
+                record["mean_error_running"], record["var_error_running"] = \
+                    statistics_error(running, stats)
         return record
 
     def final(self, model: Model) -> dict[str, Any]:
