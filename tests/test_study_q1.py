@@ -164,6 +164,8 @@ def test_plan_arms_names_runs_by_config_so_equal_rates_share_runs():
     assert arms["bn_dropout"].lr == arms["ghost8"].lr == 1e-2  # at BN's tuned rate
     assert arms["ghost8"].fields["virtual_batch_size"] == 8
     assert q1.ghost_sizes(64) == [8] and q1.ghost_sizes(8) == [2] and q1.ghost_sizes(2) == []
+    without = [a.key for a in q1.plan_arms(rates, 64, [0, 1, 2], [0, 1, 2], ghost=False)]
+    assert "ghost8" not in without and "bn_dropout" in without
 
 
 def test_headline_seeds_follow_the_scale_unless_seeds_are_given(tmp_path):
@@ -320,6 +322,11 @@ def test_section_is_drawn_from_the_summary(study):
     assert "-5.0 [-8.0, -3.0] points" in row and "equal within ±5" in row
     assert row.rstrip(" |").endswith("**supported**")
     assert "BN narrows the generalization gap;" in redrawn
+    # a preset without the ghost experiment says so
+    summary["settings"]["ghost"] = False
+    summary["claims"] = {k: v for k, v in summary["claims"].items() if not k.startswith("ghost")}
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert "Not run at preset `tiny`" in q1.render(out)
 
 
 def test_study_resumes_without_training_again(study, tiny_data):

@@ -32,15 +32,22 @@ a run whose config the shared sweep already trained (seed 0, and seed 1 at stand
 tuned and at the common rate: both are grid points) is copied, not trained, in ``bnlab study
 all``; arms with the same config (a network whose tuned rate is the common one) share runs.
 
-- ``quick`` (3 seeds; width 0.25, 1,500 images, 5 epochs, ~15-20 s a run here in fp32):
-  2 networks x 2 rates x 3 seeds (at most 8 new runs once the sweep's 4 are copied), BN +
-  dropout x 3, ghost BN (virtual batch 8 of 64) x 3: at most 14 new runs, fewer when a
-  tuned rate is the common one; about 150-250 s of training plus ~15 s of measurement
-  (the sweep is paid separately). Expect *inconclusive* gap verdicts: these networks are
-  far from memorizing 1,500 images in 5 epochs.
-- ``standard`` (3 seeds, 5 headline; width 0.5, 5,085 images, 12 epochs, ~100 s a run on a
-  bf16 2-core CPU): tuned arms 2 x 5 seeds (4 copied from the 2-seed sweep), common arms
-  2 x 3 (4 copied), BN + dropout x 3, ghost x 3: about 12 new runs, ~1,000-1,200 s.
+Measured cost of one run, relative to PyTorch's BN (one process, loaded 2-core CPU, fp32):
+no BN 0.5, bnlab's BN 0.9, ghost BN with virtual batch 8 of 64 1.9 (one slice at a time).
+
+- ``quick`` (3 seeds; width 0.25, 1,500 images, 5 epochs, ~20 s a BN run on a quiet 2-core
+  CPU in fp32): 2 networks x 2 rates x 3 seeds, of which the sweep's seed-0 runs are
+  copied: at most 4 new no-BN runs (~50 s) and 4 BN runs (~80 s), half that when a tuned
+  rate is the common one; BN + dropout x 3 (~60 s); no ghost experiment (3 ghost runs would
+  add ~120 s). About 110-190 s of training plus ~15 s of measurement (the sweep is paid
+  separately). Expect *inconclusive* gap verdicts: these networks are far from memorizing
+  1,500 images in 5 epochs.
+- ``standard`` (3 seeds, 5 headline; width 0.5, 5,085 images, 12 epochs, ~100 s a BN run on
+  a bf16 2-core CPU): tuned arms 2 x 5 seeds (seeds 0 and 1 copied from the 2-seed sweep),
+  common arms 2 x 3 (2 copied each), BN + dropout x 3, ghost (virtual batch 8) x 3: about
+  15 BN-run equivalents at worst (the ghost runs are 6 of them), ~1,500 s, over the ~1,000 s
+  Q1 is allotted; :data:`~bnlab.studies.q1.plan.GHOST_SKIPPED_AT` is the switch that trades
+  the ghost experiment for the budget (~900 s without it).
 - ``paper``: the same arms on full CIFAR-10 at width 1 (a GPU).
 """
 

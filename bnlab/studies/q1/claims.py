@@ -70,6 +70,8 @@ def judge(arms: dict[str, dict[str, Any]], noise: dict[str, Any],
         "dropout (a regularizer by design) narrows the gap of the BN network: the positive "
         "control, whether this scale can show a regularizer at work")
     for size in ghost_sizes(batch_size):
+        if f"ghost{size}" not in arms:  # a scale without the ghost experiment
+            continue
         ghost = arms[f"ghost{size}"]
         claims[f"ghost{size}_gap"] = gap_claim(
             ghost, arms["bn@tuned"], f"BN's statistics over ghost batches of {size} (more "

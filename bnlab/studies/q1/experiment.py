@@ -17,6 +17,7 @@ from bnlab.studies.q1.noise import fit_slope, noise_sources, noise_sweep
 from bnlab.studies.q1.plan import (
     BATCH_SIZES,
     FIT_TOLERANCE,
+    GHOST_SKIPPED_AT,
     LITERATURE,
     MIN_ACC_EFFECT,
     MIN_GAP_EFFECT,
@@ -156,6 +157,7 @@ def _settings(ctx: StudyContext, train_set: bdata.CIFAR10, tuned: dict) -> dict[
             "batch_size": base.batch_size, "common_lr": base.lr, "optimizer": base.optimizer,
             "lr_schedule": base.lr_schedule, "augment": base.augment,
             "tuned_lr": {net: t.best for net, t in tuned.items()},
+            "ghost": ctx.scale.name not in GHOST_SKIPPED_AT,
             "min_gap_effect": MIN_GAP_EFFECT, "min_acc_effect": MIN_ACC_EFFECT,
             "fit_tolerance": FIT_TOLERANCE}
 
@@ -174,7 +176,8 @@ def run(ctx: StudyContext) -> dict:
     rates = {net: {"tuned": t.best, "common": ctx.scale.lr} for net, t in tuned.items()}
     seeds, headline = ctx.seed_list(), headline_seeds(ctx)
     arms = {arm.key: train_arm(ctx, arm, train_set)
-            for arm in plan_arms(rates, base.batch_size, seeds, headline)}
+            for arm in plan_arms(rates, base.batch_size, seeds, headline,
+                                 ghost=ctx.scale.name not in GHOST_SKIPPED_AT)}
     noise = measure_noise(ctx, train_set, arms, device)
     claims = judge(arms, noise, base.batch_size)
     summary = {

@@ -28,7 +28,10 @@ SLOPE_TOLERANCE = 0.15     # "roughly 1/sqrt(B)": the fitted slope within -0.5 +
 CHUNK_IMAGES = 512         # images per forward call of the noise measurement
 
 # ---- the ghost-batch experiment -------------------------------------------------------------
-GHOST_DIVISORS = (8,)      # virtual batch = training batch // divisor (>= 2): 8 of 64 at quick
+GHOST_DIVISORS = (8,)      # virtual batch = training batch // divisor (>= 2): 8 of 64
+GHOST_SKIPPED_AT = ("quick",)  # scales without it: a ghost run (bnlab's BN, one slice at a
+                               # time) costs about 2 PyTorch-BN runs, which would take Q1's
+                               # quick budget from ~150 s to ~270 s
 
 POST_CLAIM = ("BN regularizes as a side effect: like dropout it adds noise to training, "
               "and with BN (case b) the model reached a higher test accuracy with a lower "
@@ -84,12 +87,12 @@ def ghost_sizes(batch_size: int) -> list[int]:
 
 
 def plan_arms(rates: dict[str, dict[str, float]], batch_size: int, seeds: list[int],
-              headline_seeds: list[int]) -> list[Arm]:
+              headline_seeds: list[int], ghost: bool = True) -> list[Arm]:
     """The arms of Q1 for tuned and common rates ``rates[network][rate]`` (network "none" or
     "bn"): both networks at their own tuned rate (``headline_seeds``: the headline claim)
     and at the common rate; BN + dropout at BN's tuned rate (dropout is the positive control
     and the network on which BN's and dropout's noise are measured together); ghost BN at
-    each :func:`ghost_sizes` at BN's tuned rate."""
+    each :func:`ghost_sizes` at BN's tuned rate (unless ``ghost`` is False)."""
     arms = []
     for rate, arm_seeds in (("tuned", headline_seeds), ("common", seeds)):
         arms += [Arm(f"none@{rate}", f"no BN, {rate} lr", rate, rates["none"][rate],
@@ -99,7 +102,7 @@ def plan_arms(rates: dict[str, dict[str, float]], batch_size: int, seeds: list[i
     bn_lr = rates["bn"]["tuned"]
     arms.append(Arm("bn_dropout", "BN + dropout, BN's tuned lr", "tuned", bn_lr, tuple(seeds),
                     {"norm": "torch", "dropout": True}))
-    for size in ghost_sizes(batch_size):
+    for size in ghost_sizes(batch_size) if ghost else []:
         arms.append(Arm(f"ghost{size}", f"ghost BN, virtual batch {size}, BN's tuned lr",
                         "tuned", bn_lr, tuple(seeds),
                         {"norm": "bnlab", "norm_kind": "ghost", "virtual_batch_size": size,

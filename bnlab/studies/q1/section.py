@@ -160,6 +160,13 @@ def _answer(s: dict[str, Any]) -> str:
             f" on log-log axes).")
 
 
+def _no_ghost(s: dict[str, Any]) -> str:
+    if not s["settings"].get("ghost", True):
+        return (f"Not run at preset `{s['preset']}`: a ghost-BN run costs about two BN runs, "
+                "more than this preset's budget allows; `--preset standard` runs it.")
+    return "No ghost batch size below the training batch at this scale."
+
+
 def render(study_dir: Path) -> str:
     """The Q1 section, drawn from ``summary.json`` alone."""
     s = read_summary(study_dir)
@@ -190,8 +197,7 @@ def render(study_dir: Path) -> str:
         "BN's statistics. Ghost BN runs on bnlab's BN (`norm bnlab`, `norm_kind ghost`); its "
         "running statistics are updated once per ghost batch.",
         "",
-        *(_claims_table(s, ghost) if ghost else ["No ghost batch size below the training "
-                                                 "batch at this scale."]),
+        *(_claims_table(s, ghost) if ghost else [_no_ghost(s)]),
         "",
         "### Experiment 3: the noise BN injects, and dropout's on the same network",
         "",
