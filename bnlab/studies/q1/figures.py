@@ -3,7 +3,7 @@
 Colours follow the one palette (:func:`bnlab.evidence.figures.color`): an arm has its
 normalization's colour (no BN orange, PyTorch's BN blue, bnlab's ghost BN green); what
 differs within a normalization is told by line style: dashed for dropout, dotted for the
-common learning rate.
+common learning rate. Dropout's own noise (not a normalization) is grey.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 from bnlab.evidence.figures import color, save_figure
 
 __all__ = ["plot_gap", "plot_noise"]
+
+_DROPOUT = "0.35"  # dropout's noise: a grey, not a normalization's colour
 
 
 def _style(arm: dict[str, Any]) -> tuple[str, str]:
@@ -93,10 +95,10 @@ def plot_noise(summary: dict[str, Any], path: Path) -> None:
     same = noise["same_network"]
     drop = same["dropout"]["relative_std"]
     if drop["mean"] is not None:
-        ax_rel.axhline(drop["mean"], color=color("none"), lw=1.6,
+        ax_rel.axhline(drop["mean"], color=_DROPOUT, lw=1.6,
                        label="dropout's noise, BN + dropout net (fixed batches)")
         ax_rel.axhspan(drop["mean"] - drop["std"], drop["mean"] + drop["std"],
-                       color=color("none"), alpha=0.15, lw=0)
+                       color=_DROPOUT, alpha=0.15, lw=0)
     ax_rel.axvline(noise["training_batch_size"], color="0.5", ls=":", lw=1,
                    label="training batch size")
     ax_rel.set_xscale("log", base=2)
@@ -112,7 +114,7 @@ def plot_noise(summary: dict[str, Any], path: Path) -> None:
     means = [same[s]["relative_std"]["mean"] or 0.0 for s in sources]
     stds = [same[s]["relative_std"]["std"] or 0.0 for s in sources]
     ax_src.bar(["BN alone\n(batch mates vary)", "dropout alone\n(masks vary)", "both"], means,
-               yerr=stds, capsize=4, color=[color("torch"), color("none"), "0.5"])
+               yerr=stds, capsize=4, color=[color("torch"), _DROPOUT, "0.7"])
     ax_src.set_ylabel("relative std of the logits across draws")
     ax_src.set_title(f"the same trained BN + dropout network at batch "
                      f"{noise['training_batch_size']}")
