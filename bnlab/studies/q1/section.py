@@ -34,7 +34,9 @@ def interval_text(d: dict[str, Any], scale: float = 100.0, unit: str = " points"
 def _claim_row(c: dict[str, Any]) -> str:
     slope = c["metric"] == "slope"
     diff = interval_text(c, 1.0, "", 3) if slope else interval_text(c)
-    effect = f"{c['min_effect']:g}" if slope else f"{c['min_effect'] * 100:g} points"
+    points = c["min_effect"] * 100
+    effect = f"{c['min_effect']:g}" if slope else \
+        f"{points:g} {'point' if points == 1 else 'points'}"
     fit = "—"
     if "fit" in c:
         fit = (f"{interval_text(c['fit'])}: "
