@@ -16,12 +16,16 @@ from bnlab.data import load_cifar10_dir
 from bnlab.evidence.stats import fmt_pct, fmt_pm
 from bnlab.models import Dropout
 from bnlab.studies import common, q1, run_study
+from bnlab.studies.q1 import claims
 from bnlab.train import TrainConfig, prepare_dataset, train
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
+# one seed (two for the headline arms), a one-point learning-rate sweep: the tuned rate is
+# the common one, so the arms share runs and the sweep's runs are copied, not retrained
 TINY_SCALE = common.StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8,
-                               lr=1e-3, seeds=1, budget_s=60.0, description="tests")
+                               lr=1e-3, seeds=1, budget_s=60.0, description="tests",
+                               headline_seeds=2, tune_points=1, tune_seeds=1)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +151,85 @@ def test_eval_mode_train_accuracy_is_the_test_accuracy_when_test_is_train(tiny_d
     assert measured["train_loss_eval"] == pytest.approx(final["test_loss"], rel=1e-5)
 
 
+# ---- the plan and the claims on known answers -----------------------------------------------
+
+def test_plan_arms_names_runs_by_config_so_equal_rates_share_runs():
+    rates = {"none": {"tuned": 1e-3, "common": 1e-3}, "bn": {"tuned": 1e-2, "common": 1e-3}}
+    arms = {a.key: a for a in q1.plan_arms(rates, 64, [0, 1, 2], [0, 1, 2, 3, 4])}
+    assert set(arms) == {"none@tuned", "bn@tuned", "none@common", "bn@common", "bn_dropout",
+                         "ghost8"}
+    assert arms["bn@tuned"].seeds == (0, 1, 2, 3, 4) and arms["bn@common"].seeds == (0, 1, 2)
+    assert arms["none@tuned"].run_name(0) == arms["none@common"].run_name(0)  # same config
+    assert arms["bn@tuned"].run_name(0) != arms["bn@common"].run_name(0)      # other rate
+    assert arms["bn_dropout"].lr == arms["ghost8"].lr == 1e-2  # at BN's tuned rate
+    assert arms["ghost8"].fields["virtual_batch_size"] == 8
+    assert q1.ghost_sizes(64) == [8] and q1.ghost_sizes(8) == [2] and q1.ghost_sizes(2) == []
+    without = [a.key for a in q1.plan_arms(rates, 64, [0, 1, 2], [0, 1, 2], ghost=False)]
+    assert "ghost8" not in without and "bn_dropout" in without
+
+
+def test_headline_seeds_follow_the_scale_unless_seeds_are_given(tmp_path):
+    scale = dataclasses.replace(TINY_SCALE, seeds=3, headline_seeds=5)
+    assert q1.headline_seeds(common.StudyContext(tmp_path, scale, seeds=3)) == [0, 1, 2, 3, 4]
+    assert q1.headline_seeds(common.StudyContext(tmp_path, scale, seeds=4)) == [0, 1, 2, 3]
+
+
+def _arm(key, **per_seed):
+    """An arm of summary.json whose runs have the given metric values by seed."""
+    seeds = range(len(next(iter(per_seed.values()))))
+    return {"key": key, "runs": [{"seed": s, "status": "finished",
+                                  **{m: v[s] for m, v in per_seed.items()}} for s in seeds]}
+
+
+def test_a_gap_claim_is_judged_only_at_equal_fit():
+    narrower = _arm("bn", acc_gap_eval=[0.02, 0.03, 0.025], train_acc_eval=[0.70, 0.71, 0.69])
+    wider = _arm("none", acc_gap_eval=[0.10, 0.12, 0.11], train_acc_eval=[0.70, 0.70, 0.70])
+    claim = claims.gap_claim(narrower, wider, "narrows")
+    assert claim["fit"]["equal"] and claim["verdict"] == "supported"
+    assert claim["mean"] == pytest.approx(-0.085)
+    # the same gaps from a network that fits 20 points less: not comparable
+    underfit = _arm("bn", acc_gap_eval=[0.02, 0.03, 0.025], train_acc_eval=[0.50, 0.51, 0.49])
+    gated = claims.gap_claim(underfit, wider, "narrows")
+    assert not gated["fit"]["equal"] and gated["fit"]["mean"] == pytest.approx(-0.2)
+    assert gated["verdict"] == "inconclusive" and gated["ungated_verdict"] == "supported"
+    # equal fit and equal gaps: a regularizing effect of 2 points or more is excluded
+    same = _arm("bn", acc_gap_eval=[0.101, 0.119, 0.111], train_acc_eval=[0.70, 0.70, 0.71])
+    assert claims.gap_claim(same, wider, "narrows")["verdict"] == "contradicted"
+
+
+def test_noise_ratio_is_the_geometric_mean_with_an_interval():
+    rows = [{"seed": s, "bn": {"relative_std": r}, "dropout": {"relative_std": 1.0}}
+            for s, r in enumerate([0.5, 0.25, 1.0])]
+    ratio = claims.noise_ratio(rows)
+    assert ratio["ratio"] == pytest.approx(0.5) and ratio["n"] == 3
+    assert ratio["low"] < 0.5 < ratio["high"]
+
+
+def test_noise_sources_separate_bn_from_dropout_on_one_network():
+    """BN (no affine) then half dropout, on N(0, 1) inputs: with the batch composition fixed
+    only the masks move the outputs, and with dropout off only the batch mates do."""
+    generator = torch.Generator().manual_seed(0)
+    drop_generator = torch.Generator()
+    net = nn.Sequential(nn.BatchNorm2d(10, affine=False), Dropout(0.5, drop_generator),
+                        nn.Flatten())
+    x = torch.randn(2048, 10, 1, 1, generator=generator)
+    sources = q1.noise_sources(net, x, 32, 4, seed=0, dropout_generator=drop_generator)
+    assert sources["bn"]["relative_std"] == pytest.approx(math.sqrt(1.5 / 32), rel=0.15)
+    assert sources["dropout"]["relative_std"] == pytest.approx(1.0, rel=0.1)
+    assert sources["both"]["relative_std"] > sources["dropout"]["relative_std"]
+    assert sources["bn"]["relative_std"] < 0.5 * sources["dropout"]["relative_std"]
+    bn_only = nn.Sequential(nn.BatchNorm2d(10, affine=False), nn.Flatten())
+    no_dropout = q1.noise_sources(bn_only, x, 32, 3, seed=0, dropout_generator=drop_generator)
+    assert no_dropout["dropout"]["relative_std"] < 1e-6  # fixed batches: nothing moves
+
+
+def test_grouped_forward_can_skip_dropout():
+    net = nn.Sequential(Dropout(0.5, torch.Generator().manual_seed(0)), nn.Flatten())
+    x = torch.randn(8, 3, 2, 2)
+    assert torch.equal(q1.grouped_train_forward(net, x, 4, dropout=False), x.flatten(1))
+    assert not torch.equal(q1.grouped_train_forward(net, x, 4), x.flatten(1))
+
+
 # ---- the study end to end ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -162,23 +245,41 @@ def study(tiny_data, tmp_path_factory):
 def test_study_writes_its_files(study, tiny_data):
     out, _ = study
     stored = json.loads((out / "summary.json").read_text())
-    for key in ("data", "preset", "seeds", "settings", "configs", "noise", "verdicts",
-                "comparisons", "post_claim", "figures", "wall_time_s"):
+    for key in ("data", "preset", "seeds", "n_seeds", "headline_seeds", "settings", "tuning",
+                "arms", "noise", "claims", "verdicts", "post_claim", "literature", "figures",
+                "wall_time_s"):
         assert key in stored, key
     assert stored["data"] == tiny_data.source and stored["preset"] == "tiny"
-    assert stored["seeds"] == 1
-    assert set(stored["configs"]) == {"none", "dropout", "bn", "bn_dropout"}
-    for config in stored["configs"].values():
-        assert [r["status"] for r in config["runs"]] == ["finished"]
-        assert (out / "runs" / next(k for k, c in stored["configs"].items() if c is config)
-                / "seed0" / "checkpoint.pt").is_file()
+    assert stored["seeds"] == [0] and stored["headline_seeds"] == [0, 1]
+    assert set(stored["arms"]) == {"none@tuned", "bn@tuned", "none@common", "bn@common",
+                                   "bn_dropout", "ghost2"}
+    for key, arm in stored["arms"].items():
+        want = [0, 1] if key.endswith("@tuned") else [0]
+        assert [r["seed"] for r in arm["runs"]] == want, key
+        assert all(r["status"] == "finished" for r in arm["runs"]), key
+        for row in arm["runs"]:
+            assert (out / "runs" / row["run"] / "checkpoint.pt").is_file()
+    # the sweep's one point is both the tuned and the common rate: the arms share those runs
+    assert stored["settings"]["tuned_lr"] == {"none": 1e-3, "bn": 1e-3}
+    assert stored["arms"]["bn@common"]["runs"][0]["run"] == \
+        stored["arms"]["bn@tuned"]["runs"][0]["run"]
+    ghost = stored["arms"]["ghost2"]["fields"]
+    assert ghost["norm_kind"] == "ghost" and ghost["virtual_batch_size"] == 2
     noise = stored["noise"]
     assert noise["batch_sizes"] == [4, 8, 16, 32]  # 64.. exceed the 40 images
     assert noise["skipped_batch_sizes"] == [64, 128, 256] and noise["notes"]
     assert noise["pool_images"] == 40
+    same = noise["same_network"]
+    assert [row["seed"] for row in same["per_seed"]] == [0]
+    assert same["dropout"]["relative_std"]["mean"] > 0 and same["bn"]["relative_std"]["mean"] > 0
     for name in stored["figures"].values():
         assert is_png(out / name)
-    assert stored["verdicts"]["gap"] == "inconclusive"  # one seed: no spread to judge by
+    for name, claim in stored["claims"].items():
+        assert claim["verdict"] in ("supported", "contradicted", "inconclusive"), name
+        assert stored["verdicts"][name] == claim["verdict"]
+    # one seed: no interval, so nothing can be claimed
+    assert stored["verdicts"]["gap_common"] == "inconclusive"
+    assert stored["verdicts"]["noise_shrinks"] == "inconclusive"
     for name in ("section.md", "report.md", "report.html"):
         assert (out / name).is_file()
 
@@ -192,20 +293,40 @@ def test_section_is_drawn_from_the_summary(study):
     assert {src for _, src in figures} == set(summary["figures"].values())
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40
-    bn = summary["configs"]["bn"]["final"]
+    bn = summary["arms"]["bn@tuned"]["final"]
     assert fmt_pct(bn["test_acc"]) in section
     assert fmt_pct(bn["acc_gap_eval"]) in section
     first = summary["noise"]["bn_trained"]["relative_std"][0]
     assert fmt_pm(first, 3) in section
+    assert fmt_pm(summary["noise"]["same_network"]["dropout"]["relative_std"], 3) in section
     assert any(p in section for p in ("The data support it.", "The data contradict it.",
                                       "Inconclusive at this scale."))
-    # change a number in summary.json: the section follows it
-    summary["configs"]["bn"]["final"]["test_acc"] = {"mean": 0.98765, "std": 0.01234, "n": 2,
-                                                     "min": 0.97, "max": 1.0}
+    for claim in summary["claims"].values():  # every claim has its row and verdict
+        row = next(line for line in section.splitlines() if line.startswith(
+            f"| {claim['claim']} |"))
+        assert row.rstrip(" |").endswith(f"**{claim['verdict']}**")
+    assert "preset `tiny`" in section and "Ioffe & Szegedy" in section
+    # change numbers in summary.json: the section follows them
+    summary["arms"]["bn@tuned"]["final"]["test_acc"] = {"mean": 0.98765, "std": 0.01234,
+                                                        "n": 2, "min": 0.97, "max": 1.0}
+    claim = summary["claims"]["gap_tuned"]
+    claim.update({"mean": -0.05, "low": -0.08, "high": -0.03, "verdict": "supported"})
+    claim["fit"].update({"mean": 0.0, "low": -0.01, "high": 0.01, "equal": True})
+    summary["verdicts"]["gap_tuned"] = "supported"
     (out / "summary.json").write_text(json.dumps(summary))
     redrawn = q1.render(out)
-    row = next(line for line in redrawn.splitlines() if line.startswith("| BN, no dropout |"))
-    assert row.split("|")[2].strip() == "98.8 ± 1.2 %"
+    row = next(line for line in redrawn.splitlines() if line.startswith("| BN, tuned lr |"))
+    assert row.split("|")[3].strip() == "98.8 ± 1.2 %"
+    row = next(line for line in redrawn.splitlines() if line.startswith(
+        f"| {claim['claim']} |"))
+    assert "-5.0 [-8.0, -3.0] points" in row and "equal within ±5" in row
+    assert row.rstrip(" |").endswith("**supported**")
+    assert "BN narrows the generalization gap;" in redrawn
+    # a preset without the ghost experiment says so
+    summary["settings"]["ghost"] = False
+    summary["claims"] = {k: v for k, v in summary["claims"].items() if not k.startswith("ghost")}
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert "Not run at preset `tiny`" in q1.render(out)
 
 
 def test_study_resumes_without_training_again(study, tiny_data):
@@ -217,5 +338,5 @@ def test_study_resumes_without_training_again(study, tiny_data):
                           log=lambda _: None, dataset=tiny_data, resume=True)
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
     assert before == after
-    assert again["configs"]["bn"]["final"]["test_acc"] == \
-        summary["configs"]["bn"]["final"]["test_acc"]
+    assert again["arms"]["bn@tuned"]["final"]["test_acc"] == \
+        summary["arms"]["bn@tuned"]["final"]["test_acc"]

@@ -35,12 +35,14 @@ __all__ = [
     "interval_verdict",
     "mean_std",
     "no_worse_verdict",
+    "paired_claim",
     "paired_difference",
     "plural",
     "relation",
     "t_interval",
     "verdict",
     "verdict_phrase",
+    "within",
 ]
 
 VERDICTS = ("supported", "contradicted", "inconclusive")
@@ -108,7 +110,9 @@ def paired_difference(a: Mapping[Any, float | None], b: Mapping[Any, float | Non
 # ---- verdicts ------------------------------------------------------------------------------
 
 def compare_means(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Is mean(a) above, below or within the seed spread of mean(b)?
+    """Is mean(a) above, below or within the seed spread of mean(b)? (The older rule,
+    kept for studies not yet moved to :func:`paired_claim`; its false-positive rate is in
+    :func:`interval_verdict`'s docstring.)
 
     ``a``, ``b``: :func:`mean_std` dicts. The difference counts when it exceeds the sum of
     the two sample standard deviations (the ±1 std error bars do not overlap) and both have
@@ -160,16 +164,46 @@ def verdict(direction: str, expected: str) -> str:
 
 def interval_verdict(difference: Mapping[str, Any], expected: str,
                      min_effect: float = 0.0) -> str:
-    """The verdict of a :func:`paired_difference` on a claim that it lies ``expected``
-    ("above" or "below") zero by more than ``min_effect``: "supported" when the whole
-    interval lies beyond ``min_effect`` in the expected direction, "contradicted" when it
-    lies wholly on the other side of zero, else "inconclusive" (also with no interval).
+    """The verdict of a :func:`paired_difference` on the claim "it lies ``expected`` ("above"
+    or "below") zero by at least ``min_effect``", from its 95% interval [low, high].
+
+    The rule (SPEC "Evidence"; the minimum effect is stated before the data are seen). With
+    the interval turned so the expected direction is positive, ``[near, far]``:
+
+    - **supported** when ``near > min_effect``: the whole interval lies beyond the minimum
+      effect in the expected direction;
+    - **contradicted** when ``far < min_effect`` (and ``far < 0`` when ``min_effect`` is 0):
+      the whole interval lies short of the minimum effect, so the data exclude any effect
+      that matters in the expected direction, whether the true difference is in the other
+      direction or negligible (an equivalence-style reading, as in Schuirmann 1987's two
+      one-sided tests);
+    - **inconclusive** otherwise (the interval contains the minimum effect), and when there
+      is no interval (fewer than two pairs). "No significant difference" is never support.
+
+    Why one threshold for both words: the claim is one-sided ("at least ``min_effect``"), and
+    a 95% two-sided interval wholly on one side of it is a one-sided test at 2.5%, in either
+    direction. So when the true difference is exactly 0 and ``min_effect`` is 0, the t
+    interval of normal differences claims a difference (*supported* or *contradicted*) 5%
+    of the time, 2.5% each way (tests/test_evidence.py measures it on 1,000 synthetic null
+    pairs at 3 seeds); a ``min_effect > 0`` makes *supported* rarer still. The older rule
+    (:func:`compare_means`: the means differ by more than the two standard deviations
+    added) claims a difference on such nulls about 8% of the time at 3 seeds and 21% at 2,
+    and ignores the pairing; it is kept only for the studies not yet moved to this one.
+
+    Raises ValueError for an ``expected`` other than "above"/"below" or a negative
+    ``min_effect``.
 
     >>> interval_verdict({"low": -0.3, "high": -0.1}, "above")
     'contradicted'
+    >>> interval_verdict({"low": 0.004, "high": 0.012}, "above", min_effect=0.02)
+    'contradicted'
+    >>> interval_verdict({"low": 0.01, "high": 0.05}, "above", min_effect=0.02)
+    'inconclusive'
     """
     if expected not in _OPPOSITE:
         raise ValueError(f"expected must be 'above' or 'below', got {expected!r}")
+    if not min_effect >= 0.0:
+        raise ValueError(f"min_effect must be >= 0, got {min_effect!r}")
     low, high = difference.get("low"), difference.get("high")
     if low is None or high is None:
         return "inconclusive"
@@ -177,7 +211,7 @@ def interval_verdict(difference: Mapping[str, Any], expected: str,
     near, far = sorted((sign * low, sign * high))
     if near > min_effect:
         return "supported"
-    if far < 0.0:
+    if far < min_effect if min_effect > 0.0 else far < 0.0:
         return "contradicted"
     return "inconclusive"
 
@@ -202,6 +236,38 @@ def no_worse_verdict(difference: Mapping[str, Any], min_effect: float) -> str:
     if low > min_effect:
         return "contradicted"
     return "inconclusive"
+
+
+def within(difference: Mapping[str, Any], tolerance: float) -> bool:
+    """Whether a :func:`paired_difference`'s interval lies wholly inside ``(-tolerance,
+    tolerance)``: the two settings are *equal* up to ``tolerance`` (an equivalence test:
+    Schuirmann 1987). False with no interval. Used to gate a comparison on a condition,
+    e.g. Q1 compares generalization only between networks that fit equally well.
+
+    Raises ValueError for a negative tolerance.
+
+    >>> within({"low": -0.01, "high": 0.02}, 0.05), within({"low": -0.01, "high": 0.07}, 0.05)
+    (True, False)
+    """
+    if not tolerance >= 0.0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    low, high = difference.get("low"), difference.get("high")
+    return low is not None and high is not None and -tolerance < low and high < tolerance
+
+
+def paired_claim(a: Mapping[Any, float | None], b: Mapping[Any, float | None], expected: str,
+                 min_effect: float = 0.0, confidence: float = 0.95) -> dict[str, Any]:
+    """One claim about ``a - b`` (values per seed) judged by :func:`interval_verdict`:
+    the :func:`paired_difference` plus ``expected``, ``min_effect`` and ``verdict``.
+
+    >>> c = paired_claim({0: 0.30, 1: 0.32, 2: 0.31}, {0: 0.40, 1: 0.41, 2: 0.39}, "below",
+    ...                  min_effect=0.02)
+    >>> c["verdict"], round(c["mean"], 3)
+    ('supported', -0.09)
+    """
+    difference = paired_difference(a, b, confidence)
+    return {**difference, "expected": expected, "min_effect": min_effect,
+            "verdict": interval_verdict(difference, expected, min_effect)}
 
 
 def verdict_phrase(code: str) -> str:
