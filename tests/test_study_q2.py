@@ -143,8 +143,8 @@ def test_another_scale_sweeps_at_its_own_run_size():
 def _fake_sweep(bn_better: bool):
     """A train_run that writes a run folder from a formula: accuracy a bump in log10(lr)
     (BN's 1.5 decades wide and 10 points higher when ``bn_better``, else the same as
-    no-BN's), training loss falling per epoch (faster with BN when ``bn_better``), and a
-    little noise by seed."""
+    no-BN's), training loss falling per epoch (faster with BN when ``bn_better``) and lowest
+    at the bump's top, and a little noise by seed."""
     def train_run(self, name, config, **kwargs):
         rng = random.Random(f"{name}")
         center = math.log10(self.scale.lr if config.optimizer == "adam" else q2.plan.SGD_CENTER)
@@ -153,7 +153,8 @@ def _fake_sweep(bn_better: bool):
         x = (math.log10(config.lr) - center) / width
         acc = 0.1 + (peak - 0.1) * math.exp(-x * x) + rng.gauss(0, 0.005)
         rate = 0.6 if bn else 0.3
-        metrics = [{"epoch": e, "train_loss": 2.3 * math.exp(-rate * e) + rng.gauss(0, 0.005),
+        metrics = [{"epoch": e, "train_loss": 2.3 * math.exp(-rate * e) + (peak - acc)
+                    + rng.gauss(0, 0.005),
                     "train_acc": acc, "test_loss": 1.0, "test_acc": acc, "epoch_time_s": 1.0}
                    for e in range(1, config.epochs + 1)]
         run_dir = self.out / "runs" / name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bnlab.evidence.stats import fmt_pct, fmt_pm, verdict_phrase
+from bnlab.evidence.stats import fmt_pct, fmt_pm
 from bnlab.studies.common import note_lines, read_summary
 from bnlab.studies.q2.plan import NETWORKS, OPTIMIZER_LABELS, TITLE
 
@@ -112,12 +112,13 @@ def _speedup_lines(s: dict[str, Any]) -> list[str]:
         sp = result["speedup"]
         if sp["level"] is None:
             continue
-        ratio = f"{sp['ratio']:.2f}× fewer steps" if sp["ratio"] else "no ratio"
-        lines.append(f"- {OPTIMIZER_LABELS[optimizer]}: no-BN's final training loss at its "
-                     f"best rate, {sp['level']:.3f}, is reached after "
-                     f"{fmt_pm(sp['bn'], 0)} steps with BN ({sp['reached']['torch']} seeds) "
-                     f"and {fmt_pm(sp['none'], 0)} without ({sp['reached']['none']}): "
-                     f"{ratio} (descriptive, no verdict).")
+        ratio = (f": {sp['ratio']:.2f} times fewer steps" if sp["ratio"]
+                 else ": BN did not reach it")
+        lines.append(f"- {OPTIMIZER_LABELS[optimizer]}: no-BN ends its {sp['total_steps']} "
+                     f"steps at its best rate with a training loss of {sp['level']:.3f}; BN, at "
+                     f"its best rate, reaches it after {fmt_pm(sp['bn_steps'], 0)} steps "
+                     f"({sp['reached']} of {sp['runs']} seeds){ratio} (descriptive, no "
+                     "verdict).")
     return lines
 
 
@@ -180,7 +181,7 @@ def render(study_dir: Path) -> str:
               f"last step: each network at its best rate (solid, {n_head} seeds) and at the "
               f"common rate (dashed, {n} seeds), mean ± std bands]"
               f"({s['figures']['loss_curves']})", "",
-              "### Claims and verdicts", ""]
+              "### Claims and verdicts"]
     lines += _claims_table(s)
     lines += note_lines(s["notes"])
     lines += ["", "### The post's claim, the scale and the literature", "",
@@ -190,8 +191,4 @@ def render(study_dir: Path) -> str:
               f"Scale: these answers hold for preset `{s['preset']}` on {s['data']}; a small "
               "network trained for few steps, where the intervals are wide and "
               "*inconclusive* is often the honest answer. " + LITERATURE, ""]
-    verdict_word = s["optimizers"]["adam"]["claims"]["faster_at_best"]["verdict"] \
-        if "adam" in s["optimizers"] else "inconclusive"
-    lines.append(f"Faster convergence with Adam at each network's best rate: "
-                 f"{verdict_phrase(verdict_word)}")
     return "\n".join(lines) + "\n"
