@@ -30,21 +30,22 @@ sweep's are reused). Everything else is read from these runs, none trained again
   and at the common rate, wider usable range; *supported* / *contradicted* / *inconclusive*.
 
 **The plan per scale** (:data:`~bnlab.studies.q2.plan.PLANS`; runs = 2 optimizers x
-2 networks x points x seeds, plus 2 x 2 x 2 headline runs at standard). Cost below in
-"quick runs", one run of the quick scale (width 0.25, 1,500 images, 5 epochs, about 20 s on
-a quiet 2-core CPU in fp32); a run's cost grows with images x epochs and, below width 0.5,
-less than with width^2 (per-image overhead and the per-epoch evaluation of the 1,017 test
-images stay):
+2 networks x points x seeds, plus 2 x 2 x 2 headline runs at standard). At these sizes a
+CPU run's cost follows its optimizer steps more than its images (a step at width 0.25 and
+batch 64 costs little more than one at width 0.125 and batch 32; the per-epoch evaluation of
+the 1,017 test images is ~5-7% of a run), measured as ratios in one process on a loaded
+2-core CPU: a quick-scale run (width 0.25, 1,500 images, batch 64, 5 epochs: 115 steps) is
+about 20 s on a quiet one in fp32, ~0.17 s a step.
 
-- ``quick`` (budget ~200 s): 5 points (4/3 decade), 3 seeds, 60 runs at width 0.125 on 512
-  images, batch 32 (16 steps per epoch, 80 steps), 5 epochs: about 0.2 quick run each, ~240 s
-  here. The sweep is smaller than the quick scale's runs so that it can be a real sweep
-  (every point, every seed, full length, both optimizers); expect wide intervals and
-  censored ranges: quick may answer *inconclusive*.
-- ``standard`` (budget ~1200 s on a bf16 CPU, ~3.5x that here in fp32): 7 points (2 decades),
-  3 seeds, 84 runs + 8 headline runs, at width 0.25 on 1,536 images, batch 64, 12 epochs
-  (288 steps): about 2.4 quick runs each (~45 s in fp32 here, ~13 s in bf16), ~1,200 s
-  bf16.
+- ``quick`` (budget ~200 s): 5 points (4/3 decade), 3 seeds, 60 runs at the quick scale's
+  width 0.25 and batch 64 on 512 images, 5 epochs (8 steps per epoch, 40 steps): ~5-7 s a
+  run, **~300-400 s** in all here -- over the ~200 s budget, because 2 optimizers x 2 networks x
+  5 rates x 3 seeds is 60 runs at the least; fewer images would leave too few steps to learn.
+  Expect wide intervals and censored ranges: quick may answer *inconclusive*.
+- ``standard`` (budget ~1200 s on a bf16 CPU, ~3.5x that here in fp32): 7 points
+  (2 decades), 3 seeds, 84 runs + 8 headline runs, at width 0.25 on 1,280 images, batch 64,
+  12 epochs (20 steps per epoch, 240 steps): ~22,000 steps, ~1,100 s in bf16 (~3,900 s
+  here in fp32).
 - ``paper``: 7 points, 3 seeds (5 at the best rates), the paper scale's own runs (full
   width, full CIFAR-10, 30 epochs): 92 GPU runs.
 - any other scale (tests): 3 points at the scale's own run size, so its middle Adam point is

@@ -102,8 +102,8 @@ def _plan(scale: StudyScale, points: int, **fields: Any) -> SweepPlan:
 
 # per scale: (points per optimizer, the fields that differ from the scale's runs)
 PLANS: dict[str, tuple[int, dict[str, Any]]] = {
-    "quick": (5, {"width": 0.125, "subset": 512, "batch_size": 32}),
-    "standard": (7, {"width": 0.25, "subset": 1536}),
+    "quick": (5, {"subset": 512}),
+    "standard": (7, {"width": 0.25, "subset": 1280}),
     "paper": (7, {}),
 }
 
