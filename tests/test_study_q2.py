@@ -144,9 +144,11 @@ def _fake_sweep(bn_better: bool):
     """A train_run that writes a run folder from a formula: accuracy a bump in log10(lr)
     (BN's 1.5 decades wide and 10 points higher when ``bn_better``, else the same as
     no-BN's), training loss falling per epoch (faster with BN when ``bn_better``) and lowest
-    at the bump's top, and a little noise by seed."""
+    at the bump's top, and a little noise by seed (without ``bn_better`` the two networks' runs
+    are the same: no difference)."""
     def train_run(self, name, config, **kwargs):
-        rng = random.Random(f"{name}")
+        # noise by rate and seed, the same for both networks: paired by seed, as the runs are
+        rng = random.Random(f"{config.optimizer}-{config.lr}-{config.seed}")
         center = math.log10(self.scale.lr if config.optimizer == "adam" else q2.plan.SGD_CENTER)
         bn = config.norm == "torch" and bn_better
         width, peak = (1.5, 0.6) if bn else (0.5, 0.5)

@@ -51,7 +51,7 @@ def usable_range(lrs: Sequence[float], accs: Sequence[float | None], keep: float
     lengths that differ, an empty curve, or rates not positive and ascending.
 
     >>> r = usable_range([1e-3, 1e-2, 1e-1], [0.1, 0.5, 0.1])
-    >>> round(r["decades"], 3), r["floor"]   # crosses 0.42 at 0.2 decade either side
+    >>> round(r["decades"], 3), round(r["floor"], 3)  # 0.42 crossed 0.2 decade either side
     (0.4, 0.42)
     """
     if len(lrs) != len(accs) or not lrs:
