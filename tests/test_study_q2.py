@@ -1,22 +1,29 @@
-"""Q2 (what does BN buy?): the measurements on cases with known answers, divergence
-handling, and the whole study end to end on tiny generated data."""
+"""Q2 (what does BN buy?): the measurements on cases with known answers, the plan per
+scale, the verdicts on synthetic sweeps with known answers, and the whole study end to end
+on tiny generated data."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
+import random
 
 import pytest
 
+from bnlab import runs
 from bnlab.data import load_cifar10_dir
-from bnlab.evidence.stats import fmt_pct, mean_std
+from bnlab.evidence.stats import VERDICTS
 from bnlab.studies import common, q2, run_study
+from bnlab.studies.q2 import experiment as q2_experiment
+from bnlab.train import RunResult
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
 TINY_SCALE = common.StudyScale("tiny", width=0.125, epochs=2, subset=None, batch_size=8,
                                lr=1e-3, seeds=2, budget_s=60.0, description="tests")
-TINY_SWEEPS = {"adam": (1e-3, 1e30), "sgd": (1e-2, 1e30)}  # one learning, one diverging each
+TINY_GRIDS = {"adam": (1e-4, 1e-3, 1e30), "sgd": (1e-3, 1e-2, 1e30)}  # the last diverges
 
 
 @pytest.fixture(scope="module")
@@ -26,84 +33,174 @@ def tiny_data(tmp_path_factory):
     return load_cifar10_dir(root)
 
 
-# ---- measurements on known answers ---------------------------------------------------------
+# ---- the usable range, interpolated -----------------------------------------------------
 
-def test_thresholds_are_fractions_of_the_way_above_chance():
-    assert q2.thresholds_from(0.6) == [0.35, 0.5, 0.6]
-    assert q2.thresholds_from(0.1) == []  # at chance: nothing to converge to
-    assert q2.thresholds_from(None) == []
+LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
-def test_first_reaching_counts_epochs_and_training_seconds():
-    metrics = [{"epoch": e, "test_acc": acc, "epoch_time_s": 2.0}
-               for e, acc in enumerate([0.15, 0.3, 0.28, 0.45], 1)]
-    assert q2.first_reaching(metrics, 0.3) == {"epoch": 2, "seconds": 4.0}
-    assert q2.first_reaching(metrics, 0.4) == {"epoch": 4, "seconds": 8.0}
-    assert q2.first_reaching(metrics, 0.1) == {"epoch": 1, "seconds": 2.0}
-    assert q2.first_reaching(metrics, 0.5) is None
+def test_usable_range_interpolates_in_log_lr():
+    # best 0.5, floor 0.1 + 0.8 * 0.4 = 0.42; left: 0.26 -> 0.5 crosses at 2/3 of a decade
+    # after 1e-4; right: 0.5 -> 0.34 crosses half a decade after 1e-2
+    r = q2.usable_range(LRS, [0.1, 0.26, 0.5, 0.34, 0.1])
+    assert r["floor"] == pytest.approx(0.42) and r["best_lr"] == 1e-2
+    assert math.log10(r["low"]) == pytest.approx(-3 + 2 / 3)
+    assert math.log10(r["high"]) == pytest.approx(-1.5)
+    assert r["decades"] == pytest.approx(0.5 + 1 / 3)
+    assert not r["censored_low"] and not r["censored_high"] and r["usable"]
 
 
-@pytest.mark.parametrize(("accs", "low", "high", "decades"), [
-    ([0.2, 0.56, 0.6, 0.58, 0.1], 1e-3, 1e-1, 2.0),         # within 0.05: 0.56..0.6
-    ([0.2, 0.56, 0.6, 0.3, 0.59], 1e-3, 1e-2, 1.0),          # 0.59 is cut off by 0.3
-    ([0.6, 0.6, 0.6, 0.6, 0.6], 1e-4, 1.0, 4.0),             # flat: the whole grid
-    ([0.1, 0.1, 0.7, 0.1, 0.1], 1e-2, 1e-2, 0.0),            # a single point
-    ([0.5, None, 0.52, 0.51, None], 1e-2, 1e-1, 1.0),        # a missing point breaks it
+def test_usable_range_moves_continuously_not_by_grid_steps():
+    widths = [q2.usable_range(LRS, [0.1, 0.1, 0.5, a, 0.1])["decades"]
+              for a in (0.2, 0.3, 0.4, 0.45)]
+    assert all(b > a for a, b in itertools.pairwise(widths))  # grows with the neighbour
+    assert all(0.0 < w < 1.0 for w in widths[:3])              # never a whole grid step
+
+
+@pytest.mark.parametrize(("accs", "decades", "censored"), [
+    ([0.6, 0.6, 0.6, 0.6, 0.6], 4.0, (True, True)),    # flat: the whole grid, a lower bound
+    ([0.6, 0.55, 0.1, 0.1, 0.1], None, (True, False)),  # best at the low end: censored there
+    ([0.1, 0.1, 0.5, 0.1, 0.1], 0.2 + 0.2, (False, False)),  # a peak: 0.2 decade either side
+    ([0.5, None, 0.52, 0.51, None], 1.0, (False, False)),  # a missing point ends the range
 ])
-def test_lr_range_width(accs, low, high, decades):
-    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    r = q2.lr_range_width(lrs, accs, tolerance=0.05)
-    assert (r["low"], r["high"]) == (low, high)
-    assert r["decades"] == pytest.approx(decades)
-    assert r["best_acc"] == max(a for a in accs if a is not None)
+def test_usable_range_edges(accs, decades, censored):
+    r = q2.usable_range(LRS, accs)
+    assert (r["censored_low"], r["censored_high"]) == censored
+    if decades is not None:
+        assert r["decades"] == pytest.approx(decades)
 
 
-def test_a_curve_must_be_clearly_above_chance_to_have_usable_learning_rates():
-    lrs = [1e-3, 1e-2, 1e-1]
-    never = q2.lr_range_width(lrs, [0.11, 0.13, 0.12], tolerance=0.05)
-    assert not never["usable"] and never["decades"] is None and never["best_acc"] == 0.13
-    # within 0.05 of the best (0.18) would admit 0.14, but 0.14 is not 0.05 above chance
-    r = q2.lr_range_width(lrs, [0.14, 0.18, 0.16], tolerance=0.05)
-    assert r["usable"] and (r["low"], r["high"]) == (1e-2, 1e-1)
+def test_a_curve_that_never_learned_has_no_usable_rate():
+    r = q2.usable_range(LRS, [0.1, 0.1, 0.1, 0.05, 0.1])
+    assert not r["usable"] and r["decades"] == 0.0 and r["best_acc"] == 0.1
 
 
-def test_compare_ranges():
-    def rng(decades):
-        return {"decades": decades, "usable": decades is not None}
-    assert q2.compare_ranges(rng(1.5), rng(0.75)) == "wider"
-    assert q2.compare_ranges(rng(0.75), rng(1.5)) == "narrower"
-    assert q2.compare_ranges(rng(0.75), rng(0.75)) == "equal"
-    assert q2.compare_ranges(rng(0.0), rng(None)) == "wider"
-    assert q2.compare_ranges(rng(None), rng(0.0)) == "narrower"
-    assert q2.compare_ranges(rng(None), rng(None)) == "neither usable"
+@pytest.mark.parametrize(("lrs", "accs"), [([1e-3, 1e-2], [0.5]), ([], []),
+                                           ([1e-2, 1e-3], [0.5, 0.5]), ([0.0, 1.0], [0.5, 0.5])])
+def test_usable_range_rejects_bad_input(lrs, accs):
+    with pytest.raises(ValueError, match="usable_range"):
+        q2.usable_range(lrs, accs)
 
 
-def test_reach_verdict():
-    def entry(reached, runs, epochs):
-        return {"reached": reached, "runs": runs,
-                "epochs": mean_std(epochs)}
-    fast = {"torch": entry(2, 2, [2, 2]), "none": entry(2, 2, [5, 6])}
-    assert q2._reach_verdict(fast)[0] == "supported"
-    slow = {"torch": entry(2, 2, [5, 6]), "none": entry(2, 2, [2, 2])}
-    assert q2._reach_verdict(slow)[0] == "contradicted"
-    only_bn = {"torch": entry(2, 2, [4, 5]), "none": entry(1, 2, [3])}
-    assert q2._reach_verdict(only_bn)[0] == "supported"
-    close = {"torch": entry(2, 2, [3, 5]), "none": entry(2, 2, [4, 5])}
-    assert q2._reach_verdict(close)[0] == "inconclusive"
-    assert q2._reach_verdict(None)[0] == "inconclusive"
+# ---- convergence ---------------------------------------------------------------------------
+
+def test_mean_train_loss_is_the_mean_over_the_run_and_none_for_an_unfinished_run():
+    rows = [{"train_loss": v} for v in (2.0, 1.0, 0.6)]
+    assert q2.mean_train_loss(rows, 3) == pytest.approx(1.2)
+    assert q2.mean_train_loss(rows[:2], 3) is None  # diverged after two epochs
+    assert q2.mean_train_loss([{"train_loss": float("nan")}], 1) is None
 
 
-def test_a_diverging_run_counts_as_chance_and_stays_so_on_resume(tiny_data, tmp_path):
+def test_steps_to_loss_interpolates_between_epoch_ends():
+    rows = [{"train_loss": v} for v in (2.0, 1.0, 0.6)]
+    assert q2.steps_to_loss(rows, 10, 1.5) == pytest.approx(15.0)
+    assert q2.steps_to_loss(rows, 10, 0.8) == pytest.approx(25.0)
+    assert q2.steps_to_loss(rows, 10, 2.5) == 10.0   # already there after the first epoch
+    assert q2.steps_to_loss(rows, 10, 0.5) is None
+
+
+def test_a_censored_width_cannot_carry_a_verdict_it_only_bounds():
+    wider = {"low": 0.5, "high": 1.0}
+    narrower = {"low": -1.0, "high": -0.5}
+    assert q2.range_verdict(wider, False, False, 0.25) == "supported"
+    assert q2.range_verdict(wider, True, False, 0.25) == "supported"  # BN's is even wider
+    assert q2.range_verdict(wider, False, True, 0.25) == "inconclusive"
+    assert q2.range_verdict(narrower, False, True, 0.25) == "contradicted"
+    assert q2.range_verdict(narrower, True, False, 0.25) == "inconclusive"
+    assert q2.range_verdict({"low": 0.1, "high": 1.0}, False, False, 0.25) == "inconclusive"
+
+
+# ---- the plan ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["quick", "standard", "paper"])
+def test_every_preset_sweeps_both_optimizers_at_full_length_a_third_of_a_decade_apart(preset):
+    scale = common.SCALES[preset]
+    plan = q2.sweep_plan(scale)
+    assert plan.epochs == scale.epochs and scale.seeds >= 3
+    for optimizer in ("adam", "sgd"):
+        grid = plan.grid(optimizer)
+        assert len(grid) == plan.points >= 5
+        steps = [math.log10(b / a) for a, b in itertools.pairwise(grid)]
+        assert all(s == pytest.approx(1 / 3) for s in steps)
+        assert plan.common_rate(optimizer) == pytest.approx(plan.centers[optimizer])
+    assert plan.common_rate("adam") == pytest.approx(scale.lr)  # the other studies' rate
+
+
+def test_standard_gives_the_best_rates_five_seeds(tmp_path):
+    ctx = common.StudyContext(out=tmp_path, scale=common.SCALES["standard"], seeds=3)
+    assert q2.headline_seeds(ctx) == [0, 1, 2, 3, 4]
+    quick = common.StudyContext(out=tmp_path, scale=common.SCALES["quick"], seeds=3)
+    assert q2.headline_seeds(quick) == [0, 1, 2]
+
+
+def test_another_scale_sweeps_at_its_own_run_size():
+    plan = q2.sweep_plan(TINY_SCALE)
+    assert plan.fields() == {"width": 0.125, "subset": None, "batch_size": 8, "epochs": 2}
+    assert plan.common_rate("adam") == TINY_SCALE.lr
+
+
+# ---- verdicts on synthetic sweeps with known answers -----------------------------------------
+
+def _fake_sweep(bn_better: bool):
+    """A train_run that writes a run folder from a formula: accuracy a bump in log10(lr)
+    (BN's 1.5 decades wide and 10 points higher when ``bn_better``, else the same as
+    no-BN's), training loss falling per epoch (faster with BN when ``bn_better``) and lowest
+    at the bump's top, and a little noise by seed (without ``bn_better`` the two networks' runs
+    are the same: no difference)."""
+    def train_run(self, name, config, **kwargs):
+        # noise by rate and seed, the same for both networks: paired by seed, as the runs are
+        rng = random.Random(f"{config.optimizer}-{config.lr}-{config.seed}")
+        center = math.log10(self.scale.lr if config.optimizer == "adam" else q2.plan.SGD_CENTER)
+        bn = config.norm == "torch" and bn_better
+        width, peak = (1.5, 0.6) if bn else (0.5, 0.5)
+        x = (math.log10(config.lr) - center) / width
+        acc = 0.1 + (peak - 0.1) * math.exp(-x * x) + rng.gauss(0, 0.005)
+        rate = 0.6 if bn else 0.3
+        metrics = [{"epoch": e, "train_loss": 2.3 * math.exp(-rate * e) + (peak - acc)
+                    + rng.gauss(0, 0.005),
+                    "train_acc": acc, "test_loss": 1.0, "test_acc": acc, "epoch_time_s": 1.0}
+                   for e in range(1, config.epochs + 1)]
+        run_dir = self.out / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_metrics(run_dir, metrics)
+        return RunResult(run_dir, metrics)
+    return train_run
+
+
+@pytest.mark.parametrize("bn_better", [True, False])
+def test_a_true_difference_is_supported_and_none_is_inconclusive(bn_better, tiny_data,
+                                                                 tmp_path, monkeypatch):
+    scale = dataclasses.replace(TINY_SCALE, name="synthetic", epochs=4, seeds=3)
+    monkeypatch.setattr(common.StudyContext, "train_run", _fake_sweep(bn_better))
+    plan = dataclasses.replace(q2.sweep_plan(scale), points=7)  # 2 decades
+    monkeypatch.setattr(q2_experiment, "sweep_plan", lambda _: plan)
+    ctx = common.StudyContext(out=tmp_path, scale=scale, seeds=3, quiet=True,
+                              log=lambda _: None, dataset=tiny_data)
+    summary = q2.run(ctx)
+    for optimizer in ("adam", "sgd"):
+        claims = summary["optimizers"][optimizer]["claims"]
+        verdicts = {key: claim["verdict"] for key, claim in claims.items()}
+        expected = "supported" if bn_better else "inconclusive"
+        assert verdicts == dict.fromkeys(claims, expected), (optimizer, verdicts)
+        curves = summary["optimizers"][optimizer]["curves"]
+        if bn_better:  # the bump's widths: floor at 80% of the gain, exp(-x^2) = 0.8
+            half = math.sqrt(-math.log(0.8))
+            assert curves["torch"]["range"]["decades"] == pytest.approx(2 * 1.5 * half, rel=0.2)
+            assert curves["none"]["range"]["decades"] == pytest.approx(2 * 0.5 * half, rel=0.3)
+
+
+# ---- divergence in the shared sweep ----------------------------------------------------------
+
+def test_a_diverging_rate_is_recorded_by_the_sweep_and_stays_so_on_resume(tiny_data, tmp_path):
+    from bnlab.studies.tuning import tune_lr
+
     ctx = common.StudyContext(out=tmp_path, scale=TINY_SCALE, seeds=1, device="cpu",
                               quiet=True, log=lambda _: None, dataset=tiny_data)
-    config = ctx.config(norm="none", optimizer="sgd", lr=1e6, epochs=1)
-    point = q2.sweep_point(ctx, "diverge", config)
-    assert point["diverged"] and point["status"] == "diverged"
-    assert point["test_acc"] == q2.CHANCE and "nan" in point["message"]
-    again = q2.sweep_point(ctx, "diverge", config)  # the folder's result.json says so
-    assert again["diverged"] and again["test_acc"] == q2.CHANCE
-    fine = q2.sweep_point(ctx, "fine", ctx.config(norm="torch", lr=1e-3, epochs=1))
-    assert not fine["diverged"] and 0.0 <= fine["test_acc"] <= 1.0
+    for _ in range(2):  # the second time from the folders' result.json
+        tuned = tune_lr(ctx, norm="none", optimizer="sgd", grid=[1e-2, 1e6], seeds=1,
+                        epochs=1)
+        assert tuned.diverged == {1e-2: [], 1e6: [0]} and tuned.best == 1e-2
+        assert tuned.losses[1e6][0] == math.inf and tuned.test_acc[1e6][0] is None
+        assert len(tuned.metrics(1e-2, 0)) == 1 and tuned.metrics(1e6, 0) == []
 
 
 # ---- the study end to end ------------------------------------------------------------------
@@ -111,9 +208,10 @@ def test_a_diverging_run_counts_as_chance_and_stays_so_on_resume(tiny_data, tmp_
 @pytest.fixture(scope="module")
 def study(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("q2") / "study"
+    plan = dataclasses.replace(q2.sweep_plan(TINY_SCALE), grids=TINY_GRIDS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(common.SCALES, "tiny", TINY_SCALE)
-        mp.setattr(q2, "SWEEPS", TINY_SWEEPS)
+        mp.setattr(q2_experiment, "sweep_plan", lambda _: plan)
         summary = run_study("q2", out, preset="tiny", device="cpu", quiet=True,
                             log=lambda _: None, dataset=tiny_data)
     return out, summary
@@ -122,22 +220,26 @@ def study(tiny_data, tmp_path_factory):
 def test_study_writes_its_files(study, tiny_data):
     out, _ = study
     s = json.loads((out / "summary.json").read_text())
-    for key in ("data", "preset", "seeds", "settings", "convergence", "lr_sweep", "verdicts",
-                "comparisons", "post_claim", "figures", "wall_time_s"):
+    for key in ("data", "preset", "seeds", "headline_seeds", "settings", "optimizers",
+                "post_claim", "figures", "wall_time_s"):
         assert key in s, key
-    assert s["data"] == tiny_data.source and s["preset"] == "tiny" and s["seeds"] == 2
-    conv = s["convergence"]
-    assert conv["final_test_acc"]["torch"]["n"] == 2 == conv["final_test_acc"]["none"]["n"]
-    for row in conv["thresholds"]:
-        assert row["none"]["runs"] == 2
-    sweep = s["lr_sweep"]
-    assert sweep["epochs"] == 1 and sweep["seeds"] == [0]  # epochs // 2, seeds - 1
-    assert set(sweep["curves"]) == {"adam/none", "adam/torch", "sgd/none", "sgd/torch"}
-    for curve in sweep["curves"].values():
-        high = curve["points"][-1]
-        assert high["lr"] == 1e30 and high["diverged"] == 1
-        assert high["test_acc"]["mean"] == q2.CHANCE
-    assert (out / "runs" / "speed" / "bn" / "seed1" / "metrics.jsonl").is_file()
+    assert s["data"] == tiny_data.source and s["preset"] == "tiny" and s["seeds"] == [0, 1]
+    assert s["headline_seeds"] == [0, 1, 2]  # the scale's headline_seeds (3) at the best rates
+    assert set(s["optimizers"]) == {"adam", "sgd"}
+    for optimizer, result in s["optimizers"].items():
+        assert result["grid"] == list(TINY_GRIDS[optimizer])
+        assert result["common_rate"] == TINY_GRIDS[optimizer][1]
+        for norm in ("none", "torch"):
+            curve = result["curves"][norm]
+            high = curve["points"][-1]
+            assert high["diverged"] == 2 and high["test_acc"]["mean"] == q2.CHANCE
+            assert curve["best_lr"] != 1e30  # a diverged rate is never the best
+            best = result["loss_curves"]["best"][norm]
+            assert best["seeds"] == [0, 1, 2] and best["lr"] == curve["best_lr"]
+            assert best["steps"] == [5, 10]  # 40 images / batch 8, two epochs
+            assert all(m["n"] == 3 for m in best["train_loss"])
+        for claim in result["claims"].values():
+            assert claim["verdict"] in VERDICTS
     for name in s["figures"].values():
         assert is_png(out / name)
     for name in ("section.md", "report.md", "report.html"):
@@ -153,18 +255,14 @@ def test_section_is_drawn_from_the_summary(study):
     assert {src for _, src in figures} == set(s["figures"].values())
     for caption, src in figures:
         assert (out / src).is_file() and len(caption) > 40
-    final = s["convergence"]["final_test_acc"]
-    assert fmt_pct(final["torch"]) in section and fmt_pct(final["none"]) in section
-    assert " ×" in section  # diverged points are marked
-    assert any(p in section for p in ("The data support it.", "The data contradict it.",
-                                      "Inconclusive at this scale."))
-    s["convergence"]["final_test_acc"]["torch"] = {"mean": 0.87654, "std": 0.0321, "n": 2,
-                                                   "min": 0.85, "max": 0.9}
-    s["lr_sweep"]["curves"]["sgd/torch"]["range"].update(
-        {"best_acc": 0.4321, "best_lr": 0.01, "low": 0.01, "high": 0.01, "decades": 0.0,
-         "usable": True})
+    assert " ×" in section and "Ioffe & Szegedy" in section and "`tiny`" in section
+    claim = s["optimizers"]["sgd"]["claims"]["wider_range"]
+    claim["difference"].update({"mean": 0.4321, "low": 0.1234, "high": 0.7654})
+    claim["verdict"] = "contradicted"
+    s["optimizers"]["adam"]["curves"]["torch"]["range"].update(
+        {"usable": True, "low": 0.001, "high": 0.01, "decades": 1.0, "censored_low": False,
+         "censored_high": True})
     (out / "summary.json").write_text(json.dumps(s))
     redrawn = q2.render(out)
-    assert "87.7 ± 3.2 %" in redrawn
-    assert "0.01 – 0.01 (0.00 decades; best 43.2 % at 0.01)" in redrawn
-    assert math.isfinite(s["settings"]["lr"]) and f"lr {s['settings']['lr']:g}" in redrawn
+    assert "+0.43 [+0.12, +0.77] decades" in redrawn and "*contradicted*" in redrawn
+    assert "0.001 – ≥ 0.01: 1.00 decades" in redrawn
