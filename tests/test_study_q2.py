@@ -167,8 +167,11 @@ def _fake_sweep(bn_better: bool):
 
 
 @pytest.mark.parametrize("bn_better", [True, False])
-def test_a_true_difference_is_supported_and_none_is_inconclusive(bn_better, tiny_data,
+def test_a_true_difference_is_supported_and_none_is_contradicted(bn_better, tiny_data,
                                                                  tmp_path, monkeypatch):
+    # Without a difference the paired differences are exactly 0 (the same runs): the
+    # interval [0, 0] lies wholly short of each claim's minimum effect, which rules that
+    # effect out (evidence.stats.interval_verdict): contradicted, not merely inconclusive.
     scale = dataclasses.replace(TINY_SCALE, name="synthetic", epochs=4, seeds=3)
     monkeypatch.setattr(common.StudyContext, "train_run", _fake_sweep(bn_better))
     plan = dataclasses.replace(q2.sweep_plan(scale), points=7)  # 2 decades
@@ -179,7 +182,7 @@ def test_a_true_difference_is_supported_and_none_is_inconclusive(bn_better, tiny
     for optimizer in ("adam", "sgd"):
         claims = summary["optimizers"][optimizer]["claims"]
         verdicts = {key: claim["verdict"] for key, claim in claims.items()}
-        expected = "supported" if bn_better else "inconclusive"
+        expected = "supported" if bn_better else "contradicted"
         assert verdicts == dict.fromkeys(claims, expected), (optimizer, verdicts)
         curves = summary["optimizers"][optimizer]["curves"]
         if bn_better:  # the bump's widths: floor at 80% of the gain, exp(-x^2) = 0.8
