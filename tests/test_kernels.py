@@ -505,3 +505,19 @@ def test_jit_trace_and_disabled_take_the_eager_path():
         assert not kernels.fused_applies(x) and not kernels.enabled()
         raise RuntimeError("inside")
     assert kernels.fused_applies(x) and kernels.enabled()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    # a build killed mid-way leaves `lock`; cpp_extension would wait for it forever
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._remove_stale_lock(tmp_path)
+    assert lock.exists()  # fresh: a build may be running
+    old = time.time() - kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    kernels._remove_stale_lock(tmp_path)
+    assert not lock.exists() and "stale build lock" in capsys.readouterr().err
+    kernels._remove_stale_lock(tmp_path)  # no lock: nothing to do

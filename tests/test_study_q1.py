@@ -245,12 +245,13 @@ def study(tiny_data, tmp_path_factory):
 def test_study_writes_its_files(study, tiny_data):
     out, _ = study
     stored = json.loads((out / "summary.json").read_text())
-    for key in ("data", "preset", "seeds", "n_seeds", "headline_seeds", "settings", "tuning",
-                "arms", "noise", "claims", "verdicts", "post_claim", "literature", "figures",
-                "wall_time_s"):
+    for key in ("data", "preset", "seeds", "seed_list", "n_seeds", "headline_seeds", "settings",
+                "tuning", "arms", "noise", "claims", "verdicts", "post_claim", "literature",
+                "figures", "wall_time_s"):
         assert key in stored, key
     assert stored["data"] == tiny_data.source and stored["preset"] == "tiny"
-    assert stored["seeds"] == [0] and stored["headline_seeds"] == [0, 1]
+    assert stored["seed_list"] == [0] and stored["seeds"] == 1
+    assert stored["headline_seeds"] == [0, 1]
     assert set(stored["arms"]) == {"none@tuned", "bn@tuned", "none@common", "bn@common",
                                    "bn_dropout", "ghost2"}
     for key, arm in stored["arms"].items():

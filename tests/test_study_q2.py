@@ -223,10 +223,11 @@ def study(tiny_data, tmp_path_factory):
 def test_study_writes_its_files(study, tiny_data):
     out, _ = study
     s = json.loads((out / "summary.json").read_text())
-    for key in ("data", "preset", "seeds", "headline_seeds", "settings", "optimizers",
+    for key in ("data", "preset", "seeds", "seed_list", "headline_seeds", "settings", "optimizers",
                 "post_claim", "figures", "wall_time_s"):
         assert key in s, key
-    assert s["data"] == tiny_data.source and s["preset"] == "tiny" and s["seeds"] == [0, 1]
+    assert s["data"] == tiny_data.source and s["preset"] == "tiny"
+    assert s["seed_list"] == [0, 1] and s["seeds"] == 2
     assert s["headline_seeds"] == [0, 1, 2]  # the scale's headline_seeds (3) at the best rates
     assert set(s["optimizers"]) == {"adam", "sgd"}
     for optimizer, result in s["optimizers"].items():
@@ -238,7 +239,7 @@ def test_study_writes_its_files(study, tiny_data):
             assert high["diverged"] == 2 and high["test_acc"]["mean"] == q2.CHANCE
             assert curve["best_lr"] != 1e30  # a diverged rate is never the best
             best = result["loss_curves"]["best"][norm]
-            assert best["seeds"] == [0, 1, 2] and best["lr"] == curve["best_lr"]
+            assert best["seed_list"] == [0, 1, 2] and best["lr"] == curve["best_lr"]
             assert best["steps"] == [5, 10]  # 40 images / batch 8, two epochs
             assert all(m["n"] == 3 for m in best["train_loss"])
         for claim in result["claims"].values():

@@ -92,6 +92,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +177,25 @@ def load(verbose: bool = False) -> bool:
     return _state is True
 
 
+# torch.utils.cpp_extension guards a build with a `lock` file and waits for it forever; a
+# build killed mid-way (Ctrl-C, OOM) leaves it behind. A build takes under a minute, so a
+# lock older than this is stale and is removed, with a notice.
+STALE_LOCK_S = 600.0
+
+
+def _remove_stale_lock(build: Path) -> None:
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"bnlab: removing a stale build lock {lock} ({age / 60:.0f} min old: an earlier "
+              "build was interrupted)", file=sys.stderr)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
 def _try_load(verbose: bool) -> bool | str:
     if os.environ.get("BNLAB_FUSED", "1") == "0":
         return "BNLAB_FUSED=0"
@@ -186,6 +206,7 @@ def _try_load(verbose: bool) -> bool | str:
         name = _extension_name(capability, cflags)
         build = _build_directory(name)
         library = build / f"{name}.so"
+        _remove_stale_lock(build)
         if library.exists() and not (build / "lock").exists():  # built, no build running
             torch.ops.load_library(str(library))
         else:

@@ -182,7 +182,8 @@ def run(ctx: StudyContext) -> dict:
     claims = judge(arms, noise, base.batch_size)
     summary = {
         "study": NAME, "title": TITLE, "data": dataset.source, "preset": ctx.scale.name,
-        "seeds": seeds, "n_seeds": len(seeds), "headline_seeds": headline,
+        "seeds": len(seeds), "seed_list": seeds, "n_seeds": len(seeds),
+        "headline_seeds": headline,
         "settings": _settings(ctx, train_set, tuned),
         "tuning": {net: t.to_json() for net, t in tuned.items()},
         "arms": arms, "noise": noise, "claims": claims,

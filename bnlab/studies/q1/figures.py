@@ -69,7 +69,7 @@ def plot_gap(summary: dict[str, Any], path: Path) -> None:
     ax_gap.legend(fontsize=7)
     fig.suptitle(f"Generalization gap and fit: All-CNN-C on "
                  f"{summary['settings']['train_images']} training images, seeds "
-                 f"{summary['seeds']} (tuned-rate arms: {summary['headline_seeds']})",
+                 f"{summary['seed_list']} (tuned-rate arms: {summary['headline_seeds']})",
                  fontsize=10)
     save_figure(fig, path)
 

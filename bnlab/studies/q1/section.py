@@ -61,7 +61,7 @@ def _header(s: dict[str, Any]) -> list[str]:
         f"Data: **{s['data']}**; preset `{s['preset']}`. All-CNN-C at width {st['width']}, "
         f"{subset}, {st['test_images']} test images, {st['epochs']} epochs, batch "
         f"{st['batch_size']}, {st['optimizer']} ({st['lr_schedule']}), augmentation "
-        f"{'on' if st['augment'] else 'off'}. Seeds {s['seeds']}; the headline arms (both "
+        f"{'on' if st['augment'] else 'off'}. Seeds {s['seed_list']}; the headline arms (both "
         f"networks at their own tuned rate) seeds {s['headline_seeds']}. Tuned learning "
         f"rates (lowest final training loss of the shared sweep, "
         f"`bnlab.studies.tuning`): {rate_text}; common rate {st['common_lr']:g}.",

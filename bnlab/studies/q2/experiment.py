@@ -73,7 +73,8 @@ def _loss_curve(tuned: TunedLR, lr: float, seeds: list[int], steps_per_epoch: in
     per seed the mean loss over the run and the final test accuracy."""
     rows = {s: tuned.metrics(lr, s) for s in seeds}
     finished = [r for r in rows.values() if len(r) >= epochs]
-    return {"lr": lr, "seeds": seeds, "diverged": len(tuned.diverged.get(lr, [])),
+    return {"lr": lr, "seed_list": seeds, "n_seeds": len(seeds),
+            "diverged": len(tuned.diverged.get(lr, [])),
             "steps": [(e + 1) * steps_per_epoch for e in range(epochs)],
             "train_loss": [mean_std([r[e]["train_loss"] for r in finished])
                            for e in range(epochs)],
@@ -89,7 +90,7 @@ def _claim(bn: dict[int, float | None], none: dict[int, float | None], measure: 
     seeds = sorted(set(bn) & set(none))
     return {"measure": measure, "expected": expected, "min_effect": MIN_EFFECT[measure],
             "bn": _with_stat(bn), "none": _with_stat(none), "difference": difference,
-            "seeds": seeds, "n_pairs": difference["n"],
+            "seed_list": seeds, "n_seeds": len(seeds), "n_pairs": difference["n"],
             "verdict": interval_verdict(difference, expected, MIN_EFFECT[measure])}
 
 
@@ -161,7 +162,8 @@ def run(ctx: StudyContext) -> dict:
     optimizers = {o: _optimizer(ctx, plan, o, steps_per_epoch) for o in OPTIMIZERS}
     summary = {
         "study": NAME, "title": TITLE, "data": dataset.source, "preset": ctx.scale.name,
-        "seeds": ctx.seed_list(), "headline_seeds": headline_seeds(ctx),
+        "seeds": ctx.seeds, "seed_list": ctx.seed_list(),
+        "headline_seeds": headline_seeds(ctx),
         "settings": {**plan.fields(), "train_images": n_train,
                      "steps_per_epoch": steps_per_epoch,
                      "total_steps": steps_per_epoch * plan.epochs, "points": plan.points,

@@ -61,7 +61,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     st = summary["settings"]
     fig.suptitle(f"Final test accuracy against the learning rate: All-CNN-C width "
                  f"{st['width']}, {st['train_images']} images, {st['epochs']} epochs, "
-                 f"{len(summary['seeds'])} seeds per point; shaded: usable range (dotted: "
+                 f"{len(summary['seed_list'])} seeds per point; shaded: usable range (dotted: "
                  f"{st['keep']:.0%} of the best's gain over chance)", fontsize=9)
     save_figure(fig, path)
 
@@ -97,5 +97,5 @@ def plot_loss_curves(summary: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"Training loss against steps: each network at its own best rate (solid, "
                  f"{len(summary['headline_seeds'])} seeds) and at the common rate (dashed, "
-                 f"{len(summary['seeds'])} seeds); mean ± std", fontsize=9)
+                 f"{len(summary['seed_list'])} seeds); mean ± std", fontsize=9)
     save_figure(fig, path)

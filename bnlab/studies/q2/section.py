@@ -87,7 +87,7 @@ def _loss_table(s: dict[str, Any]) -> list[str]:
                 curve = result["loss_curves"][where][norm]
                 side = "bn" if norm == "torch" else "none"
                 lines.append(f"| {OPTIMIZER_LABELS[optimizer]} | {where} | {label} | "
-                             f"{_lr(curve['lr'])} | {len(curve['seeds'])} | "
+                             f"{_lr(curve['lr'])} | {len(curve['seed_list'])} | "
                              f"{fmt_pm(loss[side], 3)} | {fmt_pct(acc[side])} |")
     return lines
 
@@ -144,7 +144,7 @@ def render(study_dir: Path) -> str:
     """The Q2 section, drawn from ``summary.json`` alone."""
     s = read_summary(study_dir)
     st = s["settings"]
-    n, n_head = len(s["seeds"]), len(s["headline_seeds"])
+    n, n_head = len(s["seed_list"]), len(s["headline_seeds"])
     lines = [
         f"## {TITLE}", "",
         f"Data: **{s['data']}**; preset `{s['preset']}`. All-CNN-C at width {st['width']}, "
