@@ -134,9 +134,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     rows = bench_train(width=args.width, batch_size=args.batch_size, steps=args.steps,
                        rounds=args.rounds, device=device, progress=_status(False))
     _clear_status()
-    print(f"one training step of All-CNN-C, float32, median of {args.rounds} interleaved rounds "
-          f"of {args.steps} steps (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    from bnlab.precision import resolve_precision
+
+    auto = resolve_precision("auto", device)
+    print(f"one training step of All-CNN-C, median of {args.rounds} interleaved rounds "
+          f"of {args.steps} steps (torch {torch.__version__}, {torch.get_num_threads()} threads); "
+          f"the plain loop is float32, contiguous, default allocator")
     print(format_table(rows, TRAIN_COLUMNS))
+    print(f"precision auto here: {auto.name} ({auto.reason})")
     _write_json(args.json, {"machine": _machine(), "rows": rows})
     return 0
 
@@ -575,9 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bsub.add_parser("train", help="images/s: a plain PyTorch loop vs bnlab's trainer",
                         description="Images/s of one All-CNN-C training step: a plain PyTorch "
-                                    "loop (contiguous, default allocator) beside bnlab's trainer "
-                                    "for both engines (channels_last, tuned allocator), measured "
-                                    "side by side in one process.")
+                                    "loop (float32, contiguous, default allocator) beside "
+                                    "bnlab's trainer for both engines in fp32 and bf16 "
+                                    "(channels_last, tuned allocator) and in fp32 contiguous, "
+                                    "measured side by side in one process.")
     p.add_argument("--width", type=argtypes.positive_float, default=1.0)
     p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--steps", type=argtypes.positive_int, default=4,
