@@ -190,7 +190,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device, "init": args.init,
-                     "final_relu": True if args.final_relu else None}
+                     "final_relu": True if args.final_relu else None,
+                     "precision": args.precision}
         plan = plan_comparison(
             args.cases, args.seeds, args.preset or "quick", args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
@@ -278,7 +279,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
                          "comparison folder?)")
     requested = {name: getattr(args, name) for name in (
         "cases", "seeds", "preset", "out", "epochs", "subset", "width", "lr", "batch_size",
-        "device", "data_dir")}
+        "device", "data_dir", "precision")}
     conflicts = resume_conflicts(read_compare(folder, plan=True), requested)
     if conflicts:
         raise _UserError(f"--resume {folder} continues the comparison as it was planned; "
@@ -679,6 +680,10 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                         "or the post's N(0, 0.05²) (see bnlab.initializers)")
     p.add_argument("--final-relu", action="store_true",
                    help="All-CNN-C: a ReLU on the class scores, as in the paper's table")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"],
+                   help="auto (default): bfloat16 autocast where the device has it fast (CUDA "
+                        "with bf16, CPUs with AMX or AVX512-BF16), else float32; bf16 "
+                        "anywhere (emulated, slow, on other CPUs); see bnlab.precision")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
     p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
                                  "never overwritten")

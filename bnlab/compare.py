@@ -161,7 +161,8 @@ def resume_plan(out: str | Path) -> ComparisonPlan:
 
 
 # the config fields a command line may set, checked against a saved plan on --resume
-_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir")
+_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir",
+                "precision")
 
 
 def resume_conflicts(saved: dict, requested: dict) -> list[str]:

@@ -179,3 +179,28 @@ def test_manual_bf16_steps_follow_autograd_under_autocast(three_batches, manual_
     assert err <= 0.9 < control
     for m, a, f in zip(loss_m, loss_a, loss_f, strict=True):
         assert abs(m - a) <= max(abs(a - f), 2.0**-8 * abs(a))
+
+
+def test_compare_takes_precision_and_prints_it_with_its_summary(tiny_data, tmp_path, capsys):
+    from bnlab.cli import main
+    from tests.cifar_fixtures import write_cifar10_folder
+
+    root = tmp_path / "cifar"
+    write_cifar10_folder(root, per_batch=8, test=12)
+    out = tmp_path / "cmp"
+    args = ["--cases", "a,b", "--seeds", "2", "--epochs", "1", "--width", "0.125",
+            "--batch-size", "8", "--device", "cpu", "--data-dir", str(root)]
+    assert main(["compare", *args, "--precision", "bf16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    print(text)
+    assert "precision bf16 (bf16 requested: bfloat16 autocast" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["name"] for p in summary["precision"]] == ["bf16"]
+    assert summary["precision"][0]["runs"] == 4
+    tail = text[text.index("wrote "):]
+    assert "Precision: bf16 (bf16 requested" in tail
+    assert "a: final test acc" in tail and "b: final test acc" in tail
+    (pair,) = summary["paired_differences"]
+    assert f"{pair['higher']} − {pair['lower']}:" in tail and pair["verdict"] in tail
+    assert main(["compare", "--resume", str(out), "--precision", "fp32"]) != 0
+    assert "--precision fp32 (the comparison has bf16)" in capsys.readouterr().err
