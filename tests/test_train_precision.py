@@ -181,7 +181,7 @@ def test_manual_bf16_steps_follow_autograd_under_autocast(three_batches, manual_
         assert abs(m - a) <= max(abs(a - f), 2.0**-8 * abs(a))
 
 
-def test_compare_takes_precision_and_prints_it_with_its_summary(tiny_data, tmp_path, capsys):
+def test_compare_takes_precision_and_prints_it_with_its_summary(tmp_path, capsys):
     from bnlab.cli import main
     from tests.cifar_fixtures import write_cifar10_folder
 
