@@ -121,6 +121,15 @@ POST_RECIPE = {"arch": "post", "recipe": "post", "batch_size": 50, "lr": 3e-4,
 POST_QUICK_SCALE = {"width": 0.25, "epochs": 6}
 POST_QUICK_NOTE = "width 0.25, 6 epochs instead of 1.0 and 21"
 
+# quick's time plan (9 runs <= 12 min on a 2-core CPU with bfloat16). Issue 15 measured one
+# autocast All-CNN-C step at width 0.5, batch 32, on such a CPU at ~625 img/s (2.3x float32):
+# ~8 s per epoch of the 5085-image sample, ~9 s with the flipped test pass (2 x 1017
+# images). Case a (no BN) ~0.85x of b, case c (manual engine, bnlab BN) ~1.3x (a guess: its
+# element-wise work does not speed up with bfloat16) => ~28 s per epoch for a + b + c,
+# x 8 epochs x 3 seeds ~ 11 min, plus ~20 s of setup and report. Estimated, not measured:
+# the machine it was written on has no bfloat16 units (in float32 it takes ~3x longer).
+# Batch 32 costs no more per image than 64 there (625 vs ~635 img/s) and gives twice the
+# steps, which the short schedule needs more than throughput.
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "a 2-core CPU with bfloat16 (precision auto) in about 11 minutes for a, b, c with 3 "
