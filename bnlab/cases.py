@@ -128,8 +128,8 @@ POST_QUICK_NOTE = "width 0.25, 6 epochs instead of 1.0 and 21"
 # element-wise work does not speed up with bfloat16) => ~28 s per epoch for a + b + c,
 # x 8 epochs x 3 seeds ~ 11 min, plus ~20 s of setup and report. Estimated, not measured:
 # the machine it was written on has no bfloat16 units (in float32 it takes ~3x longer).
-# Batch 32 costs no more per image than 64 there (625 vs ~635 img/s) and gives twice the
-# steps, which the short schedule needs more than throughput.
+# Batch 32 seems to cost about what 64 does per image there (the plain batch-64
+# loop: ~8 s per epoch) and gives twice the steps, which a short schedule needs.
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "a 2-core CPU with bfloat16 (precision auto) in about 11 minutes for a, b, c with 3 "
