@@ -286,16 +286,24 @@ def bench_train(
     rounds: int = 3,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    precisions: Sequence[str] = ("fp32", "bf16"),
 ) -> list[dict]:
     """Images/s of a plain PyTorch training loop vs bnlab's trainer, both engines.
 
-    The plain loop is what a user writes first: ``AllCNNC(norm="torch")`` in the default
-    (contiguous) memory format, ``torch.optim.Adam(amsgrad=True)``, ``zero_grad``,
+    The plain loop is what a user writes first: ``AllCNNC(norm="torch")`` in float32 and the
+    default (contiguous) memory format, ``torch.optim.Adam(amsgrad=True)``, ``zero_grad``,
     ``backward``, ``step``, under glibc's default allocator. bnlab's trainer step
-    (:class:`bnlab.train.Model`) runs channels_last with the allocator tuned
+    (:class:`bnlab.train.Model`) runs with the allocator tuned
     (:func:`bnlab.progress.cpu_allocator_tuned`), for the autograd engine (torch BN) and the
-    manual engine (bnlab BN, bnlab AMSGrad). All see the same fixed batch; the variants
-    take turns, ``steps`` steps each per round, and the median round counts.
+    manual engine (bnlab BN, bnlab AMSGrad), in each of ``precisions`` (``bf16``: autocast,
+    by hand in the manual engine; on a CPU without AMX/AVX512-BF16 it is emulated and slow),
+    channels_last; plus the autograd engine in float32 and contiguous memory, which
+    separates what the memory format and the allocator give. All see the same fixed batch;
+    the variants take turns, ``steps`` steps each per round, and the median round counts.
+
+    Returns one row per variant: ``variant``, ``precision`` (with ``precision_reason``),
+    ``memory_format``, ``width``, ``batch_size``, ``device``, ``step_ms``, ``images_per_s``
+    and ``speedup`` (plain loop's step time / the variant's).
     """
     from bnlab.models import AllCNNC
     from bnlab.progress import cpu_allocator_tuned
@@ -315,19 +323,29 @@ def bench_train(
 
     common = {"width": width, "batch_size": batch_size, "device": device,
               "optimizer": "amsgrad"}
-    engines = {
-        "bnlab trainer, autograd": Model(TrainConfig(engine="autograd", norm="torch",
-                                                      **common), torch.device(device)),
-        "bnlab trainer, manual": Model(TrainConfig(engine="manual", norm="bnlab",
-                                                    optimizer_impl="bnlab", **common),
-                                        torch.device(device)),
-    }
-    mf = torch.channels_last
+    engines = {"autograd": {"engine": "autograd", "norm": "torch"},
+               "manual": {"engine": "manual", "norm": "bnlab", "optimizer_impl": "bnlab"}}
+    # name -> (config fields, memory format of the batch)
+    plans: dict[str, tuple[dict, torch.memory_format]] = {
+        "bnlab trainer, autograd, fp32, contiguous": (
+            {**engines["autograd"], "precision": "fp32", "channels_last": False},
+            torch.contiguous_format)}
+    for precision in precisions:
+        for engine, fields in engines.items():
+            plans[f"bnlab trainer, {engine}, {precision}, channels_last"] = (
+                {**fields, "precision": precision}, torch.channels_last)
     variants: dict[str, tuple[Callable[[], object], bool]] = {
         "plain PyTorch loop": (plain_step, False)}
-    for name, model in engines.items():
-        xc = x.contiguous(memory_format=mf)
+    rows = {"plain PyTorch loop": {"precision": "fp32", "precision_reason": "plain float32",
+                                   "memory_format": "contiguous"}}
+    for name, (fields, memory_format) in plans.items():
+        model = Model(TrainConfig(**common, **fields), torch.device(device))
+        xc = x.contiguous(memory_format=memory_format)
         variants[name] = ((lambda m=model, xc=xc: m.step(xc, y)), True)
+        rows[name] = {"precision": model.precision.name,
+                      "precision_reason": model.precision.reason,
+                      "memory_format": str(memory_format).replace("torch.", "").replace(
+                          "_format", "")}
 
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds + 1):  # round 0 warms up
@@ -344,8 +362,8 @@ def bench_train(
                 if r:
                     times[name].append((time.perf_counter() - start) / steps)
     base = statistics.median(times["plain PyTorch loop"])
-    return [{"variant": name, "width": width, "batch_size": batch_size, "device": device,
-             "step_ms": statistics.median(ts) * 1e3,
+    return [{"variant": name, **rows[name], "width": width, "batch_size": batch_size,
+             "device": device, "step_ms": statistics.median(ts) * 1e3,
              "images_per_s": batch_size / statistics.median(ts),
              "speedup": base / statistics.median(ts)} for name, ts in times.items()]
 
@@ -405,7 +423,8 @@ DATA_COLUMNS = [
 ]
 
 TRAIN_COLUMNS = [
-    ("variant", "variant", ""), ("width", "width", ""), ("batch_size", "batch", ""),
+    ("variant", "variant", ""), ("precision", "precision", ""),
+    ("memory_format", "memory format", ""), ("width", "width", ""), ("batch_size", "batch", ""),
     ("step_ms", "step ms", ".1f"), ("images_per_s", "img/s", ".1f"),
     ("speedup", "vs plain", ".2f"),
 ]

@@ -143,9 +143,14 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     rows = bench_train(width=args.width, batch_size=args.batch_size, steps=args.steps,
                        rounds=args.rounds, device=device, progress=_status(False))
     _clear_status()
-    print(f"one training step of All-CNN-C, float32, median of {args.rounds} interleaved rounds "
-          f"of {args.steps} steps (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    from bnlab.precision import resolve_precision
+
+    auto = resolve_precision("auto", device)
+    print(f"one training step of All-CNN-C, median of {args.rounds} interleaved rounds "
+          f"of {args.steps} steps (torch {torch.__version__}, {torch.get_num_threads()} threads); "
+          f"the plain loop is float32, contiguous, default allocator")
     print(format_table(rows, TRAIN_COLUMNS))
+    print(f"precision auto here: {auto.name} ({auto.reason})")
     _write_json(args.json, {"machine": _machine(), "rows": rows})
     return 0
 
@@ -194,7 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device, "init": args.init,
-                     "final_relu": True if args.final_relu else None}
+                     "final_relu": True if args.final_relu else None,
+                     "precision": args.precision}
         plan = plan_comparison(
             args.cases, args.seeds, args.preset or "quick", args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
@@ -282,7 +288,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
                          "comparison folder?)")
     requested = {name: getattr(args, name) for name in (
         "cases", "seeds", "preset", "out", "epochs", "subset", "width", "lr", "batch_size",
-        "device", "data_dir")}
+        "device", "data_dir", "precision")}
     conflicts = resume_conflicts(read_compare(folder, plan=True), requested)
     if conflicts:
         raise _UserError(f"--resume {folder} continues the comparison as it was planned; "
@@ -584,9 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bsub.add_parser("train", help="images/s: a plain PyTorch loop vs bnlab's trainer",
                         description="Images/s of one All-CNN-C training step: a plain PyTorch "
-                                    "loop (contiguous, default allocator) beside bnlab's trainer "
-                                    "for both engines (channels_last, tuned allocator), measured "
-                                    "side by side in one process.")
+                                    "loop (float32, contiguous, default allocator) beside "
+                                    "bnlab's trainer for both engines in fp32 and bf16 "
+                                    "(channels_last, tuned allocator) and in fp32 contiguous, "
+                                    "measured side by side in one process.")
     p.add_argument("--width", type=argtypes.positive_float, default=1.0)
     p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--steps", type=argtypes.positive_int, default=4,
@@ -682,6 +689,10 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
                         "or the post's N(0, 0.05²) (see bnlab.initializers)")
     p.add_argument("--final-relu", action="store_true",
                    help="All-CNN-C: a ReLU on the class scores, as in the paper's table")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"],
+                   help="auto (default): bfloat16 autocast where the device has it fast (CUDA "
+                        "with bf16, CPUs with AMX or AVX512-BF16), else float32; bf16 "
+                        "anywhere (emulated, slow, on other CPUs); see bnlab.precision")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")
     p.add_argument("--out", help="the comparison folder (default runs/compare-PRESET-TIME); "
                                  "never overwritten")

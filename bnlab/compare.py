@@ -17,6 +17,7 @@ folder keeps a second process out while one trains.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -28,6 +29,7 @@ from bnlab import distributed as bdist
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
 from bnlab.init_health import init_health_table
+from bnlab.precision import resolve_precision
 from bnlab.progress import JobProgress
 from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
 from bnlab.train import (
@@ -159,7 +161,8 @@ def resume_plan(out: str | Path) -> ComparisonPlan:
 
 
 # the config fields a command line may set, checked against a saved plan on --resume
-_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir")
+_PLAN_FIELDS = ("epochs", "subset", "width", "lr", "batch_size", "device", "data_dir",
+                "precision")
 
 
 def resume_conflicts(saved: dict, requested: dict) -> list[str]:
@@ -230,8 +233,11 @@ def run_comparison(plan: ComparisonPlan, *, quiet: bool = False) -> dict:
 def _run_plan(plan: ComparisonPlan, log, quiet: bool, lead: bool) -> dict:
     device = resolve_device(next(iter(plan.configs[plan.cases[0]].values())).device)
     dataset = plan.dataset.to(device)
+    precision = resolve_precision(next(iter(plan.configs[plan.cases[0]].values())).precision,
+                                  device)
     log(f"bnlab compare: cases {','.join(plan.cases)}, {len(plan.seeds)} seed(s), "
-        f"preset {plan.preset}, on {plan.configs_data()}, device {device}")
+        f"preset {plan.preset}, on {plan.configs_data()}, device {device}, precision "
+        f"{precision.name} ({precision.reason})")
     diverged = []
     job = JobProgress(len(plan.cases) * len(plan.seeds))
     for index, (case, seed) in enumerate(
@@ -259,6 +265,8 @@ def _run_plan(plan: ComparisonPlan, log, quiet: bool, lead: bool) -> dict:
         return {"diverged": diverged}
     summary = report.write_report(plan.out)
     log(f"\nwrote {plan.out}/summary.json, curves.png, report.md, report.html")
+    for line in report.summary_lines(json.loads(Path(summary["summary"]).read_text())):
+        log(line)
     summary = dict(summary)
     summary["diverged"] = diverged
     return summary

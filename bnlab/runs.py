@@ -65,7 +65,7 @@ COMPARE = "compare.json"
 LOCK = ".bnlab.lock"  # held by the process training in a folder (see folder_lock)
 CHECKPOINT_FORMAT = 1  # checkpoint.pt's layout; a checkpoint without the key is format 1
 # what a run folder's config.json holds beside the TrainConfig: where and with what it ran
-RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device")
+RUN_INFO_KEYS = ("data", "bnlab_version", "torch_version", "device", "precision_resolved")
 REQUIRED_METRICS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
 

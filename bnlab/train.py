@@ -32,7 +32,7 @@ from bnlab import data as bdata
 from bnlab import distributed as bdist
 from bnlab.evidence.curves import plot_run
 from bnlab.initializers import INIT_SCHEMES
-from bnlab.manual import all_cnn_c, train_step
+from bnlab.manual import all_cnn_c, set_compute_dtype, train_step
 from bnlab.models import AllCNNC
 from bnlab.plans import (
     NORM_KINDS,
@@ -41,6 +41,7 @@ from bnlab.plans import (
     initial_parameters,
     post_net_plan,
 )
+from bnlab.precision import PRECISIONS, Precision, resolve_precision
 from bnlab.progress import (
     EPOCH_HEADER,
     JobProgress,
@@ -67,7 +68,6 @@ SCHEDULES = ("constant", "cosine", "inverse")
 ARCHS = ("allcnn", "post")
 RECIPES = ("standard", "post")
 BATCH_ORDERS = ("shuffled", "class_sorted")
-PRECISIONS = ("fp32", "bf16", "fp64")
 # BN's epsilon by architecture: PyTorch's default for All-CNN-C, the post's 1e-8 for its net
 BN_EPS = {"allcnn": 1e-5, "post": 1e-8}
 # The conv init by architecture: He's for All-CNN-C (a healthy no-BN baseline), the post's
@@ -137,10 +137,14 @@ class TrainConfig:
     # --- run ----------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"              # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
-    precision: str = "fp32"           # "fp32" | "bf16" (autocast; CUDA) | "fp64" (for checks)
+    precision: str = "auto"           # "auto" (bf16 where the device has it fast, else fp32)
+                                      # | "fp32" | "bf16" (autocast; CPU or CUDA) | "fp64"
+                                      # (for checks); see bnlab.precision
     channels_last: bool = True        # memory format of activations (faster convs)
     compile: bool = False             # torch.compile the autograd model (GPU)
     eval_batch_size: int = 500
+    test_flip: bool = False           # evaluate on the mean of the logits of each test image
+                                      # and its mirror image (test-time flip augmentation)
 
     def __post_init__(self) -> None:
         if self.bn_eps is None and self.arch in BN_EPS:  # config.json records the value
@@ -327,13 +331,22 @@ class Model:
     ``step(x, y)`` trains on one batch and returns (loss, logits) as tensors (no sync);
     ``evaluate(x, y)`` returns (summed loss, correct count). ``state_dict`` has the same
     keys for both engines, so a checkpoint of one loads into the other.
+
+    ``precision`` is the config's precision resolved on ``device``
+    (:func:`bnlab.precision.resolve_precision`; ``"auto"`` becomes bf16 or fp32, with the
+    reason). In bf16 the autograd engine trains and evaluates under ``torch.autocast``; the
+    manual engine does the same by hand: its convolutions compute on bfloat16 copies
+    (:func:`bnlab.manual.set_compute_dtype`), while parameters, gradients and optimizer
+    state stay float32 and BN and the loss compute in float32.
     """
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.dropout_generator = torch.Generator(device=device)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
+        # "auto" → bf16 autocast where the device does it fast, else fp32 (bnlab.precision)
+        self.precision: Precision = resolve_precision(config.precision, device)
+        self.dtype = self.precision.param_dtype  # parameters, gradients, optimizer state
         # one plan, one draw of the initial weights from the run's generator, either engine
         initial = initial_parameters(*network_plan(config), _generator(config.seed, _INIT))
         self.mean_gradient = True
@@ -347,6 +360,8 @@ class Model:
             self.network = _manual_network(config, self.dropout_generator)
             _load_initial(self.network.state_dict(), initial, self.network.load_state_dict)
             self.network.to(device=device, dtype=self.dtype, memory_format=memory_format)
+            if self.precision.autocast_enabled:  # autocast by hand: bf16 convolutions
+                set_compute_dtype(self.network, self.precision.autocast_dtype)
             self.mean_gradient = getattr(self.network, "mean_gradient", True)
             params = self.network.parameters()
         if config.bn_bias_correction:
@@ -358,8 +373,8 @@ class Model:
             self._data_parallel()
         self.params = params
         self.optimizer = _build_optimizer(config, params)
-        self.autocast = (config.precision == "bf16" and device.type == "cuda"
-                         and config.engine == "autograd")
+        # torch.autocast for the autograd engine; the manual engine casts by hand (above)
+        self.autocast = self.precision.autocast_enabled and config.engine == "autograd"
         self.device = device
 
     def _data_parallel(self) -> None:
@@ -459,17 +474,26 @@ class Model:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, correct count) of a test batch in eval mode, in the run's
+        precision; with ``test_flip`` of the mean logits of each image and its mirror."""
         if x.shape[0] == 0:  # an empty shard (a short last test batch over many ranks)
             zero = torch.zeros((), device=x.device)
             return zero, zero.long()
         if self.config.engine == "manual":
-            logits = self.network.forward(x, training=False)
-            self.network.clear()
+            def forward(images: torch.Tensor) -> torch.Tensor:
+                out = _at_least_float32(self.network.forward(images, training=False))
+                self.network.clear()
+                return out
         else:
             self.module.eval()
-            forward = self.module if self.world_size > 1 else self.forward  # local in eval
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                logits = _at_least_float32(forward(x))
+            module = self.module if self.world_size > 1 else self.forward  # local in eval
+
+            def forward(images: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    return _at_least_float32(module(images))
+        logits = forward(x)
+        if self.config.test_flip:  # the test image and its mirror (flip along the width)
+            logits = 0.5 * (logits + forward(x.flip(3)))
         loss = TF.cross_entropy(logits, y, reduction="sum")
         return loss, (logits.argmax(1) == y).sum()
 
@@ -655,9 +679,10 @@ def train(
         return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
                          result.get("status", "finished"), result.get("message", ""))
 
-    config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
-                   "torch_version": torch.__version__, "device": str(device)}
     model = Model(config, device)
+    config_json = {**config.to_json(), "data": dataset.source, "bnlab_version": __version__,
+                   "torch_version": torch.__version__, "device": str(device),
+                   "precision_resolved": model.precision.as_dict()}
     metrics: list[dict] = []
     if resume and (run_dir / runs.CHECKPOINT).exists():
         state = runs.load_checkpoint(run_dir, map_location=device)
