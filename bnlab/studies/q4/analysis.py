@@ -137,6 +137,7 @@ def verdicts(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         diff = paired_difference(_log10(smooth["torch"][measure]["by_seed"]),
                                  _log10(smooth["none"][measure]["by_seed"]))
         out[f"santurkar_smoothness_{measure}"] = _entry(
-            "santurkar_smoothness", f"log10 {measure}, BN − no BN", "below", MIN_EFFECT_LOG10,
+            "santurkar_smoothness", f"log10 {measure.replace('_', ' ')}, BN − no BN", "below",
+            MIN_EFFECT_LOG10,
             diff, interval_verdict(diff, "below", MIN_EFFECT_LOG10))
     return out

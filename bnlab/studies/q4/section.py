@@ -39,11 +39,13 @@ def _diff(d: Mapping[str, Any], digits: int = 3, scale: float = 1.0, unit: str =
 
 def _verdict_line(v: Mapping[str, Any], digits: int = 3, scale: float = 1.0,
                   unit: str = "") -> str:
+    # "not below -m" is supported when the whole interval lies above -m
     expected = {"above": "above +", "below": "below −", "within": "within ±",
-                "not below": "not below −"}[v["expected"]]
+                "not below": "above −"}[v["expected"]]
     return (f"*Claim ({v['source']}):* {v['claim']} *Measure:* {v['measure']}, paired by "
             f"seed: {_diff(v['difference'], digits, scale, unit)} (mean [95% t interval]; "
-            f"{v['difference'].get('n', 0)} pairs); it must lie {expected}"
+            f"{v['difference'].get('n', 0)} pairs); for support the whole interval must lie "
+            f"{expected}"
             f"{v['min_effect'] * scale:.{digits}g}{unit}. **Verdict: {v['verdict']}.**")
 
 
