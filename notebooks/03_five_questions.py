@@ -344,9 +344,7 @@ for k in LAYERS:
 # construction (up to gamma and beta); whether that is what makes BN work is another
 # question. Santurkar et al. (2018) measured shift by the change of a layer's *gradient*
 # when the earlier layers take their step, and found BN does not reduce it. **The full
-# study**: `bnlab study q4` measures both over seeds (the drift before BN as well as after
-# it), adds Santurkar et al.'s noisy-BN experiment and the smoothness of the loss along the
-# gradient, and gives each claim a verdict from a 95% interval.
+# study**: `bnlab study q4` (quick preset: about 1.5 minutes) measures both, over seeds.
 #
 # ## Q5: exponentially weighted averages
 #
