@@ -266,7 +266,7 @@ def test_noisy_output_draws_a_scale_and_shift_per_channel_in_range():
     assert torch.equal(shift, shift[:1, :, :1, :1].expand_as(shift))  # constant per channel
     assert shift.abs().max() <= 1.0 and shift.std() > 0.3
     assert scale.min() >= 0.5 - 1e-6 and scale.max() <= 1.5 + 1e-6 and scale.std() > 0.15
-    with pytest.raises(ValueError, match="got 1.0, 0.5"):
+    with pytest.raises(ValueError, match=r"got 1\.0, 0\.5"):
         NoiseSpec(scale_spread=1.0, shift_spread=0.5)
 
 
