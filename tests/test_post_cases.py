@@ -111,22 +111,43 @@ def test_post_summary_verdicts_and_paired_ladder():
         "b": [_run("b", 0, 0.881), _run("b", 1, 0.889), _run("b", 2, 0.887)],
         "b-manual": [_run("b-manual", 0, 0.882), _run("b-manual", 1, 0.890),
                      _run("b-manual", 2, 0.888)],
-        "c": [_run("c", 0, 0.860), _run("c", 1, 0.862), _run("c", 2, 0.870)],
+        "c": [_run("c", 0, 0.850), _run("c", 1, 0.851), _run("c", 2, 0.852)],
     }
     post = post_summary(runs)
-    assert post["cases"]["a"]["logged_within_range"] is True      # 0.8883 in [0.880, 0.890]
-    assert post["cases"]["c"]["logged_within_range"] is False     # 0.8790 above 0.870
+    # a: mean 0.8853, s 0.00503, one new run within ±4.303·s·√(4/3) = ±0.0250
+    a = post["cases"]["a"]
+    print("a", a["prediction_interval"], "c", post["cases"]["c"]["prediction_interval"])
+    assert a["prediction_interval"]["low"] == pytest.approx(0.8853333 - 0.0250064, abs=1e-6)
+    assert a["logged_within_prediction"] is True                  # 0.8883 inside
+    assert post["cases"]["c"]["logged_within_prediction"] is False  # 0.8790 above 0.852+0.005
     steps = {s["step"]: s for s in post["ladder"]}
     assert list(steps) == ["b-manual", "c"]  # b-act and b-act-rule were not run
     assert steps["b-manual"]["change"]["mean"] == pytest.approx(0.001)
     assert steps["b-manual"]["change"]["std"] == pytest.approx(0.0, abs=1e-12)
-    assert steps["c"]["change"]["values"] == pytest.approx([-0.022, -0.028, -0.018])
+    assert steps["c"]["change"]["values"] == pytest.approx([-0.032, -0.039, -0.036])
     assert steps["c"]["adds"] == ["b-act", "b-act-rule", "c"]  # lumped: say so
-    diff = post["b_vs_a"]["bnlab_b_minus_a"]
-    assert diff["values"] == pytest.approx([0.001, 0.003, -0.003])
+    claim = post["b_vs_a"]
+    assert claim["bnlab_b_minus_a"]["values"] == pytest.approx([0.001, 0.003, -0.003])
+    assert claim["verdict"] == "inconclusive"  # the interval holds zero
+    assert claim["logged_within_prediction"] is True  # +0.0056 inside about ±0.0177
     text = post_section(post, "test data")
     assert "cannot separate b from a" in text and "88.83" in text
+    assert "Verdict: **inconclusive**" in text
     assert "3 steps at once" in text
+    assert "1.001e-5" in text and "m_{t-1}" in text  # the two ambiguities of the post's code
+
+
+def test_b_beating_a_on_every_seed_is_supported_and_one_seed_is_inconclusive():
+    runs = {"a": [_run("a", s, v) for s, v in enumerate((0.80, 0.82, 0.81))],
+            "b": [_run("b", s, v) for s, v in enumerate((0.85, 0.871, 0.859))]}
+    claim = post_summary(runs)["b_vs_a"]
+    print("b - a", claim["bnlab_b_minus_a"])
+    assert claim["verdict"] == "supported"
+    assert "b beats a" in post_section(post_summary(runs), "test data")
+    one = post_summary({"a": runs["a"][:1], "b": runs["b"][:1]})
+    assert one["b_vs_a"]["verdict"] == "inconclusive"
+    assert one["cases"]["a"]["prediction_interval"] is None
+    assert "cannot tell (fewer than 2 seeds)" in post_section(one, "test data")
 
 
 def test_per_activation_bn_is_refused_on_all_cnn_c():

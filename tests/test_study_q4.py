@@ -1,9 +1,11 @@
-"""Q4 (internal covariate shift): the measurements on cases with a known answer, and the
-study end to end on tiny generated data (files, figures, the section drawn from the summary)."""
+"""Q4 (internal covariate shift): the measurements, the noise and the verdicts on cases with
+a known answer, and the study end to end on tiny generated data (files, figures, the section
+drawn from the summary)."""
 
 from __future__ import annotations
 
 import copy
+import doctest
 import json
 from collections import OrderedDict
 
@@ -12,15 +14,42 @@ import torch
 from torch import nn
 
 from bnlab.data import load_cifar10_dir
-from bnlab.evidence.stats import mean_std, relation
+from bnlab.evidence.stats import VERDICTS, mean_std, relation
 from bnlab.models import AllCNNC
 from bnlab.studies import q4
-from bnlab.studies.common import StudyContext, StudyScale, read_summary
+from bnlab.studies.common import SCALES, StudyContext, StudyScale, read_summary
+from bnlab.studies.q4 import analysis, plan
+from bnlab.studies.q4 import measures as q4_measures
+from bnlab.studies.q4.noise import NoiseSpec, injected_bn_noise, noisy_output
 from tests.cifar_fixtures import write_cifar10_folder
 from tests.study_checks import is_png, section_figures
 
-TINY = StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3, seeds=1,
-                  budget_s=60.0, description="tests: 40 generated images, 1 epoch")
+TINY = StudyScale("tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3, seeds=2,
+                  budget_s=60.0, description="tests: 40 generated images, 1 epoch",
+                  headline_seeds=2, tune_points=2, tune_seeds=1)
+
+
+def test_the_plan_modules_doctests():
+    for module in (plan, q4_measures):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_probes_are_sparse_in_short_runs_and_about_fixed_in_number_in_long_ones():
+    assert plan.probe_every(5) == {"percentile": 4, "shift": 8, "smooth": 16}
+    every = plan.probe_every(2054)
+    assert {k: 2054 // v for k, v in every.items()} == plan.PROBE_POINTS
+
+
+def test_drift_plan_reaches_2000_sgd_steps_at_standard_scale():
+    standard = q4.drift_plan(SCALES["standard"], 5085, 64)
+    assert standard.total_steps >= 2000
+    assert standard.total_steps == standard.epochs * (5085 // standard.batch_size)
+    assert standard.lr == pytest.approx(0.02 * standard.batch_size / 64)
+    quick = q4.drift_plan(SCALES["quick"], 1500, 64)
+    assert (quick.epochs, quick.min_steps, quick.width) == (5, 0, 0.125)  # as many as fit
+    paper = q4.drift_plan(SCALES["paper"], 50000, 128)
+    assert paper.total_steps >= 2000 and paper.width == 1.0
 
 
 # ---- channel_percentiles -----------------------------------------------------------------
@@ -166,6 +195,168 @@ def test_relu_input_percentiles_restore_bn_buffers_and_see_bn_output():
     assert -1.5 < p15 < -0.6 and abs(p50) < 0.3 and 0.6 < p85 < 1.5
 
 
+def test_layer_percentiles_before_and_after_bn():
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 32, 32) * 3.0 + 2.0
+    with_bn = q4.layer_percentiles(AllCNNC(norm="torch", width=0.125), images, layers=(2,))
+    without = q4.layer_percentiles(AllCNNC(norm="none", width=0.125), images, layers=(2,))
+    print("BN: before", with_bn["pre_bn"]["2"], "after", with_bn["relu_input"]["2"])
+    # without BN the conv output is the ReLU input; with BN, BN standardizes it in between
+    assert without["pre_bn"] == without["relu_input"]
+    assert with_bn["pre_bn"]["2"] != pytest.approx(with_bn["relu_input"]["2"], abs=0.05)
+    p15, _, p85 = with_bn["relu_input"]["2"]
+    assert -1.5 < p15 < -0.6 and 0.6 < p85 < 1.5
+
+
+class _Square(nn.Module):
+    """out = w * x with one scalar weight: with L = out^2 / 2 the loss is quadratic in w."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.conv1 = _Scale(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+
+def _half_square(out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out ** 2).sum()
+
+
+def test_smoothness_along_gradient_of_a_known_quadratic():
+    # L(w) = w^2 x^2 / 2 with w = 1, x = 2: g = w x^2 = 4, curvature x^2 = 4. At
+    # eta = k * 0.025 for k = 0.5, 1, 2, 4: w' = 1 - 4 eta = 0.95, 0.9, 0.8, 0.6,
+    # L(w') = 2 w'^2, so the loss range is 2 (1 - 0.36) = 1.28; the gradient changes by
+    # eta g x^2 = 1.6 at most; the gradient's Lipschitz constant along g is x^2 = 4.
+    model = _Square(1.0)
+    got = q4.smoothness_along_gradient(model, torch.tensor([2.0], dtype=torch.float64), None,
+                                       lr=0.025, loss_fn=_half_square)
+    print(got)
+    assert got["loss_range"] == pytest.approx(1.28, rel=1e-12)
+    assert got["grad_change"] == pytest.approx(1.6, rel=1e-12)
+    assert got["beta"] == pytest.approx(4.0, rel=1e-12)
+    assert got["grad_norm"] == pytest.approx(4.0) and got["grad_change_rel"] == pytest.approx(0.4)
+    assert model.conv1.weight.item() == 1.0  # the measured module is not moved
+    with pytest.raises(ValueError, match="got lr 0"):
+        q4.smoothness_along_gradient(model, torch.ones(1), None, lr=0, loss_fn=_half_square)
+
+
+def test_smoothness_on_all_cnn_c_with_bn_leaves_it_alone():
+    torch.manual_seed(0)
+    model = AllCNNC(norm="torch", width=0.125)
+    state = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    got = q4.smoothness_along_gradient(model, x, y, lr=0.01)
+    print(got)
+    assert all(v > 0 for v in got.values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+# ---- the injected noise ------------------------------------------------------------------
+
+def test_noisy_output_draws_a_scale_and_shift_per_channel_in_range():
+    spec = NoiseSpec(scale_spread=0.5, shift_spread=1.0)
+    g = torch.Generator().manual_seed(0)
+    zeros, ones = torch.zeros(4, 64, 3, 3), torch.ones(4, 64, 3, 3)
+    shift = noisy_output(zeros, spec, g)           # = b
+    g.manual_seed(0)
+    both = noisy_output(ones, spec, g)             # = s + b, the same draw
+    scale = both - shift
+    assert torch.equal(shift, shift[:1, :, :1, :1].expand_as(shift))  # constant per channel
+    assert shift.abs().max() <= 1.0 and shift.std() > 0.3
+    assert scale.min() >= 0.5 - 1e-6 and scale.max() <= 1.5 + 1e-6 and scale.std() > 0.15
+    with pytest.raises(ValueError, match=r"got 1\.0, 0\.5"):
+        NoiseSpec(scale_spread=1.0, shift_spread=0.5)
+
+
+def test_noise_only_while_injected_only_in_training_and_new_every_step(tmp_path):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8)
+    x = torch.randn(4, 8, 5, 5)
+    clean = bn(x)
+    with injected_bn_noise(NoiseSpec(), seed=1, run_dir=tmp_path / "run"):
+        first, second = bn(x), bn(x)
+        bn.eval()
+        evaluated = bn(x)
+    reference = bn(x)  # eval mode, the same running statistics, no hook
+    bn.train()
+    after = bn(x)
+    assert not torch.allclose(first, clean) and not torch.allclose(first, second)
+    assert torch.equal(evaluated, reference)  # no noise in evaluation mode
+    assert torch.allclose(after, clean, atol=1e-6)  # the hook is gone
+    saved = json.loads((tmp_path / "run" / "noise.json").read_text())
+    assert saved["scale_spread"] == 0.5 and saved["seed"] == 1
+
+
+# ---- the verdicts on synthetic measurements ----------------------------------------------
+
+def _curves(drift_scale: float, shift: float, smooth: float, seeds=(0, 1, 2)) -> dict:
+    """One network's curves: percentiles that move by ``drift_scale`` spreads, a gradient
+    shift of ``shift`` and smoothness measures of ``smooth``, a little different per seed."""
+    def series(k: int) -> list[list[float]]:
+        move = drift_scale * 2.0 * (1 + 0.02 * k)
+        return [[-1.0, 0.0, 1.0], [-1.0 + move, move, 1.0 + move]]
+    layers = ("2", "5", "8")
+    return {
+        "seeds": list(seeds),
+        "pre_bn": {i: [series(k) for k in seeds] for i in layers},
+        "relu_input": {i: [series(k) for k in seeds] for i in layers},
+        "rel_diff": {i: [[shift * (1 + 0.01 * k)] * 3 for k in seeds] for i in layers},
+        "cosine": {i: [[0.9] * 3 for _ in seeds] for i in layers},
+        "smooth": {m: [[smooth * (1 + 0.01 * k)] * 3 for k in seeds]
+                   for m in ("loss_range", "grad_change", "beta")},
+    }
+
+
+def _accuracies(values: dict[str, list[float]]) -> dict[str, dict[int, float]]:
+    return {k: dict(enumerate(v)) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("bn, noisy, want", [
+    # BN's drift a fifth of no BN's, gradient shift 3x, smoothness a tenth; noisy BN = BN
+    ((0.1, 0.3, 0.1), (0.80, 0.805, 0.79), {
+        "post_distribution_relu_input": "supported", "santurkar_noise": "supported",
+        "santurkar_noise_vs_bn": "supported", "santurkar_ics": "supported",
+        "santurkar_smoothness_beta": "supported"}),
+    # the other way round everywhere: noisy BN below no BN, far below BN
+    ((1.0, 0.01, 10.0), (0.55, 0.556, 0.548), {
+        "post_distribution_relu_input": "contradicted", "santurkar_noise": "contradicted",
+        "santurkar_noise_vs_bn": "contradicted", "santurkar_ics": "contradicted",
+        "santurkar_smoothness_beta": "contradicted"}),
+])
+def test_verdicts_on_synthetic_measurements_with_known_answers(bn, noisy, want):
+    drift, shift, smooth = bn
+    curves = {"none": _curves(0.5, 0.1, 1.0), "torch": _curves(drift, shift, smooth)}
+    summary = analysis.drift_statistics(curves)
+    acc = _accuracies({"none": [0.60, 0.61, 0.59], "torch": [0.80, 0.81, 0.795],
+                       "noisy": list(noisy)})
+    summary["noisy"] = analysis.noisy_statistics(acc, acc)
+    got = analysis.verdicts(summary)
+    print({k: (v["verdict"], v["difference"]["mean"]) for k, v in got.items()})
+    for key, word in want.items():
+        assert got[key]["verdict"] == word, key
+    assert all(v["verdict"] in VERDICTS for v in got.values())
+
+
+def test_noisy_bn_level_with_no_bn_is_inconclusive_not_contradicted():
+    acc = _accuracies({"none": [0.60, 0.61, 0.59], "torch": [0.80, 0.81, 0.795],
+                       "noisy": [0.60, 0.603, 0.598]})
+    summary = analysis.drift_statistics({"none": _curves(0.5, 0.1, 1.0),
+                                         "torch": _curves(0.1, 0.3, 0.1)})
+    summary["noisy"] = analysis.noisy_statistics(acc, acc)
+    assert analysis.verdicts(summary)["santurkar_noise"]["verdict"] == "inconclusive"
+
+
+def test_verdicts_with_one_seed_are_inconclusive():
+    curves = {"none": _curves(0.5, 0.1, 1.0, seeds=(0,)),
+              "torch": _curves(0.1, 0.3, 0.1, seeds=(0,))}
+    summary = analysis.drift_statistics(curves)
+    acc = _accuracies({"none": [0.6], "torch": [0.8], "noisy": [0.8]})
+    summary["noisy"] = analysis.noisy_statistics(acc, acc)
+    assert {v["verdict"] for v in analysis.verdicts(summary).values()} == {"inconclusive"}
+
+
 # ---- the study end to end ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -173,29 +364,66 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     write_cifar10_folder(root, per_batch=8, test=12)  # 40 training, 12 test images
     out = tmp_path_factory.mktemp("q4")
-    ctx = StudyContext(out=out, scale=TINY, seeds=1, device="cpu", quiet=True,
+    ctx = StudyContext(out=out, scale=TINY, seeds=2, device="cpu", quiet=True,
                        log=lambda _: None, dataset=load_cifar10_dir(root))
     summary = q4.run(ctx)
     return out, summary, ctx
 
 
+def _walk_verdicts(value, key=""):
+    """Every value under a key named "verdict" (as the acceptance check reads them)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_verdicts(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_verdicts(v, key)
+    elif key == "verdict":
+        yield value
+
+
 def test_study_writes_summary_figures_and_runs(study):
     out, _, _ = study
     stored = read_summary(out)
-    for key in ("data", "preset", "seeds", "layers", "drift", "shift", "curves", "verdicts",
-                "final_test_acc", "total_steps"):
+    for key in ("data", "preset", "seeds", "layers", "drift", "shift", "smoothness", "curves",
+                "verdicts", "noisy", "drift_plan"):
         assert key in stored, key
-    assert stored["preset"] == "tiny" and stored["seeds"] == 1
-    assert stored["total_steps"] == 5  # 40 images, batch 8, 1 epoch
+    assert stored["preset"] == "tiny" and stored["seeds"] == [0, 1]
+    assert stored["drift_plan"]["total_steps"] == 5  # 40 images, batch 8, 1 epoch
     for norm in ("none", "torch"):
-        run_dir = out / "runs" / f"{norm}-seed0"
-        assert (run_dir / "result.json").is_file() and (run_dir / "probes.jsonl").is_file()
-        assert stored["curves"][norm]["percentile_steps"] == [0, 1, 2, 3, 4, 5]
-        assert len(stored["curves"][norm]["rel_diff"]["5"][0]) == 6
-    # one seed: no spread, so every verdict is inconclusive
-    assert stored["verdicts"]["post_distribution"] == "inconclusive"
-    for png in ("q4_percentiles.png", "q4_gradient_shift.png"):
+        for seed in (0, 1):
+            run_dir = out / "runs" / f"drift-{norm}-sgd-s{seed}"
+            assert (run_dir / "result.json").is_file() and (run_dir / "probes.jsonl").is_file()
+            config = json.loads((run_dir / "config.json").read_text())
+            assert config["optimizer"] == "sgd" and config["lr"] == pytest.approx(0.02 * 8 / 64)
+        curve = stored["curves"][norm]
+        # 5 steps: percentiles every 4 steps, the gradient probes every 8 and 16 (step 0)
+        assert curve["relu_input_steps"] == [0, 4] and curve["smooth_steps"] == [0]
+        assert len(curve["pre_bn"]["5"]) == 2 and len(curve["pre_bn"]["5"][0]) == 2
+        assert len(curve["rel_diff"]["5"][0]) == 1 and len(curve["smooth"]["beta"][0]) == 1
+    # the noisy-BN experiment: the headline seeds, BN + noise at BN's tuned rate, noise.json
+    noisy = stored["noisy"]
+    assert noisy["seeds"] == [0, 1] and noisy["lr"]["noisy"] == noisy["lr"]["torch"]
+    assert noisy["lr"]["torch"] == noisy["tuning"]["torch"]["best"]
+    assert noisy["final_test_acc"]["noisy"]["n"] == 2
+    noise_runs = sorted((out / "runs").glob("noisy-*"))
+    assert len(noise_runs) == 2 and all((r / "noise.json").is_file() for r in noise_runs)
+    words = list(_walk_verdicts(stored))
+    assert len(words) == 7 and set(words) <= set(VERDICTS)
+    for png in ("q4_noisy_bn.png", "q4_percentiles.png", "q4_gradient_shift.png",
+                "q4_smoothness.png"):
         assert is_png(out / png)
+
+
+def test_the_noise_changes_the_run_and_nothing_else_does(study):
+    out, _, _ = study
+    lr = read_summary(out)["noisy"]["lr"]["torch"]
+    plain = out / "runs" / f"torch-adam-lr{lr:.3g}-s0"
+    noisy = out / "runs" / f"noisy-adam-lr{lr:.3g}-s0"
+    a, b = (json.loads((r / "config.json").read_text()) for r in (plain, noisy))
+    assert {k for k in a if a[k] != b[k]} == {"case"}  # same config: the noise is the change
+    la, lb = ((r / "metrics.jsonl").read_text().splitlines()[-1] for r in (plain, noisy))
+    assert json.loads(la)["train_loss"] != json.loads(lb)["train_loss"]
 
 
 def test_section_is_drawn_from_the_summary(study):
@@ -203,30 +431,35 @@ def test_section_is_drawn_from_the_summary(study):
     text = q4.render(out)
     assert text.startswith("## Q4")
     figures = section_figures(text)
-    assert len(figures) == 2 and all((out / f).is_file() for _, f in figures)
+    assert len(figures) == 4 and all((out / f).is_file() for _, f in figures)
     assert q4.TITLE in text
     s = json.loads((out / "summary.json").read_text())
     for key in ("none", "torch"):
-        assert f"{s['drift'][key]['all']['mean']:.2f}" in text
+        assert f"{s['drift']['relu_input'][key]['all']['mean']:.2f}" in text
         assert f"{s['shift'][key]['rel_diff']['all']['mean']:.4f}" in text
-    assert s["data"] in text
-    assert "Inconclusive at this scale" in text
+        assert f"{s['smoothness'][key]['beta']['mean']:.4f}" in text
+    assert f"{s['drift']['pre_bn']['torch']['all']['mean']:.2f}" in text
+    assert s["data"] in text and "Santurkar" in text and "at full scale" in text
+    for entry in s["verdicts"].values():
+        assert f"Verdict: {entry['verdict']}." in text
 
 
 def test_rerun_reuses_the_runs_and_their_probes(study):
     out, summary, ctx = study
-    before = (out / "runs" / "torch-seed0" / "probes.jsonl").read_text()
+    before = (out / "runs" / "drift-torch-sgd-s0" / "probes.jsonl").read_text()
     again = q4.run(ctx)
-    assert (out / "runs" / "torch-seed0" / "probes.jsonl").read_text() == before
-    assert again["drift"] == json.loads(json.dumps(summary["drift"]))
+    assert (out / "runs" / "drift-torch-sgd-s0" / "probes.jsonl").read_text() == before
+    stored = json.loads(json.dumps({k: summary[k] for k in ("drift", "noisy", "smoothness")}))
+    for key, value in stored.items():
+        assert json.loads(json.dumps(again[key])) == value, key
 
 
 def test_run_without_probes_is_refused(study, tmp_path):
     out, _, ctx = study
     import shutil
     shutil.copytree(out / "runs", tmp_path / "runs")
-    (tmp_path / "runs" / "none-seed0" / "probes.jsonl").unlink()
-    other = StudyContext(out=tmp_path, scale=TINY, seeds=1, device="cpu", quiet=True,
+    (tmp_path / "runs" / "drift-none-sgd-s0" / "probes.jsonl").unlink()
+    other = StudyContext(out=tmp_path, scale=TINY, seeds=2, device="cpu", quiet=True,
                          log=lambda _: None, dataset=ctx.dataset)
     with pytest.raises(RuntimeError, match="delete that run folder"):
         q4.run(other)

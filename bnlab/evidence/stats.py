@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "VERDICTS",
     "compare_means",
+    "equivalence_verdict",
     "fmt_pct",
     "fmt_pm",
     "interval_verdict",
@@ -38,6 +39,7 @@ __all__ = [
     "paired_claim",
     "paired_difference",
     "plural",
+    "prediction_interval",
     "relation",
     "t_interval",
     "verdict",
@@ -303,3 +305,57 @@ def fmt_pct(stat: Mapping[str, Any] | None, digits: int = 1) -> str:
 def plural(n: int, word: str) -> str:
     """``1 seed``, ``2 seeds``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# ---- one new run, and "no larger than" -------------------------------------------------------
+
+def prediction_interval(stat: Mapping[str, Any], confidence: float = 0.95
+                        ) -> tuple[float, float] | None:
+    """Where one new run's value should fall, from the :func:`mean_std` dict of n runs: the
+    ``confidence`` Student-t prediction interval
+    ``mean ± t_{(1+confidence)/2, n-1} · std · sqrt(1 + 1/n)``, or None with fewer than two
+    values (no spread to scale by).
+
+    Unlike :func:`t_interval` (where the *mean* lies), it holds a single draw: the new
+    value's deviation from the sample mean has variance sigma^2 (1 + 1/n), and
+    (x_new - mean) / (std · sqrt(1 + 1/n)) follows Student's t with n - 1 degrees of freedom
+    (normal values assumed; Hahn & Meeker, "Statistical Intervals", 1991).
+    Raises ValueError for a confidence outside (0, 1).
+
+    >>> [round(x, 3) for x in prediction_interval({"mean": 1.0, "std": 1.0, "n": 4})]
+    [-2.558, 4.558]
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = stat.get("n") or 0
+    if n < 2 or stat.get("mean") is None:
+        return None
+    from scipy.stats import t as student_t
+
+    quantile = float(student_t.ppf(0.5 + confidence / 2, n - 1))
+    half = quantile * stat["std"] * math.sqrt(1.0 + 1.0 / n)
+    return stat["mean"] - half, stat["mean"] + half
+
+
+def equivalence_verdict(difference: Mapping[str, Any], margin: float) -> str:
+    """The verdict of a :func:`paired_difference` on a claim that it is *negligible*, no
+    larger than ``margin`` either way: "supported" when the whole interval lies inside
+    (-margin, margin) (two one-sided tests, Schuirmann 1987, at the interval's level),
+    "contradicted" when it lies wholly beyond one of the margins, else "inconclusive" (also
+    with no interval). Raises ValueError for a margin that is not positive.
+
+    >>> equivalence_verdict({"low": -0.004, "high": 0.006}, 0.01)
+    'supported'
+    >>> equivalence_verdict({"low": 0.02, "high": 0.05}, 0.01)
+    'contradicted'
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin}")
+    low, high = difference.get("low"), difference.get("high")
+    if low is None or high is None:
+        return "inconclusive"
+    if -margin < low and high < margin:
+        return "supported"
+    if low > margin or high < -margin:
+        return "contradicted"
+    return "inconclusive"

@@ -7,10 +7,18 @@ folders and the post's logged metrics (``bnlab/assets/post_logged_metrics.csv``)
   dashed, in the post's layout (train left, test right; accuracy top, cost bottom);
 - ``post_cost_scaled.png``: the costs min-max scaled to [0, 1] per curve, as the post
   plotted them;
-- ``summary["post"]``: per case the logged final test accuracy, bnlab's mean ± std and
-  range, and whether the logged value lies within bnlab's seed range; the post's b-vs-a
-  claim against the seed-to-seed spread; and the ladder b → c, each step's cost as the
-  mean ± std over seeds of the paired (same seed) difference in final test accuracy;
+- ``summary["post"]``: per case the logged final test accuracy, bnlab's mean ± std, and
+  whether the logged value lies in the 95% *prediction interval for one new run* of bnlab's
+  seeds, ``mean ± t_{0.975,n-1} · s · sqrt(1 + 1/n)``
+  (:func:`~bnlab.evidence.stats.prediction_interval`; the post's log is one run, so the
+  question is whether one more bnlab run could land there, not whether it lies between the
+  extremes of n seeds, which a new run of the same code misses half the time at n = 3);
+  the post's b-vs-a claim judged by the 95% t interval of the paired (same seed) difference
+  b − a (:func:`~bnlab.evidence.stats.interval_verdict`: supported, contradicted or
+  inconclusive), with the post's logged b − a against the prediction interval of one new
+  pair; and the ladder b → c, each step's cost as the mean ± std over seeds of the paired
+  difference in final test accuracy;
+- the two ambiguities of the post's code (:data:`AMBIGUITIES`), said in the section;
 - a Markdown section whose every number is read from that summary.
 
     >>> from bnlab.post.report import post_summary          # doctest: +SKIP
@@ -27,10 +35,36 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.evidence.figures import color
-from bnlab.evidence.stats import mean_std, paired_difference
+from bnlab.evidence.stats import (
+    interval_verdict,
+    mean_std,
+    paired_difference,
+    prediction_interval,
+)
 from bnlab.post.ladder import LADDER
 
-__all__ = ["plot_scaled_cost", "post_section", "post_summary", "write_post_figures"]
+__all__ = ["AMBIGUITIES", "B_OVER_A_MIN_EFFECT", "plot_scaled_cost", "post_section",
+           "post_summary", "write_post_figures"]
+
+B_OVER_A_MIN_EFFECT = 0.0  # the post claims only that b ends above a: any gain counts
+CONFIDENCE = 0.95
+
+# What the post's code leaves open (bnlab/post/README.md in the design notes): said in the
+# section beside the numbers, since either reading changes what case b and c computed.
+AMBIGUITIES = (
+    "**Case b's epsilon.** The post asks `tf.layers.batch_normalization` for epsilon 1e-8. "
+    "With `fused=None` (the default) TensorFlow 1 takes its fused kernel for 4-D inputs, and "
+    "`tf.nn.fused_batch_norm` raises "
+    "any epsilon below 1.001e-5 to 1.001e-5 (cuDNN refuses one below its "
+    "`CUDNN_BN_MIN_EPSILON`, 1e-5), so the logged case b would have normalized with "
+    "1.001e-5, not 1e-8. bnlab's `post` presets use the 1e-8 the code asks for (recorded as "
+    "`bn_eps` in each run's config.json); a run with `bn_eps` 1.001e-5 is the other reading.",
+    "**Case c's moments.** Case c's graph reads the running mean and variance while the "
+    "assignments that update them run in the same step, with no control dependency between "
+    "the two; which value a step reads, m_t or m_{t-1}, depends on TensorFlow's scheduling, "
+    "so the logged run does not pin it down. bnlab's manual engine updates them after the "
+    "forward pass, so it reads m_{t-1}.",
+)
 
 
 def _final(run) -> float | None:
@@ -49,6 +83,19 @@ def _paired(upper: Sequence, lower: Sequence) -> dict[str, Any]:
                              {run.seed: _final(run) for run in lower})
 
 
+def _interval(stat: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The 95% prediction interval for one new run, as a dict (None below two values)."""
+    interval = prediction_interval(stat, CONFIDENCE)
+    return None if interval is None else {"low": interval[0], "high": interval[1],
+                                          "confidence": CONFIDENCE}
+
+
+def _inside(value: float | None, interval: Mapping[str, Any] | None) -> bool | None:
+    if value is None or interval is None:
+        return None
+    return interval["low"] <= value <= interval["high"]
+
+
 def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = False) -> dict:
     """The numbers of the post section (see the module docstring)."""
     from bnlab.post.log import LOGGED_FINAL
@@ -57,19 +104,22 @@ def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = Fals
     for case, runs in runs_by_case.items():
         stat = _stats([_final(run) for run in runs])
         logged = LOGGED_FINAL.get(case)
-        within = None
-        if logged is not None and stat["n"] >= 2:
-            within = stat["min"] <= logged <= stat["max"]
-        cases[case] = {"bnlab": stat, "logged_final": logged, "logged_within_range": within}
+        interval = _interval(stat)
+        cases[case] = {"bnlab": stat, "logged_final": logged, "prediction_interval": interval,
+                       "logged_within_prediction": _inside(logged, interval)}
     claim = None
     if "a" in runs_by_case and "b" in runs_by_case:
         diff = _paired(runs_by_case["b"], runs_by_case["a"])
-        spread = max((cases[c]["bnlab"]["std"] or 0.0) for c in ("a", "b"))
+        logged = LOGGED_FINAL["b"] - LOGGED_FINAL["a"]
+        interval = _interval(diff)
         claim = {
-            "logged_b_minus_a": LOGGED_FINAL["b"] - LOGGED_FINAL["a"],
+            "logged_b_minus_a": logged,
             "bnlab_b_minus_a": diff,
-            "seed_std_max": spread,
-            "n_seeds": min(cases["a"]["bnlab"]["n"], cases["b"]["bnlab"]["n"]),
+            "min_effect": B_OVER_A_MIN_EFFECT,
+            "verdict": interval_verdict(diff, "above", B_OVER_A_MIN_EFFECT),
+            "prediction_interval": interval,
+            "logged_within_prediction": _inside(logged, interval),
+            "n_seeds": diff["n"],
         }
     ladder = []
     present = [step for step in LADDER if step in runs_by_case]
@@ -81,7 +131,7 @@ def post_summary(runs_by_case: Mapping[str, Sequence], full_cifar10: bool = Fals
     if "c-fixed" in runs_by_case and "c" in runs_by_case:
         fixed = {"c_fixed_minus_c": _paired(runs_by_case["c-fixed"], runs_by_case["c"])}
     return {"cases": cases, "b_vs_a": claim, "ladder": ladder, "c_fixed": fixed,
-            "full_cifar10": full_cifar10}
+            "full_cifar10": full_cifar10, "ambiguities": list(AMBIGUITIES)}
 
 
 def _logged_curves() -> dict[str, dict[int, dict[str, float]]]:
@@ -163,6 +213,45 @@ def _pm(stat: Mapping[str, Any], signed: bool = False) -> str:
     return f"{_pct(stat['mean'], signed)} ± {stat['std'] * 100:.2f}"
 
 
+def _span(interval: Mapping[str, Any] | None, signed: bool = False) -> str:
+    if not interval:
+        return "n/a (fewer than 2 seeds)"
+    return f"{_pct(interval['low'], signed)} to {_pct(interval['high'], signed)}"
+
+
+def _inside_words(logged: float | None, inside: bool | None) -> str:
+    if logged is None:
+        return "no logged value"
+    if inside is None:
+        return "cannot tell (fewer than 2 seeds)"
+    return "yes" if inside else "no"
+
+
+def _b_vs_a_words(claim: Mapping[str, Any]) -> str:
+    """The paragraph on the post's b-vs-a claim, from ``summary["post"]["b_vs_a"]``."""
+    diff = claim["bnlab_b_minus_a"]
+    text = (f"**Does b beat a?** The post's logs put b {_pct(claim['logged_b_minus_a'], True)} "
+            "points above a, one run each. ")
+    if diff["n"] < 2 or diff.get("low") is None:
+        return text + (f"bnlab measures b − a = {_pct(diff['mean'], True)} points with "
+                       f"{diff['n']} paired seed(s): no interval, so the verdict is "
+                       "inconclusive (run more seeds).")
+    text += (f"Over {diff['n']} paired seeds (b and a from the same seed) bnlab measures b − a "
+             f"= {_pm(diff, True)} points, 95% t interval {_pct(diff['low'], True)} to "
+             f"{_pct(diff['high'], True)}; the claim is that b ends above a by more than "
+             f"{claim['min_effect'] * 100:.2f} points. Verdict: **{claim['verdict']}**. ")
+    text += {"supported": "The whole interval lies above it: b beats a.",
+             "contradicted": "The whole interval lies below zero: a beats b.",
+             }.get(claim["verdict"], "The interval holds zero: these seeds cannot separate b "
+                   "from a, and a single run each (the post's) cannot either.")
+    inside = claim.get("logged_within_prediction")
+    if inside is not None:
+        text += (f" The post's logged difference lies {'inside' if inside else 'outside'} the "
+                 f"95% prediction interval for one new pair of runs, "
+                 f"{_span(claim['prediction_interval'], True)} points.")
+    return text
+
+
 def post_section(post: Mapping[str, Any], data: str) -> str:
     """The Markdown section, from ``summary["post"]`` alone (accuracies in percent)."""
     lines = ["## Against the post's own logs", ""]
@@ -172,36 +261,21 @@ def post_section(post: Mapping[str, Any], data: str) -> str:
         f"**{data}**. " + ("Same data: the values are comparable." if full else
                            "Different data and scale: compare the shapes of the curves and the "
                            "order of the cases, not the accuracies themselves."))
-    lines += ["", "| case | the post's logged final test acc (%) | bnlab mean ± std (%) | "
-              "bnlab range (%) | seeds | logged value within bnlab's range? |",
+    lines += ["", "Is the post's logged value one that bnlab's runs could produce? Each case's "
+              "seeds give a 95% prediction interval for one new run, mean ± t(0.975, n−1) · "
+              "s · √(1 + 1/n): a single new run of the same setup lands inside it 95% of the "
+              "time (the range of 3 seeds would hold it only half the time).", "",
+              "| case | the post's logged final test acc (%) | bnlab mean ± std (%) | seeds | "
+              "95% prediction interval, one new run (%) | logged value inside it? |",
               "|---|---|---|---|---|---|"]
     for case, entry in post["cases"].items():
         stat = entry["bnlab"]
-        rng = "n/a" if stat["min"] is None else f"{_pct(stat['min'])} – {_pct(stat['max'])}"
-        within = entry["logged_within_range"]
-        verdict = ("no logged value" if entry["logged_final"] is None else
-                   "cannot tell (fewer than 2 seeds)" if within is None else
-                   "yes" if within else "no")
-        lines.append(f"| {case} | {_pct(entry['logged_final'])} | {_pm(stat)} | {rng} | "
-                     f"{stat['n']} | {verdict} |")
+        lines.append(f"| {case} | {_pct(entry['logged_final'])} | {_pm(stat)} | {stat['n']} | "
+                     f"{_span(entry['prediction_interval'])} | "
+                     f"{_inside_words(entry['logged_final'], entry['logged_within_prediction'])} |")
     claim = post.get("b_vs_a")
     if claim:
-        diff = claim["bnlab_b_minus_a"]
-        lines += ["", "**Does b beat a?** The post's logs put b "
-                  f"{_pct(claim['logged_b_minus_a'], True)} points above a, one run each. "]
-        if diff["n"] >= 2:
-            beyond = abs(diff["mean"]) > 2 * diff["std"] / diff["n"] ** 0.5
-            lines[-1] += (
-                f"Over {diff['n']} paired seeds bnlab measures b − a = {_pm(diff, True)} points "
-                f"(the seed-to-seed std of a single case is up to "
-                f"{claim['seed_std_max'] * 100:.2f} points). "
-                + ("The difference exceeds two standard errors: the data support a real gap."
-                   if beyond else "The difference is within two standard errors of zero: a "
-                   "single run each cannot separate b from a, and the post's 0.56-point lead "
-                   "is not supported by the spread."))
-        else:
-            lines[-1] += (f"bnlab measures b − a = {_pct(diff['mean'], True)} points with one "
-                          "seed: no spread, so no verdict (run more seeds).")
+        lines += ["", _b_vs_a_words(claim)]
     if post.get("ladder"):
         lines += ["", "**The ladder from b to c** (final test accuracy; each step's change is the "
                   "mean ± std over seeds of the paired same-seed difference, in points):", "",
@@ -217,6 +291,9 @@ def post_section(post: Mapping[str, Any], data: str) -> str:
     if post.get("c_fixed"):
         lines += ["", f"c-fixed − c (true gradients and standard AMSGrad, same per-activation BN):"
                   f" {_pm(post['c_fixed']['c_fixed_minus_c'], True)} points."]
+    lines += ["", "**Two things the post's code leaves open** (they change what cases b and c "
+              "computed, so either reading is the post's):", ""]
+    lines += [f"- {text}" for text in post.get("ambiguities", AMBIGUITIES)]
     lines += ["", "![bnlab's curves beside the post's logged curves (dashed): train left, test "
               "right, accuracy top, cross-entropy cost bottom, x = epoch](post_curves.png)", "",
               "![cost per epoch min-max scaled to [0, 1] per curve, as in the post's plots: "
