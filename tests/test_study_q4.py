@@ -299,7 +299,7 @@ def _curves(drift_scale: float, shift: float, smooth: float, seeds=(0, 1, 2)) ->
         return [[-1.0, 0.0, 1.0], [-1.0 + move, move, 1.0 + move]]
     layers = ("2", "5", "8")
     return {
-        "seeds": list(seeds),
+        "seed_list": list(seeds),
         "pre_bn": {i: [series(k) for k in seeds] for i in layers},
         "relu_input": {i: [series(k) for k in seeds] for i in layers},
         "rel_diff": {i: [[shift * (1 + 0.01 * k)] * 3 for k in seeds] for i in layers},
@@ -385,10 +385,10 @@ def _walk_verdicts(value, key=""):
 def test_study_writes_summary_figures_and_runs(study):
     out, _, _ = study
     stored = read_summary(out)
-    for key in ("data", "preset", "seeds", "layers", "drift", "shift", "smoothness", "curves",
+    for key in ("data", "preset", "seed_list", "layers", "drift", "shift", "smoothness", "curves",
                 "verdicts", "noisy", "drift_plan"):
         assert key in stored, key
-    assert stored["preset"] == "tiny" and stored["seeds"] == [0, 1]
+    assert stored["preset"] == "tiny" and stored["seed_list"] == [0, 1]
     assert stored["drift_plan"]["total_steps"] == 5  # 40 images, batch 8, 1 epoch
     for norm in ("none", "torch"):
         for seed in (0, 1):
@@ -403,7 +403,7 @@ def test_study_writes_summary_figures_and_runs(study):
         assert len(curve["rel_diff"]["5"][0]) == 1 and len(curve["smooth"]["beta"][0]) == 1
     # the noisy-BN experiment: the headline seeds, BN + noise at BN's tuned rate, noise.json
     noisy = stored["noisy"]
-    assert noisy["seeds"] == [0, 1] and noisy["lr"]["noisy"] == noisy["lr"]["torch"]
+    assert noisy["seed_list"] == [0, 1] and noisy["lr"]["noisy"] == noisy["lr"]["torch"]
     assert noisy["lr"]["torch"] == noisy["tuning"]["torch"]["best"]
     assert noisy["final_test_acc"]["noisy"]["n"] == 2
     noise_runs = sorted((out / "runs").glob("noisy-*"))

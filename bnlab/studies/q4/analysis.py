@@ -78,7 +78,7 @@ def drift_statistics(curves: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     shift: dict[str, dict[str, Any]] = {}
     smooth: dict[str, dict[str, Any]] = {}
     for norm, c in curves.items():
-        seeds = c["seeds"]
+        seeds = c["seed_list"]
         for where in WHERE:
             drift[where][norm] = _summarize(
                 {i: [percentile_drift(s) for s in runs] for i, runs in c[where].items()}, seeds)

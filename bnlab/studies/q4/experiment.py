@@ -55,7 +55,7 @@ def run(ctx: StudyContext) -> dict:
     plan = drift_plan(ctx.scale, ctx.train_images(), batch_size)
     drift = drift_experiment(ctx, plan, notes)
     summary: dict[str, Any] = {
-        "data": dataset.source, "preset": ctx.scale.name, "seeds": ctx.seed_list(),
+        "data": dataset.source, "preset": ctx.scale.name, "seed_list": ctx.seed_list(),
         "n_seeds": ctx.seeds, "width": ctx.scale.width, "epochs": ctx.scale.epochs,
         "train_images": ctx.train_images(), "batch_size": batch_size, "lr": ctx.scale.lr,
         "layers": list(LAYERS), "percentiles": list(PERCENTILES), "norms": NORMS,
@@ -115,7 +115,7 @@ def noisy_experiment(ctx: StudyContext, notes: list[str]) -> dict[str, Any]:
             result = _train(ctx, name, config)
         acc[NOISY][seed], loss[NOISY][seed] = (_final(result, "test_acc"),
                                                _final(result, "train_loss"))
-    return {"seeds": seeds, "noise": asdict(NOISE), "optimizer": "adam",
+    return {"seed_list": seeds, "n_seeds": len(seeds), "noise": asdict(NOISE), "optimizer": "adam",
             "lr": {"none": tuned["none"].best, "torch": tuned["torch"].best,
                    NOISY: tuned["torch"].best},
             "tuning": {norm: t.to_json() for norm, t in tuned.items()},
@@ -134,7 +134,7 @@ def drift_experiment(ctx: StudyContext, plan: DriftPlan, notes: list[str]) -> di
     every = probe_every(plan.total_steps)
     curves: dict[str, dict[str, Any]] = {}
     for norm in NORMS:
-        curves[norm] = {"seeds": [], "pre_bn": {}, "relu_input": {}, "rel_diff": {},
+        curves[norm] = {"seed_list": [], "pre_bn": {}, "relu_input": {}, "rel_diff": {},
                         "cosine": {}, "smooth": {}}
         for seed in ctx.seed_list():
             config = ctx.config(norm=norm, seed=seed, case=f"q4-drift-{norm}", optimizer="sgd",
@@ -145,7 +145,7 @@ def drift_experiment(ctx: StudyContext, plan: DriftPlan, notes: list[str]) -> di
                 notes.append(f"the {NORMS[norm]} drift run of seed {seed} diverged (SGD, lr "
                              f"{plan.lr:g}); it is left out")
                 continue
-            curves[norm]["seeds"].append(seed)
+            curves[norm]["seed_list"].append(seed)
             for key, by_step in records.items():
                 _add_run(curves[norm], key, by_step)
     return {"curves": curves, "every": every}

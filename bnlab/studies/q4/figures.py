@@ -40,7 +40,7 @@ def plot_noisy(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xlim(-0.5, len(_NETWORKS) - 0.5)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"Q4: BN followed by non-stationary noise (Santurkar et al. 2018), Adam at "
-                 f"each network's tuned rate; dots: {len(noisy['seeds'])} seeds, bars: mean "
+                 f"each network's tuned rate; dots: {len(noisy['seed_list'])} seeds, bars: mean "
                  "with 95% t interval", fontsize=9, wrap=True)
     return save_figure(fig, path)
 
@@ -82,7 +82,7 @@ def plot_shift(summary: dict[str, Any], path: Path) -> Path:
     for col, i in enumerate(layers):
         for k, (norm, label) in enumerate(summary["norms"].items()):
             c = summary["curves"][norm]
-            if not c["seeds"]:
+            if not c["seed_list"]:
                 continue
             mean_band(axes[0][col], c["rel_diff_steps"], c["rel_diff"][str(i)], f"C{k}", label,
                       band="range")
@@ -112,7 +112,7 @@ def plot_smoothness(summary: dict[str, Any], path: Path) -> Path:
         ax = axes[0][col]
         for k, (norm, name) in enumerate(summary["norms"].items()):
             c = summary["curves"][norm]
-            if c["seeds"] and measure in c["smooth"]:
+            if c["seed_list"] and measure in c["smooth"]:
                 mean_band(ax, c["smooth_steps"], c["smooth"][measure], f"C{k}", name,
                           band="range", marker="o")
         ax.set_yscale("log")

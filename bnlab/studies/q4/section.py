@@ -65,11 +65,11 @@ def _intro(s: Mapping[str, Any]) -> list[str]:
         f"redrawn at every step, Adam, width {s['width']:g}, "
         f"{plural(s['epochs'], 'epoch')}, batch {s['batch_size']}, each network at its own "
         f"tuned rate (the shared sweep, chosen on final training loss; BN + noise at BN's), "
-        f"{plural(len(s['noisy']['seeds']), 'seed')}.",
+        f"{plural(len(s['noisy']['seed_list']), 'seed')}.",
         f"- **Drift, gradient shift and smoothness**: no BN and BN trained with SGD "
         f"(momentum 0.9, cosine schedule) at one common peak rate {plan['lr']:g} (the same "
         f"step for both networks), width {plan['width']:g}, batch {plan['batch_size']}, "
-        f"{plural(plan['total_steps'], 'step')}, {plural(len(s['seeds']), 'seed')} each; "
+        f"{plural(plan['total_steps'], 'step')}, {plural(len(s['seed_list']), 'seed')} each; "
         f"probes measure layers {', '.join(map(str, s['layers']))} during training.",
         "",
         "Numbers are mean ± std over seeds; a difference is BN − no BN (or as named) paired "
