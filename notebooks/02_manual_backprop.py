@@ -261,7 +261,7 @@ for case, rows in logged.items():
 # - Train case c with `"amsgrad_rule": "post"` in its fields: does the post's rule change
 #   anything at this scale?
 # - Make it longer: `epochs` 10 and `subset` None (all 5,085 sample images), or run
-#   `bnlab compare` (the quick preset, about 10 minutes) for a, b, c with proper reports;
+#   `bnlab compare` (the quick preset: a, b, c, 3 seeds each) with proper reports;
 #   `bnlab compare --preset post-quick` runs the post's own network and recipe beside these
 #   logged curves.
 # - `bnlab bench engine` times one training step of the manual engine against autograd.
