@@ -199,11 +199,8 @@ class _BatchNorm(_TorchBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # the cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = F.step_factor(self.num_batches_tracked if self.track_running_stats else None,
+                               self.momentum, self.training)
 
         # Batch statistics in training mode, and in eval mode when there are no buffers.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
