@@ -120,17 +120,17 @@ def test_existing_folder_is_not_overwritten(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    code = main(["compare", "--cases", "a", *TINY, "--data-dir", str(data_dir), "--out",
-                 str(out), "--quiet"])
+    code = main(["compare", "--cases", "a", "--seeds", "1", *TINY, "--data-dir", str(data_dir),
+                 "--out", str(out), "--quiet"])
     assert code == 2 and "--resume" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
 def test_resume_after_sigkill(data_dir, tmp_path):
     """Kill a real `bnlab compare` process mid-run; --resume ends where a whole run ends."""
-    args = [sys.executable, "-m", "bnlab.cli", "compare", "--cases", "b", "--epochs", "4",
-            "--width", "0.125", "--batch-size", "8", "--device", "cpu", "--data-dir",
-            str(data_dir), "--quiet"]
+    args = [sys.executable, "-m", "bnlab.cli", "compare", "--cases", "b", "--seeds", "1",
+            "--epochs", "4", "--width", "0.125", "--batch-size", "8", "--device", "cpu",
+            "--data-dir", str(data_dir), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, env=env,
                    capture_output=True)

@@ -92,9 +92,9 @@ def descendants(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_killed_rank_ends_the_job_and_the_folder_resumes(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cut"
-    args = [sys.executable, "-m", "bnlab", "compare", "--cases", "b", "--epochs", "6",
-            "--width", "0.125", "--batch-size", "8", "--device", "cpu", "--data-dir",
-            str(data_dir), "--quiet"]
+    args = [sys.executable, "-m", "bnlab", "compare", "--cases", "b", "--seeds", "1",
+            "--epochs", "6", "--width", "0.125", "--batch-size", "8", "--device", "cpu",
+            "--data-dir", str(data_dir), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([*args, "--nproc", "2", "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -137,7 +137,8 @@ def test_torchrun_runs_compare_with_rank_0_writing(data_dir: Path, tmp_path: Pat
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bnlab",
-         "compare", "--cases", "c", "--epochs", "1", "--width", "0.125", "--batch-size", "8",
+         "compare", "--cases", "c", "--seeds", "1", "--epochs", "1", "--width", "0.125",
+         "--batch-size", "8",
          "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
