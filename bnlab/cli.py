@@ -550,7 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"bnlab {__version__} (torch {torch.__version__}, "
                                 f"Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_gradcheck_parser(sub)
+    _add_bench_parsers(sub)
+    _add_compare_parsers(sub)
+    _add_debug_flag(parser)
+    return parser
 
+
+def _add_gradcheck_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnlab gradcheck``."""
     p = sub.add_parser("gradcheck", help="check the hand-derived backward against autograd",
                        description="Runs the float64 checks of bnlab's hand-derived BN backward "
                                    "(and the manual engine's whole network) against autograd and "
@@ -559,9 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_gradcheck)
 
+
+def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """``bnlab bench WHAT``: one subcommand per benchmark."""
     bench = sub.add_parser("bench", help="speed benchmarks (bn, engine, train, data, distributed)",
                            description="Speed benchmarks, measured side by side in one process.")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    _add_bench_bn_parser(bsub)
+    _add_bench_engine_parser(bsub)
+    _add_bench_train_parser(bsub)
+    _add_bench_data_parser(bsub)
+    _add_bench_distributed_parser(bsub)
+
+
+def _add_bench_bn_parser(bsub: argparse._SubParsersAction) -> None:
+    """``bnlab bench bn``."""
     p = bsub.add_parser("bn", help="BN forward/backward: PyTorch native vs bnlab (eager, fused)",
                         description="Times training-mode BN forward, backward and both, PyTorch's "
                                     "native kernel vs bnlab's eager functions and its fused CPU "
@@ -576,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_bench_bn)
 
+
+def _add_bench_engine_parser(bsub: argparse._SubParsersAction) -> None:
+    """``bnlab bench engine``."""
     p = bsub.add_parser("engine", help="one All-CNN-C training step: autograd vs manual engine",
                         description="Times one training step (forward, backward, optimizer) of "
                                     "All-CNN-C: autograd + torch BN, autograd + bnlab BN, and the "
@@ -588,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_engine)
 
+
+def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
+    """``bnlab bench train``."""
     p = bsub.add_parser("train", help="images/s: a plain PyTorch loop vs bnlab's trainer",
                         description="Images/s of one All-CNN-C training step: a plain PyTorch "
                                     "loop (float32, contiguous, default allocator) beside "
@@ -604,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
     p.set_defaults(func=cmd_bench_train)
 
+
+def _add_bench_data_parser(bsub: argparse._SubParsersAction) -> None:
+    """``bnlab bench data``."""
     p = bsub.add_parser("data", help="augmentation + normalization: batched vs per-image loop",
                         description="Milliseconds per batch of the training-set augmentation "
                                     "(pad-4 random crop, horizontal flip) and normalization: "
@@ -617,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_bench_data)
 
+
+def _add_bench_distributed_parser(bsub: argparse._SubParsersAction) -> None:
+    """``bnlab bench distributed``."""
     p = bsub.add_parser("distributed", help="data-parallel step time: 1 vs N processes",
                         description="Step time of data-parallel All-CNN-C training (synchronized "
                                     "BN, gradients summed over ranks) on 1 and on N processes "
@@ -637,9 +669,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads per process (default: the cores shared out)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_bench_distributed)
-    _add_compare_parsers(sub)
-    _add_debug_flag(parser)
-    return parser
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -653,6 +682,14 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
+    """``bnlab compare``, ``bnlab report`` and ``bnlab study``."""
+    _add_compare_parser(sub)
+    _add_report_parser(sub)
+    _add_study_parser(sub)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnlab compare``: the cases, the preset and its overrides, data, output, resume."""
     from bnlab.cases import CASES, PRESETS
 
     presets = "\n".join(f"  {name:<7} {p.description}" for name, p in PRESETS.items())
@@ -712,12 +749,18 @@ def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch table")
     p.set_defaults(func=cmd_compare, argv=None)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnlab report OUT_DIR``."""
     p = sub.add_parser("report", help="redraw the figures and report of a comparison folder",
                        description="Rewrites summary.json, curves.png, report.md and "
                                    "report.html from the run folders alone (no training).")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=cmd_report)
 
+
+def _add_study_parser(sub: argparse._SubParsersAction) -> None:
+    """``bnlab study NAME``."""
     from bnlab.studies import STUDIES
     from bnlab.studies.common import SCALES
 

@@ -20,20 +20,41 @@ runs are still going (unfinished runs are reported as such and never averaged).
 Conventions: accuracies are fractions in [0, 1]; losses are the mean softmax
 cross-entropy in nats; ``std`` is the sample standard deviation over seeds (ddof = 1),
 0 for a single seed; "epoch" is 1-based, as in ``metrics.jsonl``.
+
+This module draws the report (table, answer, reading, Markdown, HTML) and re-exports the
+names of the two it builds on: :mod:`bnlab.report_summary` (summary.json) and
+:mod:`bnlab.report_differences` (paired differences and precisions).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bnlab.evidence.curves import curves_title, plot_curves, plot_run
 from bnlab.evidence.page import markdown_to_html
-from bnlab.evidence.stats import interval_verdict, mean_std, paired_difference
+from bnlab.evidence.stats import interval_verdict, paired_difference
+from bnlab.report_differences import (
+    MIN_EFFECT,
+    _fmt,
+    _mean_std,
+    _per_seed,
+    differences_table,
+    paired_differences,
+    precision_sentence,
+    summary_lines,
+)
+from bnlab.report_summary import (
+    SCHEMA_VERSION,
+    THRESHOLDS,
+    _clean_json,
+    _summarize_folder,
+    data_is_full_cifar10,
+    summarize,
+    summarize_runs,
+)
 from bnlab.runs import (
     CURVES,
     MissingFileError,
@@ -47,6 +68,8 @@ from bnlab.runs import (
 )
 
 __all__ = [
+    "MIN_EFFECT",
+    "SCHEMA_VERSION",
     "THRESHOLDS",
     "MissingFileError",
     "ReportError",
@@ -54,9 +77,12 @@ __all__ = [
     "answer",
     "chosen_thresholds",
     "data_is_full_cifar10",
+    "differences_table",
+    "init_health_section",
     "load_compare",
     "load_run",
     "paired_differences",
+    "precision_sentence",
     "reading",
     "render_markdown",
     "summarize",
@@ -66,344 +92,7 @@ __all__ = [
     "write_report",
 ]
 
-SCHEMA_VERSION = 1
-THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
-# The smallest difference in final test accuracy (a fraction: 0.01 = 1 point) that counts as
-# separating two cases, stated before any run (SPEC.md, "Evidence"): a pair is *supported*
-# as different only when the whole 95% interval of its paired difference lies above it.
-MIN_EFFECT = 0.01
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries
-# ---------------------------------------------------------------------------------------------
-
-
-def data_is_full_cifar10(description: str) -> bool:
-    """True only for bnlab's description of the full 50,000 / 10,000 CIFAR-10 split."""
-    text = description.lower()
-    return (
-        "full: 50000 train / 10000 test" in text
-        and "not the full" not in text
-        and "subset" not in text
-    )
-
-
-def _stats(values: Sequence[float | None]) -> dict[str, Any]:
-    """{mean, std (sample, 0 for one value), values}; None entries are not averaged."""
-    stat = mean_std(values)
-    return {"mean": stat["mean"], "std": stat["std"], "values": list(values)}
-
-
-def _first_epoch_reaching(metrics: Sequence[Mapping[str, Any]], threshold: float) -> int | None:
-    for record in metrics:
-        if record["test_acc"] is not None and record["test_acc"] >= threshold:
-            return int(record["epoch"])
-    return None
-
-
-def _epochs_to_acc(runs: Sequence[Run], thresholds: Sequence[float]) -> dict[str, Any]:
-    table = {}
-    for threshold in thresholds:
-        epochs = [_first_epoch_reaching(run.metrics, threshold) for run in runs]
-        reached = [e for e in epochs if e is not None]
-        table[f"{threshold:g}"] = {
-            "mean_epoch": statistics.fmean(reached) if reached else None,
-            "reached": len(reached),
-            "of": len(runs),
-            "epochs": epochs,
-        }
-    return table
-
-
-def _run_entry(run: Run, root: Path | None) -> dict[str, Any]:
-    path = run.path.relative_to(root) if root and run.path.is_relative_to(root) else run.path
-    return {
-        "seed": run.seed,
-        "status": run.status,
-        "epochs_done": len(run.metrics),
-        "epochs_planned": run.config.get("epochs"),
-        "message": (run.result or {}).get("message", ""),
-        "wall_time_s": (run.result or {}).get("wall_time_s"),
-        "path": str(path),
-    }
-
-
-def _default_label(case: str, runs: Sequence[Run]) -> str:
-    if not runs:
-        return case
-    c = runs[0].config
-    return f"{case}: norm {c.get('norm', '?')}, {c.get('engine', '?')}, {c.get('optimizer', '?')}"
-
-
-def _case_summary(
-    case: str,
-    label: str,
-    runs: Sequence[Run],
-    missing: Sequence[int],
-    root: Path | None,
-    thresholds: Sequence[float],
-) -> dict[str, Any]:
-    """Statistics over the *finished* runs of one case; the others are listed, not averaged."""
-    done = [run for run in runs if run.status == "finished" and run.metrics]
-
-    def final(key: str) -> list[float | None]:
-        return [run.final.get(key) for run in done]
-
-    def mean_over_epochs(run: Run, key: str) -> float | None:
-        values = [m[key] for m in run.metrics if m.get(key) is not None]
-        return statistics.fmean(values) if values else None
-
-    def total_over_epochs(run: Run, key: str) -> float | None:
-        values = [m.get(key) for m in run.metrics]
-        return None if any(v is None for v in values) else float(sum(values))
-
-    gaps = [
-        None if tr is None or te is None else tr - te
-        for tr, te in zip(final("train_acc"), final("test_acc"), strict=True)
-    ]
-    statuses = [run.status for run in runs]
-    return {
-        "label": label,
-        "seeds": [run.seed for run in runs] + list(missing),
-        "averaged_seeds": [run.seed for run in done],
-        "n_runs": len(runs) + len(missing),
-        "n_finished": len(done),
-        "n_diverged": statuses.count("diverged"),
-        "n_in_progress": statuses.count("in progress"),
-        "n_not_started": len(missing),
-        "runs": [_run_entry(run, root) for run in runs]
-        + [{"seed": s, "status": "not started"} for s in missing],
-        "final_test_acc": _stats(final("test_acc")),
-        "best_test_acc": _stats([max(m["test_acc"] for m in run.metrics) for run in done]),
-        "final_train_acc": _stats(final("train_acc")),
-        "final_test_loss": _stats(final("test_loss")),
-        "generalization_gap": _stats(gaps),
-        "epochs_to_acc": _epochs_to_acc(done, thresholds),
-        "train_time_s": _stats([total_over_epochs(run, "epoch_time_s") for run in done]),
-        "images_per_s": _stats([mean_over_epochs(run, "images_per_s") for run in done]),
-    }
-
-
-def _clean_json(value: Any) -> Any:
-    """NaN and infinities become null: summary.json stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean_json(v) for v in value]
-    return value
-
-
-def _version() -> str:
-    from bnlab import __version__
-
-    return f"bnlab {__version__}"
-
-
-def summarize_runs(
-    runs_by_case: Mapping[str, Sequence[Run]],
-    compare: Mapping[str, Any] | None = None,
-    *,
-    missing: Sequence[str] = (),
-    root: Path | None = None,
-    thresholds: Sequence[float] = THRESHOLDS,
-) -> dict[str, Any]:
-    """The summary dict of :func:`summarize`, from runs already loaded (writes nothing).
-
-    Studies that lay out their folders differently load their runs and call this.
-    """
-    compare = dict(compare or {})
-    all_runs = [run for runs in runs_by_case.values() for run in runs]
-    run_data = sorted({str(r.config["data"]) for r in all_runs if r.config.get("data")})
-    data = compare.get("data") or (run_data[0] if run_data else None)
-    notes = [note for run in all_runs for note in run.notes]
-    if data is None:
-        data = "unknown: neither compare.json nor any config.json names the data"
-        notes.append(data)
-    elif any(d != data for d in run_data):
-        notes.append(f"runs name other data than the comparison: {run_data}")
-    labels = compare.get("case_labels") or {}
-    missing_by_case: dict[str, list[int]] = {}
-    for entry in missing:
-        case, seed = entry.rsplit("/seed", 1)
-        missing_by_case.setdefault(case, []).append(int(seed))
-    planned = [run.config["epochs"] for run in all_runs if "epochs" in run.config]
-    cases = {
-        case: _case_summary(
-            case,
-            labels.get(case) or _default_label(case, runs),
-            runs,
-            missing_by_case.get(case, []),
-            root,
-            thresholds,
-        )
-        for case, runs in runs_by_case.items()
-    }
-    return _clean_json(
-        {
-            "schema": SCHEMA_VERSION,
-            "generated_by": _version(),
-            "data": data,
-            "full_cifar10": data_is_full_cifar10(data),
-            "preset": compare.get("preset"),
-            "command": compare.get("command"),
-            "epochs": max(planned) if planned else None,
-            "seeds": list(compare.get("seeds") or sorted({r.seed for r in all_runs}, key=str)),
-            "thresholds": list(thresholds),
-            "cases": cases,
-            "paired_differences": paired_differences(cases),
-            "precision": _precisions(all_runs),
-            "notes": notes,
-        }
-    )
-
-
-def paired_differences(cases: Mapping[str, Mapping[str, Any]],
-                       min_effect: float = MIN_EFFECT) -> list[dict[str, Any]]:
-    """Every pair of cases with finished runs, by final test accuracy paired by seed.
-
-    ``cases``: summary.json's ``cases``. Per pair (in the cases' order): ``higher`` and
-    ``lower`` (by mean), the :func:`bnlab.evidence.stats.paired_difference` of
-    ``higher - lower`` over the seeds both finished (``mean``, ``std``, ``n``, ``low``,
-    ``high`` of the 95% Student-t interval, ``values``), ``min_effect``, and ``verdict``
-    on the claim "``higher`` beats ``lower`` by more than ``min_effect``"
-    (:func:`~bnlab.evidence.stats.interval_verdict`): *supported* when the whole interval
-    lies above ``min_effect``, else *inconclusive* (also with fewer than two paired seeds).
-    A seed pairs runs that share their data order and augmentation (the same generator
-    streams), so the pairing removes the part of the seed noise the cases share.
-    """
-    names = [n for n in cases if cases[n]["final_test_acc"]["mean"] is not None]
-    pairs = []
-    for i, first in enumerate(names):
-        for second in names[i + 1:]:
-            higher, lower = sorted((first, second),
-                                   key=lambda n: -cases[n]["final_test_acc"]["mean"])
-            d = paired_difference(_per_seed(cases[higher]), _per_seed(cases[lower]))
-            pairs.append({"higher": higher, "lower": lower, "metric": "final_test_acc",
-                          **{k: d[k] for k in ("mean", "std", "n", "low", "high",
-                                               "confidence", "values")},
-                          "min_effect": min_effect,
-                          "verdict": interval_verdict(d, "above", min_effect)})
-    return pairs
-
-
-def _precisions(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """The precisions the runs trained in and why (config.json's ``precision_resolved``;
-    a run from before bnlab recorded it: its requested precision), with their run counts."""
-    seen: dict[tuple[str, str], int] = {}
-    for run in runs:
-        resolved = run.config.get("precision_resolved")
-        if resolved:
-            key = (str(resolved["name"]), str(resolved["reason"]))
-        else:
-            key = (str(run.config.get("precision", "fp32")),
-                   "as requested (a run from before bnlab recorded the resolved precision)")
-        seen[key] = seen.get(key, 0) + 1
-    return [{"name": name, "reason": reason, "runs": n} for (name, reason), n in seen.items()]
-
-
-def precision_sentence(summary: Mapping[str, Any]) -> str:
-    """"Precision: bf16 (auto: bfloat16 autocast (CPU has AMX-BF16)), 9 runs." """
-    parts = [f"{p['name']} ({p['reason']}), {p['runs']} run{'s' if p['runs'] != 1 else ''}"
-             for p in summary.get("precision") or []]
-    return "Precision: " + ("; ".join(parts) if parts else "unknown") + "."
-
-
-def _points(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.2f}"
-
-
-def differences_table(summary: Mapping[str, Any]) -> str:
-    """The Markdown section of summary.json's ``paired_differences`` ("" without pairs)."""
-    pairs = summary.get("paired_differences") or []
-    if not pairs:
-        return ""
-    lines = ["| cases | difference (points) | 95% interval (points) | paired seeds | verdict |",
-             "|---|---|---|---|---|"]
-    for p in pairs:
-        interval = ("n/a (one seed)" if p["low"] is None
-                    else f"[{_points(p['low'])}, {_points(p['high'])}]")
-        lines.append(f"| {p['higher']} − {p['lower']} | {_points(p['mean'])} | {interval} | "
-                     f"{p['n']} | {p['verdict']} |")
-    effect = 100 * pairs[0]["min_effect"]
-    return "\n".join([
-        "## Paired differences",
-        "Final test accuracy of the higher case minus the lower, paired by seed (runs of "
-        "one seed share their data order and augmentation), with the 95% Student-t "
-        "interval of the mean difference. Verdict on the claim that the higher case is "
-        f"better by more than {effect:g} point(s) (the minimum effect, stated in advance): "
-        "*supported* when the whole interval lies above it, else *inconclusive*; with one "
-        "seed there is no interval.",
-        "",
-        *lines,
-    ])
-
-
-def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """What ``bnlab compare`` prints when it ends: the precision, each case's final test
-    accuracy (mean ± std over seeds) and the paired differences with their verdicts."""
-    lines = [precision_sentence(summary)]
-    for name, case in summary["cases"].items():
-        stat = case["final_test_acc"]
-        lines.append(f"  {name}: final test acc {_mean_std(stat)} "
-                     f"({case['n_finished']} seed{'s' if case['n_finished'] != 1 else ''})")
-    for p in summary.get("paired_differences") or []:
-        interval = ("no interval with one seed" if p["low"] is None
-                    else f"95% interval [{_points(p['low'])}, {_points(p['high'])}]")
-        lines.append(f"  {p['higher']} − {p['lower']}: {_points(p['mean'])} points, "
-                     f"{interval}: {p['verdict']}")
-    return lines
-
-
-def summarize(compare_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Summarize a comparison folder and write ``<compare_dir>/summary.json``.
-
-    Per case (finished runs only are averaged; the others are counted and listed):
-    ``label``, ``seeds``, ``n_finished`` / ``n_diverged`` / ``n_in_progress`` /
-    ``n_not_started``, ``runs`` (status per seed), ``final_test_acc``, ``best_test_acc``,
-    ``final_train_acc``, ``final_test_loss``, ``generalization_gap`` (final train − test
-    accuracy), ``train_time_s`` (sum of ``epoch_time_s``), ``images_per_s`` (mean over
-    epochs), each as ``{mean, std, values}``; ``epochs_to_acc[threshold]`` =
-    ``{mean_epoch, reached, of, epochs}`` (mean over the seeds that reached it).
-    Top level: ``data`` (always), ``full_cifar10``, ``preset``, ``command``, ``epochs``,
-    ``seeds``, ``generated_by``, ``notes``.
-
-        >>> s = summarize("runs/compare-quick")                  # doctest: +SKIP
-        >>> s["cases"]["a"]["epochs_to_acc"]["0.7"]              # doctest: +SKIP
-        {'mean_epoch': 4.0, 'reached': 1, 'of': 1, 'epochs': [4]}
-    """
-    return _summarize_folder(Path(compare_dir))[0]
-
-
-def _summarize_folder(folder: Path) -> tuple[dict[str, Any], dict[str, list[Run]]]:
-    compare, runs_by_case, missing = load_compare(folder)
-    summary = summarize_runs(runs_by_case, compare, missing=missing, root=folder)
-    atomic_write_json(folder / "summary.json", summary, ensure_ascii=False)
-    return summary, runs_by_case
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# The report: table, reading, Markdown, HTML
-# ---------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _mean_std(stat: Mapping[str, Any], digits: int = 4) -> str:
-    if stat["mean"] is None:
-        return "—"
-    if len([v for v in stat["values"] if v is not None]) < 2:
-        return _fmt(stat["mean"], digits)
-    return f"{_fmt(stat['mean'], digits)} ± {_fmt(stat['std'], digits)}"
+# ---- the report: table, reading, Markdown, HTML --------------------------------------------
 
 
 def _epochs_cell(entry: Mapping[str, Any] | None) -> str:
@@ -570,11 +259,6 @@ def _report_title(summary: Mapping[str, Any]) -> str:
     names = ", ".join(summary["cases"])
     preset = f" (preset {summary['preset']})" if summary.get("preset") else ""
     return f"bnlab comparison of cases {names}{preset}"
-
-
-def _per_seed(case: Mapping[str, Any]) -> dict[Any, float | None]:
-    """The final test accuracy of each finished seed of a case (summary.json's values)."""
-    return dict(zip(case["averaged_seeds"], case["final_test_acc"]["values"], strict=False))
 
 
 def answer(summary: Mapping[str, Any]) -> list[str]:

@@ -78,16 +78,18 @@ def _verdict_line(claim: dict[str, Any], minimum: int) -> str:
 
 
 def render(study_dir: Path) -> str:
-    """The Q3 section, drawn from ``summary.json`` alone."""
+    """The Q3 section, drawn from ``summary.json`` alone: one function per subsection."""
     s = read_summary(study_dir)
-    st, bs, disc, srt, tm = (s["settings"], s["batch_size"], s["discrepancy"],
-                             s["class_sorted"], s["time"])
-    n = s["n_seeds"]
+    lines = [*_setup(s), *_wall_time(s), *_small_batches(s), *_variants(s),
+             *_discrepancy(s), *_class_sorted(s), *_time(s), *_claims(s)]
+    return "\n".join(lines) + "\n"
+
+
+def _setup(s: dict[str, Any]) -> list[str]:
+    """Title, data and recipe, how claims are judged, the answer and its scale."""
+    st, n, tuning = s["settings"], s["n_seeds"], s["tuning"]
     minimum, effect = st["min_updates"], st["min_effect"]
-    points = bs["points"]
-    short = [p for p in points if not p["enough_updates"]]
-    tuning = s["tuning"]
-    lines = [
+    return [
         f"## {TITLE}",
         "",
         f"Data: **{s['data']}**; preset `{s['preset']}`, {n} seed(s) per configuration, "
@@ -114,6 +116,11 @@ def render(study_dir: Path) -> str:
         "**Scale.** " + _scale_text(s),
         "",
     ]
+
+
+def _wall_time(s: dict[str, Any]) -> list[str]:
+    """How long the study took, by stage ([] when not recorded)."""
+    lines: list[str] = []
     if s.get("wall_time_s") is not None:
         clock, ledger = s["stage_time_s"], s.get("runs", {"reused": 0, "trained": 0})
         reused = (f" {ledger['reused']} of the {ledger['reused'] + ledger['trained']} runs were "
@@ -125,7 +132,15 @@ def render(study_dir: Path) -> str:
                   f"{clock['class_sorted_s']:.0f} s, test-time statistics "
                   f"{clock['discrepancy_s']:.0f} s, timing runs {clock['time_s']:.0f} s)."
                   + reused, ""]
-    lines += [
+    return lines
+
+
+def _small_batches(s: dict[str, Any]) -> list[str]:
+    """Final test accuracy per batch size, with BN and without."""
+    st, bs = s["settings"], s["batch_size"]
+    minimum, points = st["min_updates"], bs["points"]
+    short = [p for p in points if not p["enough_updates"]]
+    lines = [
         "### Small batches",
         "",
         "Final test accuracy at each batch size, with BN (PyTorch's layer) and without, each "
@@ -153,7 +168,15 @@ def render(study_dir: Path) -> str:
                      f"{_short(p['updates'], minimum)} | {p['lr']['torch']:.2g} | "
                      f"{p['lr']['none']:.2g} | {fmt_pct(p['torch']['test_acc'])} | "
                      f"{fmt_pct(p['none']['test_acc'])} | {_ci(p['bn_vs_none'])}{diverged} |")
-    variant_points = [p for p in points if p["variants"]]
+    return lines
+
+
+def _variants(s: dict[str, Any]) -> list[str]:
+    """GroupNorm, Batch Renorm and ghost BN beside BN; the literature; the batch figure."""
+    st, n = s["settings"], s["n_seeds"]
+    minimum = st["min_updates"]
+    lines: list[str] = []
+    variant_points = [p for p in s["batch_size"]["points"] if p["variants"]]
     if variant_points:
         lines += [
             "",
@@ -183,6 +206,14 @@ def render(study_dir: Path) -> str:
         f"without, and the BN variants; error bars ± 1 std over {n} seed(s); hollow points had "
         f"fewer than {minimum} updates]({s['figures']['batch_size']})",
         "",
+    ]
+    return lines
+
+
+def _discrepancy(s: dict[str, Any]) -> list[str]:
+    """Test accuracy under five kinds of normalization statistics."""
+    disc, n, minimum = s["discrepancy"], s["n_seeds"], s["settings"]["min_updates"]
+    lines = [
         "### Train/test discrepancy",
         "",
         "In training, BN normalizes each batch with that batch's own mean and variance; at "
@@ -239,6 +270,15 @@ def render(study_dir: Path) -> str:
         f"the augmented training images; error bars ± 1 std over {n} seed(s)]"
         f"({s['figures']['discrepancy']})",
         "",
+    ]
+    return lines
+
+
+def _class_sorted(s: dict[str, Any]) -> list[str]:
+    """Class-sorted batches against shuffled ones, and what exact statistics recover."""
+    srt, disc, n = s["class_sorted"], s["discrepancy"], s["n_seeds"]
+    minimum = s["settings"]["min_updates"]
+    lines = [
         "### Batches that do not represent the data",
         "",
         f"`batch_order=\"class_sorted\"`: the training images sorted by class, cut into "
@@ -273,6 +313,14 @@ def render(study_dir: Path) -> str:
         f"fractions vs epoch, with and without BN, shuffled (solid) and class-sorted "
         f"(dashed) batches; bands ± 1 std over {n} seed(s)]({s['figures']['class_sorted']})",
         "",
+    ]
+    return lines
+
+
+def _time(s: dict[str, Any]) -> list[str]:
+    """Training seconds per epoch per engine and normalization; BN's parameter share."""
+    st, tm, n = s["settings"], s["time"], s["n_seeds"]
+    lines = [
         "### Time",
         "",
         f"Training seconds per epoch (evaluation excluded) at batch {st['batch_size']}, from "
@@ -308,13 +356,15 @@ def render(study_dir: Path) -> str:
         f"± 1 std over later epochs and {n} seed(s); labels give the time relative to the "
         f"same engine without BN]({s['figures']['time']})",
         "",
-        "### The claims against the data",
-        "",
     ]
-    lines += _claim_lines(s)
-    lines += ["", "Recurrent networks, another drawback often listed for BN, are not measured "
-              "here: All-CNN-C has no recurrence."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _claims(s: dict[str, Any]) -> list[str]:
+    """Each claim with its verdict; what is not measured."""
+    return ["### The claims against the data", "", *_claim_lines(s),
+            "", "Recurrent networks, another drawback often listed for BN, are not measured "
+            "here: All-CNN-C has no recurrence."]
 
 
 def _scale_text(s: dict[str, Any]) -> str:

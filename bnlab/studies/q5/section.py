@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from bnlab.evidence.stats import fmt_pct, fmt_pm, plural
 from bnlab.studies.common import note_lines, read_summary
@@ -41,13 +42,23 @@ def _steps(n: int | None) -> str:
 
 
 def render(study_dir: Path) -> str:
-    """The Markdown section, from summary.json alone."""
+    """The Markdown section, from summary.json alone: one function per subsection."""
     s = read_summary(study_dir)
-    e, v = s["ewa"], {k: c["verdict"] for k, c in s["claims"].items()}
-    claims = s["claims"]
+    lines = [*_claim(s), *_averages(s), *_bn_first_steps(s), *_precise(s), *_momenta(s),
+             *_answer(s), *note_lines(s.get("notes", []))]
+    return "\n".join(lines) + "\n"
+
+
+def _thresholds(e: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The start-up thresholds as summary.json's keys and as printed ("1/e" for 1/e)."""
     th = [f"{t:.6g}" for t in e["thresholds"]]
     th_names = ["1/e" if abs(t - 1 / math.e) < 1e-9 else f"{t:g}" for t in e["thresholds"]]
-    lines = [
+    return th, th_names
+
+
+def _claim(s: dict[str, Any]) -> list[str]:
+    """Title, the two conventions for the average's weight, the post's claim."""
+    return [
         f"## {TITLE}",
         "",
         "**Conventions.** The post (after Andrew Ng) writes v_t = β v_(t−1) + (1 − β) x_t "
@@ -60,6 +71,14 @@ def render(study_dir: Path) -> str:
         "statistics of the data; whether those averages need bias correction it leaves to "
         "Ng's lecture, whose answer is that the correction matters only in the first steps.",
         "",
+    ]
+
+
+def _averages(s: dict[str, Any]) -> list[str]:
+    """Exponentially weighted averages of noisy series: start-up, bias correction, noise."""
+    e, v = s["ewa"], {k: c["verdict"] for k, c in s["claims"].items()}
+    th, th_names = _thresholds(e)
+    lines = [
         "### The averages themselves",
         "",
         f"{e['replicates']} seeded series x_t = {e['mean']:g} + {e['noise']:g}·N(0, 1), "
@@ -98,6 +117,14 @@ def render(study_dir: Path) -> str:
         "raw (solid) and bias-corrected (dashed), with the thresholds (dotted) and the "
         "computed steps (circles)](q5_ewa_startup.png)",
         "",
+    ]
+    return lines
+
+
+def _bn_first_steps(s: dict[str, Any]) -> list[str]:
+    """BN's running statistics against the population statistics in the first steps."""
+    claims = s["claims"]
+    lines = [
         "### BN's running statistics in the first steps",
         "",
         f"All-CNN-C at width {s['width']:g} with bnlab's BN (momentum {s['bn_momentum']:g}, "
@@ -151,6 +178,13 @@ def render(study_dir: Path) -> str:
         "raw running statistics, the bias-corrected ones, or the population statistics; "
         "bands: ± std over seeds](q5_bn_early_accuracy.png)",
         "",
+    ]
+    return lines
+
+
+def _precise(s: dict[str, Any]) -> list[str]:
+    """Precise BN statistics against the moving average, with the stand-in verdict."""
+    lines = [
         "### Precise population statistics against the moving average",
         "",
         f"At the end of epoch(s) {', '.join(str(p['epoch']) for p in s['precise'])}, each "
@@ -171,7 +205,7 @@ def render(study_dir: Path) -> str:
                      f"{fmt_pct(p['acc_precise_plain'])} | {_pts(p['precise_vs_running'])} | "
                      f"{_pts(p['plain_vs_augmented'])} | {fmt_pm(p['mean_error_running'], 3)} "
                      f"| {fmt_pm(p['var_error_running'], 3)} |")
-    c = claims["running_stand_in"]
+    c = s["claims"]["running_stand_in"]
     lines += [
         "",
         f"The post's claim that the moving averages stand in for the data's statistics, "
@@ -184,6 +218,13 @@ def render(study_dir: Path) -> str:
         "average, or with precise population statistics of the augmented or the plain "
         "training images; error bars ± std over seeds](q5_precise_bn.png)",
         "",
+    ]
+    return lines
+
+
+def _momenta(s: dict[str, Any]) -> list[str]:
+    """Final accuracy across momentum values, replayed from the same runs."""
+    lines = [
         "### Final accuracy across momentum values",
         "",
         f"After all {s['total_steps']} steps, on all {s['all_test_images']} test images. "
@@ -203,7 +244,7 @@ def render(study_dir: Path) -> str:
         lines.append(f"| {key} | {weight} | {fmt_pm(m['acc_raw'], 3)} | "
                      f"{fmt_pm(m['acc_corrected'], 3)} | {fmt_pm(m['mean_error_raw'], 3)} | "
                      f"{fmt_pm(m['var_error_raw'], 3)} |")
-    dm = claims["default_momentum"]
+    dm = s["claims"]["default_momentum"]
     if s["long_enough"]:
         lines += ["", f"The runs had {s['total_steps']} steps (at least {s['min_steps']}), so "
                   "every momentum but the smallest forgot its start; see the start weights."]
@@ -218,18 +259,24 @@ def render(study_dir: Path) -> str:
               + "; ".join(f"{k}: {_pts(d)}" for k, d in dm["differences"].items())
               + f". PyTorch's 0.1 loses nothing that matters (each interval below "
               f"{dm['min_effect'] * 100:g} point(s)): **{VERDICT_TEXT[dm['verdict']]}**."]
+    return [*lines, "", f"With the population statistics: {fmt_pm(s['final_acc_population'], 3)}.",
+            "",
+            "![Final test accuracy in eval mode (fraction) vs BN momentum (PyTorch's convention), "
+            "raw and bias-corrected running statistics, with the population statistics' "
+            "accuracy (dashed, band ± std); error bars: ± std over seeds]"
+            "(q5_momentum_accuracy.png)",
+            ""]
+
+
+def _answer(s: dict[str, Any]) -> list[str]:
+    """The answer, the scale it holds at, and the verdicts on the post's claims."""
+    e, claims, early = s["ewa"], s["claims"], s["early"]
+    v = {k: c["verdict"] for k, c in claims.items()}
+    th, th_names = _thresholds(e)
     own = s["momenta"][f"{s['bn_momentum']:g}"]
     beta_key = f"{1 - s['bn_momentum']:g}"
     beta_key = beta_key if beta_key in e["betas"] else next(iter(e["betas"]))
-    lines += [
-        "",
-        f"With the population statistics: {fmt_pm(s['final_acc_population'], 3)}.",
-        "",
-        "![Final test accuracy in eval mode (fraction) vs BN momentum (PyTorch's convention), "
-        "raw and bias-corrected running statistics, with the population statistics' "
-        "accuracy (dashed, band ± std); error bars: ± std over seeds]"
-        "(q5_momentum_accuracy.png)",
-        "",
+    return [
         f"**Answer.** An exponentially weighted average with weight β on the old value "
         f"remembers about the last 1/(1 − β) values and starts biased toward its initial "
         f"value, whose weight β^t needs {e['betas'][beta_key]['computed'][th[1]]} steps at "
@@ -259,5 +306,3 @@ def render(study_dir: Path) -> str:
         f"{claims['bias_correction']['min_effect']:g}: "
         f"**{VERDICT_TEXT[v['bias_correction']]}**.",
     ]
-    lines += note_lines(s.get("notes", []))
-    return "\n".join(lines) + "\n"
