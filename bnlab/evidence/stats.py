@@ -325,15 +325,11 @@ def prediction_interval(stat: Mapping[str, Any], confidence: float = 0.95
     >>> [round(x, 3) for x in prediction_interval({"mean": 1.0, "std": 1.0, "n": 4})]
     [-2.558, 4.558]
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    n = stat.get("n") or 0
-    if n < 2 or stat.get("mean") is None:
+    mean_interval = t_interval(stat, confidence)  # validates confidence; None below n = 2
+    if mean_interval is None:
         return None
-    from scipy.stats import t as student_t
-
-    quantile = float(student_t.ppf(0.5 + confidence / 2, n - 1))
-    half = quantile * stat["std"] * math.sqrt(1.0 + 1.0 / n)
+    # std/sqrt(n) -> std·sqrt(1 + 1/n): the mean's half-width times sqrt(n + 1)
+    half = (mean_interval[1] - mean_interval[0]) / 2 * math.sqrt(stat["n"] + 1)
     return stat["mean"] - half, stat["mean"] + half
 
 
