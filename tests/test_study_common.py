@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from bnlab.data import load_cifar10_dir
 from bnlab.evidence.stats import compare_means, fmt_pct, mean_std, plural, verdict, verdict_phrase
 from bnlab.studies import run_all, run_study
-from bnlab.studies.common import SCALES, ProbeLog, StudyContext, StudyScale
+from bnlab.studies.common import SCALES, ProbeLog, StudyClock, StudyContext, StudyScale
 from tests.cifar_fixtures import write_cifar10_folder
 
 # ---- verdicts ------------------------------------------------------------------------------
@@ -142,3 +143,14 @@ def test_study_all_end_to_end_on_tiny_data(tmp_path, monkeypatch):
     copied = {line.split("] ", 1)[1].split(":", 1)[0] for line in lines
               if line.startswith("[q2]") and "copied" in line}
     assert expected and copied == expected
+    # one progress count for the whole job: run numbers go 1, 2, 3, ... across the five studies
+    numbers = [int(line.rsplit("(run ", 1)[1].split(",", 1)[0]) for line in lines
+               if line.startswith("[q") and "(run " in line]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) > 5
+
+
+def test_study_clock_counts_runs_and_says_the_plan():
+    clock = StudyClock(budget_s=900.0, started=time.perf_counter() - 7200.0)  # 2 h ago
+    first, second = clock.tick(), clock.tick()
+    assert first.startswith("run 1, ") and second.startswith("run 2, ")
+    assert "about 15 min for all five studies" in second and " h in" in second

@@ -30,7 +30,7 @@ from types import ModuleType
 from bnlab import data as bdata
 from bnlab.evidence.page import markdown_to_html
 from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_json
-from bnlab.studies.common import SCALES, StudyContext
+from bnlab.studies.common import SCALES, StudyClock, StudyContext
 
 __all__ = ["STUDIES", "check_scale", "plan_conflicts", "read_plan", "render_report",
            "render_study", "run_all", "run_study"]
@@ -135,11 +135,12 @@ def run_study(
     log: Callable[[str], None] = print,
     dataset=None,
     finished_runs: dict[str, Path] | None = None,
+    clock: StudyClock | None = None,
 ) -> dict:
     """Run study ``name`` into ``out`` and write its section and report; returns its summary.
 
-    ``finished_runs`` (see :class:`~bnlab.studies.common.StudyContext`) shares identical
-    runs between the studies of one ``bnlab study all``.
+    ``finished_runs`` and ``clock`` (see :class:`~bnlab.studies.common.StudyContext`) share
+    identical runs and one progress count between the studies of one ``bnlab study all``.
     """
     module = study_module(name)
     check_scale(preset, seeds)
@@ -150,16 +151,17 @@ def run_study(
                                "data_dir": data_dir})
     with folder_lock(out, f"running study {name}"):
         return _run_study(module, name, out, preset, seeds, data_dir, device, quiet, log,
-                          dataset, finished_runs)
+                          dataset, finished_runs, clock)
 
 
 def _run_study(module: ModuleType, name: str, out: Path, preset: str, seeds: int | None,
                data_dir: str | None, device: str, quiet: bool, log: Callable[[str], None],
-               dataset: bdata.CIFAR10, finished_runs: dict[str, Path] | None) -> dict:
+               dataset: bdata.CIFAR10, finished_runs: dict[str, Path] | None,
+               clock: StudyClock | None) -> dict:
     scale = SCALES[preset]
     ctx = StudyContext(out=out, scale=scale, seeds=seeds or scale.seeds, data_dir=data_dir,
                        device=device, quiet=quiet, log=log, dataset=dataset,
-                       finished_runs=finished_runs)
+                       finished_runs=finished_runs, clock=clock)
     started = time.perf_counter()
     summary = module.run(ctx)
     summary_path = out / "summary.json"
@@ -204,12 +206,13 @@ def _run_all(out: Path, preset: str, seeds: int | None, data_dir: str | None, de
     started = time.perf_counter()
     times = {}
     finished_runs: dict[str, Path] = {}  # a run two studies need is trained once
+    clock = StudyClock(SCALES[preset].budget_s, started=started)  # one count for the five
     for name in STUDIES:
         t0 = time.perf_counter()
         log(f"== study {name}: {STUDIES[name]}")
         run_study(name, out / name, preset=preset, seeds=seeds, data_dir=data_dir,
                   device=device, resume=True, quiet=quiet, log=log, dataset=dataset,
-                  finished_runs=finished_runs)
+                  finished_runs=finished_runs, clock=clock)
         times[name] = time.perf_counter() - t0
     summary = {"preset": preset, "data": dataset.source, "studies": list(STUDIES),
                "wall_time_s": time.perf_counter() - started, "study_time_s": times}

@@ -31,12 +31,14 @@ from typing import Any
 import torch
 
 from bnlab import data as bdata
+from bnlab.progress import format_duration
 from bnlab.runs import atomic_write_json, read_json
 from bnlab.train import RunResult, TrainConfig, train
 
 __all__ = [
     "SCALES",
     "ProbeLog",
+    "StudyClock",
     "StudyContext",
     "StudyScale",
     "note_lines",
@@ -95,6 +97,26 @@ SCALES: dict[str, StudyScale] = {
 
 
 @dataclass
+class StudyClock:
+    """Where a study job stands, for its progress lines: how many runs it has started and
+    how long it has taken so far, against the preset's planned time (``budget_s``, measured
+    on the reference machine, so it is a plan, not a promise). ``bnlab study all`` passes one
+    clock to all five studies.
+    """
+
+    budget_s: float
+    runs: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tick(self) -> str:
+        """Count one more run; return "run N, T in (the preset plans about B)"."""
+        self.runs += 1
+        spent = time.perf_counter() - self.started
+        return (f"run {self.runs}, {format_duration(spent)} in (the preset plans about "
+                f"{format_duration(self.budget_s)} for all five studies on a 2-core CPU)")
+
+
+@dataclass
 class StudyContext:
     """One study's place and means: its folder, scale, seeds, data and log.
 
@@ -115,6 +137,7 @@ class StudyContext:
     dataset: bdata.CIFAR10 | None = None
     finished_runs: dict[str, Path] | None = None
     started: float = field(default_factory=time.perf_counter)
+    clock: StudyClock | None = None  # None: a clock of this study alone
 
     def load_data(self) -> bdata.CIFAR10:
         if self.dataset is None:
@@ -149,11 +172,14 @@ class StudyContext:
         # a run with hooks (kwargs such as on_step) writes more than its folder: never shared
         key = json.dumps(config.to_json(), sort_keys=True) if not kwargs else None
         source = (self.finished_runs or {}).get(key) if key else None
+        if self.clock is None:
+            self.clock = StudyClock(self.scale.budget_s, started=self.started)
+        where = self.clock.tick()
         if source is not None and not run_dir.exists():
-            self.log(f"[{self.out.name}] {name}: the same run as {source}, copied")
+            self.log(f"[{self.out.name}] {name}: the same run as {source}, copied ({where})")
             shutil.copytree(source, run_dir)
         else:
-            self.log(f"[{self.out.name}] {name}")
+            self.log(f"[{self.out.name}] {name} ({where})")
         result = train(config, run_dir, dataset=self.load_data(), resume=run_dir.exists(),
                        progress=not self.quiet, log=(lambda _: None) if self.quiet else self.log,
                        **kwargs)
