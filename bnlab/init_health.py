@@ -20,6 +20,8 @@ restores it at every layer whatever the init.
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -118,7 +120,16 @@ def init_health_table(
 ) -> list[dict]:
     """:func:`init_health` of each (norm, init, final ReLU) in ``options`` on the first
     ``n_images`` training images of bnlab's embedded CIFAR-10 sample (real images,
-    normalized with the CIFAR-10 constants), as JSON rows (:meth:`InitHealth.to_json`)."""
+    normalized with the CIFAR-10 constants), as JSON rows (:meth:`InitHealth.to_json`).
+
+    The rows depend on the arguments alone (the sample is fixed and the weights come from
+    ``seed``), so a process computes each table once and hands out copies."""
+    return copy.deepcopy(_init_health_rows(width, seed, n_images, tuple(options)))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_health_rows(width: float, seed: int, n_images: int,
+                      options: tuple[tuple[str, str, bool], ...]) -> list[dict]:
     sample = bdata.load_embedded_sample()
     if not 1 <= n_images <= sample.num_train:
         raise ValueError(f"n_images must be in [1, {sample.num_train}], got {n_images}")

@@ -135,3 +135,11 @@ def test_report_shows_the_table_from_the_folder_alone(tmp_path):
     assert table[0].startswith("| BN | init | final ReLU | dead logits | conv1 |")
     assert len(table) == 1 + len(rows)
     assert f"{rows[3]['dead_logit_fraction']:.0%}" in table[4]
+
+
+def test_the_table_is_computed_once_per_process_and_handed_out_as_copies():
+    first = init_health_table(width=0.125, n_images=16)
+    first[0]["dead_logit_fraction"] = -1.0  # a caller's edit must not reach the next caller
+    second = init_health_table(width=0.125, n_images=16)
+    assert second[0]["dead_logit_fraction"] >= 0.0 and second is not first
+    assert init_health_table(width=0.125, n_images=8) != second  # other arguments, other rows
