@@ -118,9 +118,10 @@ def test_study_all_trains_a_run_two_studies_need_once(tmp_path):
 def test_study_all_end_to_end_on_tiny_data(tmp_path, monkeypatch):
     root = tmp_path / "cifar"
     write_cifar10_folder(root, per_batch=8, test=12)
+    # the smallest plan that still sweeps (2 rates) and pairs seeds where a claim needs 2
     monkeypatch.setitem(SCALES, "tiny", StudyScale(
         "tiny", width=0.125, epochs=1, subset=None, batch_size=8, lr=1e-3, seeds=1,
-        budget_s=60.0, description="tests"))
+        budget_s=60.0, description="tests", headline_seeds=2, tune_points=2))
     lines: list[str] = []
     summary = run_all(tmp_path / "out", preset="tiny", data_dir=str(root), device="cpu",
                       quiet=True, log=lines.append)
