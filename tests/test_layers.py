@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reports", ("bnlab.report", "bnlab.report_summary", "bnlab.report_differences",
                  "bnlab.post.report")),
     ("experiments", ("bnlab.cases", "bnlab.compare", "bnlab.studies", "bnlab.studies.*")),
-    ("commands", ("bnlab.cli", "bnlab.bench", "bnlab.bench_engine", "bnlab.checks",
+    ("commands", ("bnlab.cli", "bnlab.cli.*", "bnlab.bench", "bnlab.bench_engine", "bnlab.checks",
                   "bnlab.check_engines", "bnlab.bench_distributed", "bnlab.__main__")),
 ]
 # siblings in one layer that must stay apart: (importer pattern, imported pattern)
