@@ -32,7 +32,7 @@ import torch
 from bnlab import __version__, runs
 from bnlab import data as bdata
 from bnlab import distributed as bdist
-from bnlab.config import (
+from bnlab.config import (  # noqa: F401 (re-exported: they lived here before bnlab.config)
     ARCHS,
     BATCH_ORDERS,
     BN_EPS,
@@ -60,29 +60,12 @@ from bnlab.progress import (
 )
 
 __all__ = [
-    "ARCHS",
-    "BATCH_ORDERS",
-    "BN_EPS",
-    "ENGINES",
-    "INIT",
-    "LEGACY_FIELDS",
-    "NORMS",
-    "OPTIMIZERS",
-    "RECIPES",
-    "SCHEDULES",
     "ConfigError",
     "DivergenceError",
     "Model",
     "RunResult",
     "TrainConfig",
-    "epoch_batches",
-    "learning_rate",
     "load_model",
-    "network_plan",
-    "norm_options",
-    "prepare_dataset",
-    "resolve_device",
-    "test_set_batches",
     "train",
 ]
 
