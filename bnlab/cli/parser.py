@@ -68,9 +68,7 @@ def _add_bench_bn_parser(bsub: argparse._SubParsersAction) -> None:
                                     "reference first; a path that disagrees is not timed.")
     p.add_argument("--repeats", type=argtypes.positive_int, default=15,
                    help="timed repeats (default 15)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+    _add_bench_output_flags(p, cpu_only=True, quiet=True)
     p.set_defaults(func=commands.cmd_bench_bn)
 
 
@@ -84,8 +82,7 @@ def _add_bench_engine_parser(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=argtypes.positive_int, default=128)
     p.add_argument("--steps", type=argtypes.positive_int, default=5,
                    help="timed steps per variant (default 5)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    _add_bench_output_flags(p, cpu_only=True)
     p.set_defaults(func=commands.cmd_bench_engine)
 
 
@@ -103,8 +100,7 @@ def _add_bench_train_parser(bsub: argparse._SubParsersAction) -> None:
                    help="steps per variant per round")
     p.add_argument("--rounds", type=argtypes.positive_int, default=3,
                    help="interleaved rounds (median)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    _add_bench_output_flags(p, cpu_only=True)
     p.set_defaults(func=commands.cmd_bench_train)
 
 
@@ -120,7 +116,7 @@ def _add_bench_data_parser(bsub: argparse._SubParsersAction) -> None:
                    help="timed repeats (default 30)")
     p.add_argument("--threads", type=argtypes.nonnegative_int, default=1,
                    help="torch threads while timing (default 1; 0 keeps the current number)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    _add_bench_output_flags(p)
     p.set_defaults(func=commands.cmd_bench_data)
 
 
@@ -144,8 +140,19 @@ def _add_bench_distributed_parser(bsub: argparse._SubParsersAction) -> None:
                    help="alternating rounds (median)")
     p.add_argument("--threads", type=argtypes.positive_int, default=None,
                    help="threads per process (default: the cores shared out)")
-    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    _add_bench_output_flags(p)
     p.set_defaults(func=commands.cmd_bench_distributed)
+
+
+def _add_bench_output_flags(p: argparse.ArgumentParser, *, cpu_only: bool = False,
+                            quiet: bool = False) -> None:
+    """The flags a benchmark ends with: ``--json FILE``, and ``--cpu-only``, ``--quiet`` where
+    the benchmark has them."""
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    if cpu_only:
+        p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when present")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
