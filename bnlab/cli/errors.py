@@ -38,8 +38,8 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``bnlab compare: error: ... (see ... --help)``.
 
-    ``error`` raises instead of exiting, so :func:`main` prints it and returns 2; ``--help``
-    and ``--version`` still exit 0 through argparse.
+    ``error`` raises instead of exiting, so :func:`bnlab.cli.main` prints it and returns 2;
+    ``--help`` and ``--version`` still exit 0 through argparse.
     """
 
     def error(self, message: str) -> NoReturn:
