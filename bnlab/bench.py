@@ -305,9 +305,10 @@ def bench_train(
     ``memory_format``, ``width``, ``batch_size``, ``device``, ``step_ms``, ``images_per_s``
     and ``speedup`` (plain loop's step time / the variant's).
     """
+    from bnlab.config import TrainConfig
+    from bnlab.engines import Model
     from bnlab.models import AllCNNC
     from bnlab.progress import cpu_allocator_tuned
-    from bnlab.train import Model, TrainConfig
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32, generator=gen).to(device)

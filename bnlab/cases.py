@@ -40,8 +40,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from bnlab.config import ConfigError, TrainConfig
 from bnlab.post.ladder import LADDER
-from bnlab.train import ConfigError, TrainConfig
 
 __all__ = ["CASES", "LADDER", "POST_CASES", "PRESETS", "Case", "Preset", "case_config",
            "case_definition"]

@@ -28,17 +28,12 @@ from bnlab import data as bdata
 from bnlab import distributed as bdist
 from bnlab import report
 from bnlab.cases import CASES, PRESETS, case_config, case_definition
+from bnlab.config import ConfigError, TrainConfig, resolve_device
 from bnlab.init_health import init_health_table
 from bnlab.precision import resolve_precision
 from bnlab.progress import JobProgress
 from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
-from bnlab.train import (
-    ConfigError,
-    DivergenceError,
-    TrainConfig,
-    resolve_device,
-    train,
-)
+from bnlab.train import DivergenceError, train
 
 __all__ = ["ComparisonPlan", "plan_comparison", "resume_conflicts", "resume_plan",
            "run_comparison"]

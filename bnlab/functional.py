@@ -472,23 +472,12 @@ def batch_norm_backward(
     """
     if not _fast_path_ok(dy, x, weight, *saved[:4]):
         return _backward_composite(dy, x, saved, weight)
-    dims = reduce_dims(x)
     m = max(num_per_channel(x), 1)
     cdt, sdt = _compute_dtype(x), saved.invstd.dtype
     shifted = x.dtype != cdt or _needs_shift(saved.shift, saved.invstd)
     k = _channel_view(saved.shift.to(cdt), x)
-    # term 1 and sum(dy * (x - K)); then sum(dy * (x - mu)) = sum(dy * (x - K)) - (mu - K) dbeta
-    chunks = _chunks(x, dy)
-    parts_dy = torch.empty(len(chunks), x.shape[1], dtype=cdt, device=x.device)
-    parts_dy_d = torch.empty_like(parts_dy)
-    for i, (xc, dyc) in enumerate(chunks):
-        dyc = dyc.to(cdt)
-        torch.sum(dyc, dims, out=parts_dy[i])
-        d = xc.to(cdt) - k
-        torch.sum(d.mul_(dyc), dims, out=parts_dy_d[i])
-    sum_dy, sum_dy_d = _channel_sums(parts_dy), _channel_sums(parts_dy_d)
+    sum_dy, sum_dy_xmu = _backward_sums(dy, x, saved)  # term 1 and sum(dy * (x - mu))
     mean_minus_k = saved.mean - saved.shift.to(sdt)
-    sum_dy_xmu = sum_dy_d - mean_minus_k * sum_dy
     dgamma = sum_dy_xmu * saved.invstd  # term 2
     dbeta = sum_dy
 
@@ -515,6 +504,30 @@ def batch_norm_backward(
             torch.mul(dyc, a, out=dxc).addcmul_(xc, b).add_(c)
     pdt = x.dtype if weight is None else weight.dtype
     return dx, dgamma.to(pdt), dbeta.to(pdt)
+
+
+def _backward_sums(dy: Tensor, x: Tensor, saved: BatchNormSaved) -> tuple[Tensor, Tensor]:
+    r"""Per-channel ``sum(dy)`` and ``sum(dy * (x - mu))`` of ``dy``, ``x`` (N, C, \*S), each (C,)
+    in the statistics dtype: term 1 of :func:`batch_norm_backward` and the sum of term 2.
+
+    Computed as ``sum(dy * (x - K)) - (mu - K) sum(dy)`` with ``K = saved.shift``, so nothing
+    cancels when ``|mu|`` is large against the spread; chunk sums are added in float64
+    (:func:`_channel_sums`). An empty input gives zeros. Also the per-rank reduction of
+    synchronized BN (:func:`bnlab.functional_sync.batch_norm_backward_reduce`).
+    """
+    dims = reduce_dims(x)
+    cdt, sdt = _compute_dtype(x), saved.invstd.dtype
+    k = _channel_view(saved.shift.to(cdt), x)
+    chunks = _chunks(x, dy)
+    parts_dy = torch.empty(len(chunks), x.shape[1], dtype=cdt, device=x.device)
+    parts_dy_d = torch.empty_like(parts_dy)
+    for i, (xc, dyc) in enumerate(chunks):
+        dyc = dyc.to(cdt)
+        torch.sum(dyc, dims, out=parts_dy[i])
+        d = xc.to(cdt) - k
+        torch.sum(d.mul_(dyc), dims, out=parts_dy_d[i])
+    sum_dy, sum_dy_d = _channel_sums(parts_dy), _channel_sums(parts_dy_d)
+    return sum_dy, sum_dy_d - (saved.mean - saved.shift.to(sdt)) * sum_dy
 
 
 def _backward_composite(

@@ -49,7 +49,7 @@ from torch import Tensor
 from bnlab import functional as F
 from bnlab.functional import (
     BatchNormSaved,
-    _channel_sums,
+    _backward_sums,
     _channel_view,
     _chunks,
     _compute_dtype,
@@ -154,19 +154,7 @@ def batch_norm_backward_reduce(
     :func:`bnlab.functional.batch_norm_backward`); chunk sums are added in float64. An
     empty slice gives zeros.
     """
-    dims = reduce_dims(x)
-    cdt, sdt = _compute_dtype(x), saved.invstd.dtype
-    k = _channel_view(saved.shift.to(cdt), x)
-    chunks = _chunks(x, dy)
-    parts_dy = torch.zeros(len(chunks), x.shape[1], dtype=cdt, device=x.device)
-    parts_dy_d = torch.zeros_like(parts_dy)
-    for i, (xc, dyc) in enumerate(chunks):
-        dyc = dyc.to(cdt)
-        torch.sum(dyc, dims, out=parts_dy[i])
-        torch.sum((xc.to(cdt) - k).mul_(dyc), dims, out=parts_dy_d[i])
-    sum_dy, sum_dy_d = _channel_sums(parts_dy), _channel_sums(parts_dy_d)
-    sum_dy_xmu = sum_dy_d - (saved.mean - saved.shift.to(sdt)) * sum_dy
-    return sum_dy, sum_dy_xmu
+    return _backward_sums(dy, x, saved)  # the one-process backward's sums, on this rank's slice
 
 
 def batch_norm_backward_elemt(

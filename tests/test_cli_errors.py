@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import cli
-from bnlab.cli import build_parser, main
+from bnlab.cli import build_parser, commands, main
 from tests.cifar_fixtures import write_cifar10_folder
 
 TINY = ["--epochs", "1", "--width", "0.125", "--batch-size", "8", "--device", "cpu"]
@@ -52,9 +51,9 @@ def no_work(monkeypatch, keep: tuple[str, ...] = ()) -> None:
     def reached(args: argparse.Namespace) -> int:
         pytest.fail(f"bnlab {args.command} reached its work")
 
-    for name in dir(cli):
+    for name in dir(commands):
         if name.startswith("cmd_") and name not in keep:
-            monkeypatch.setattr(cli, name, reached)
+            monkeypatch.setattr(commands, name, reached)
 
 
 def files_under(folder: Path) -> set[Path]:
@@ -293,7 +292,7 @@ def test_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import errno
 
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "summary.json"))
-    monkeypatch.setattr(cli, "cmd_report", failing_report(full))
+    monkeypatch.setattr(commands, "cmd_report", failing_report(full))
     assert main(["report", str(tmp_path)]) == 1
     err = one_line_error(capsys, "report")
     assert "summary.json" in err and "disk is full" in err
@@ -304,13 +303,13 @@ def test_out_of_memory_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
         torch.empty(2**60, dtype=torch.uint8)  # a real allocation failure, nothing touched
         return 0
 
-    monkeypatch.setattr(cli, "cmd_report", cmd_report)
+    monkeypatch.setattr(commands, "cmd_report", cmd_report)
     assert main(["report", str(tmp_path)]) == 1
     assert "out of memory: lower --batch-size" in one_line_error(capsys, "report")
 
 
 def test_a_bug_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "cmd_report", failing_report(KeyError("oops")))
+    monkeypatch.setattr(commands, "cmd_report", failing_report(KeyError("oops")))
     assert main(["report", str(tmp_path)]) == 1
     err = one_line_error(capsys, "report")
     assert "unexpected KeyError" in err and "--debug" in err
@@ -383,7 +382,7 @@ def test_ctrl_c_in_a_study_names_its_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_before_any_folder_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "cmd_report", failing_report(KeyboardInterrupt()))
+    monkeypatch.setattr(commands, "cmd_report", failing_report(KeyboardInterrupt()))
     assert main(["report", str(tmp_path)]) == 130
     assert "interrupted (nothing to continue)" in capsys.readouterr().err
 

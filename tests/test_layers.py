@@ -9,7 +9,7 @@ count too (they are how a cycle hides).
 2. evidence: numbers over seeds, verdicts, figures, the HTML page (reads run folders)
 3. networks: bnlab's BN modules, the manual engine, the autograd models, the BN-statistics
    toolkit; the manual engine and the autograd models never import each other
-4. train: one run, both engines
+4. train: one run, both engines: its config, its model (either engine), the loop
 5. reports: a comparison's report, the post's section, from run folders alone
 6. experiments: cases and presets, comparisons, studies
 7. commands: the CLI, benchmarks, the gradient checks
@@ -36,11 +36,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "bnlab.post.net", "bnlab.post.manual_net", "bnlab.bnstats", "bnlab.variants",
                   "bnlab.variants.*", "bnlab.sync_batchnorm", "bnlab.distributed",
                   "bnlab.init_health")),
-    ("train", ("bnlab.train",)),
+    ("train", ("bnlab.config", "bnlab.engines", "bnlab.train")),
     ("reports", ("bnlab.report", "bnlab.report_summary", "bnlab.report_differences",
                  "bnlab.post.report")),
     ("experiments", ("bnlab.cases", "bnlab.compare", "bnlab.studies", "bnlab.studies.*")),
-    ("commands", ("bnlab.cli", "bnlab.bench", "bnlab.bench_engine", "bnlab.checks",
+    ("commands", ("bnlab.cli", "bnlab.cli.*", "bnlab.bench", "bnlab.bench_engine", "bnlab.checks",
                   "bnlab.check_engines", "bnlab.bench_distributed", "bnlab.__main__")),
 ]
 # siblings in one layer that must stay apart: (importer pattern, imported pattern)

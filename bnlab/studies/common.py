@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from bnlab import data as bdata
+from bnlab.config import TrainConfig
 from bnlab.progress import format_duration
 from bnlab.runs import atomic_write_json, read_json
-from bnlab.train import RunResult, TrainConfig, train
+from bnlab.train import RunResult, train
 
 __all__ = [
     "SCALES",

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from bnlab import data as bdata
+from bnlab.config import resolve_device
+from bnlab.engines import Model, load_model
 from bnlab.evidence.stats import mean_std
 from bnlab.studies.common import StudyContext, write_summary
 from bnlab.studies.q1.claims import judge, noise_ratio
@@ -32,14 +34,7 @@ from bnlab.studies.q1.plan import (
     plan_arms,
 )
 from bnlab.studies.tuning import tune_lr
-from bnlab.train import (
-    DivergenceError,
-    Model,
-    RunResult,
-    load_model,
-    prepare_dataset,
-    resolve_device,
-)
+from bnlab.train import DivergenceError, RunResult, prepare_dataset
 
 __all__ = ["headline_seeds", "run"]
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from bnlab import data as bdata
-from bnlab.train import RunResult, load_model
+from bnlab.engines import load_model
+from bnlab.train import RunResult
 
 __all__ = ["FINAL_KEYS", "evaluate_on_train_set", "gap_curves", "run_entry"]
 

@@ -53,12 +53,7 @@ about 20 s on a quiet one in fp32, ~0.17 s a step.
 """
 
 from bnlab.studies.q2.experiment import headline_seeds, run
-from bnlab.studies.q2.measure import (
-    mean_train_loss,
-    range_verdict,
-    steps_to_loss,
-    usable_range,
-)
+from bnlab.studies.q2.measure import mean_train_loss, range_verdict, steps_to_loss, usable_range
 from bnlab.studies.q2.plan import (
     CHANCE,
     KEEP,

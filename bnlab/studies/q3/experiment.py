@@ -20,6 +20,8 @@ from bnlab.bnstats import (
     recompute_exact,
     stats_mismatch,
 )
+from bnlab.config import TrainConfig, resolve_device
+from bnlab.engines import load_model
 from bnlab.evidence.stats import interval_verdict, mean_std, paired_difference
 from bnlab.evidence.stats import no_worse_verdict as stats_no_worse
 from bnlab.models import AllCNNC
@@ -50,14 +52,7 @@ from bnlab.studies.q3.plan import (
     sweep_plan,
 )
 from bnlab.studies.tuning import tune_lr
-from bnlab.train import (
-    DivergenceError,
-    RunResult,
-    TrainConfig,
-    load_model,
-    prepare_dataset,
-    resolve_device,
-)
+from bnlab.train import DivergenceError, RunResult, prepare_dataset
 
 # ---- running the experiments --------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from bnlab import data as bdata
+from bnlab.config import TrainConfig, resolve_device
+from bnlab.engines import Model
 from bnlab.studies.common import ProbeLog, StudyContext, write_summary
 from bnlab.studies.q4.analysis import drift_statistics, noisy_statistics, verdicts
 from bnlab.studies.q4.figures import plot_noisy, plot_percentiles, plot_shift, plot_smoothness
@@ -31,14 +33,7 @@ from bnlab.studies.q4.plan import (
     probe_every,
 )
 from bnlab.studies.tuning import tune_lr
-from bnlab.train import (
-    DivergenceError,
-    Model,
-    RunResult,
-    TrainConfig,
-    prepare_dataset,
-    resolve_device,
-)
+from bnlab.train import DivergenceError, RunResult, prepare_dataset
 
 NOISE = NoiseSpec()
 _PROBE_SEED, _SHIFT_SEED, _NOISE_SEED = 4242, 7919, 1_000_033

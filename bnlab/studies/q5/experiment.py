@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bnlab.config import resolve_device
 from bnlab.evidence.stats import (
     interval_verdict,
     mean_std,
@@ -35,7 +36,7 @@ from bnlab.studies.q5.plan import (
     run_epochs,
 )
 from bnlab.studies.q5.replay import _momentum_key, _Probe, probe_steps
-from bnlab.train import prepare_dataset, resolve_device
+from bnlab.train import prepare_dataset
 
 # ---- the study ---------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from bnlab import data as bdata
 from bnlab.bnstats import Stats, bn_modules, population_statistics, statistics_error
+from bnlab.config import TrainConfig
+from bnlab.engines import Model
 from bnlab.functional import bias_corrected_running_stats
 from bnlab.runs import atomic_torch_save, atomic_write_json
 from bnlab.studies.common import ProbeLog
@@ -26,7 +28,6 @@ from bnlab.studies.q5.plan import (
     TEST_IMAGES,
     precise_epochs,
 )
-from bnlab.train import Model, TrainConfig
 from bnlab.variants.precise import precise_bn
 
 # ---- BN statistics -----------------------------------------------------------------------
