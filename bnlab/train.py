@@ -131,6 +131,7 @@ def train(
     log: Callable[[str], None] = print,
     on_step: Callable[[Model, int, int], None] | None = None,
     on_epoch: Callable[[Model, dict], None] | None = None,
+    plot: bool = True,
 ) -> RunResult:
     """Train one run into ``run_dir`` (created; it must not exist unless ``resume``).
 
@@ -141,7 +142,9 @@ def train(
     :class:`Model` gives the module or network, its BN layers and the optimizer);
     ``on_epoch(model, row)`` after every epoch's checkpoint (e.g. a TensorBoard writer).
     ``progress`` may be a :class:`~bnlab.progress.JobProgress` (the bar then says which run
-    of the job this is and how long the job has left).
+    of the job this is and how long the job has left). ``plot=False`` skips the run's own
+    ``curves.png`` (about a second of matplotlib per run: the studies, with hundreds of runs,
+    draw their own figures instead).
 
     Raises :class:`ConfigError` before any file is made, :class:`DivergenceError` when the
     loss is no longer finite (after writing ``result.json`` with the details).
@@ -162,7 +165,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     result = runs.read_result(run_dir) if resume else None
     if result is not None:
-        if result.get("status") == "finished" and not (run_dir / runs.CURVES).exists():
+        if plot and result.get("status") == "finished" and not (run_dir / runs.CURVES).exists():
             _plot_run(run_dir)  # killed between result.json and its plot
         return RunResult(run_dir, runs.read_metrics(run_dir / runs.METRICS),
                          result.get("status", "finished"), result.get("message", ""))
@@ -195,7 +198,8 @@ def train(
 
     if lead:
         runs.write_result(run_dir, "finished", "", time.perf_counter() - started)
-        _plot_run(run_dir)
+        if plot:
+            _plot_run(run_dir)
     bdist.barrier()  # no rank goes on (to the next run, or out) before the files are written
     return RunResult(run_dir, metrics)
 

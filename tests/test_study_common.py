@@ -103,6 +103,7 @@ def test_study_all_trains_a_run_two_studies_need_once(tmp_path):
     a = first.train_run("bn/seed0", first.config(norm="torch", seed=0))
     b = second.train_run("speed/bn/seed0", second.config(norm="torch", seed=0))
     assert "copied" in lines[-1]
+    assert not (a.run_dir / "curves.png").exists()  # a study draws its own figures
     # the very same run: its metrics, epoch times included, byte for byte
     assert (b.run_dir / "metrics.jsonl").read_bytes() == (a.run_dir / "metrics.jsonl").read_bytes()
     assert b.metrics == a.metrics and b.run_dir == tmp_path / "q2" / "runs" / "speed/bn/seed0"

@@ -181,9 +181,10 @@ class StudyContext:
             shutil.copytree(source, run_dir)
         else:
             self.log(f"[{self.out.name}] {name} ({where})")
+        # no per-run curves.png: a study draws its own figures from its summary
         result = train(config, run_dir, dataset=self.load_data(), resume=run_dir.exists(),
                        progress=not self.quiet, log=(lambda _: None) if self.quiet else self.log,
-                       **kwargs)
+                       plot=False, **kwargs)
         if key and self.finished_runs is not None and result.status == "finished":
             self.finished_runs.setdefault(key, run_dir)
         return result
