@@ -375,9 +375,11 @@ def _post_reference_row(summary: Mapping[str, Any], width: int) -> list[str] | N
 CONFOUND_NOTE = (
     "Case c differs from case b in two ways at once: its gradients come from the manual "
     "engine (hand-derived backward, bnlab's BN) and its optimizer is AMSGrad instead of "
-    "Adam. A difference between b and c cannot say which of the two made it. Case d (manual "
-    "engine with Adam) separates them: b → d changes only the engine, d → c only the "
-    "optimizer.")
+    "Adam. A difference between b and c cannot say which of the two made it. Case d "
+    "(autograd and PyTorch's BN, with AMSGrad) separates them: b → d changes only the "
+    "optimizer, d → c only the engine and its BN. Case b-manual (the manual engine with "
+    "Adam) splits them the other way round: b → b-manual changes only the engine, "
+    "b-manual → c only the optimizer.")
 
 
 def render_markdown(summary: Mapping[str, Any], figure: str = "curves.png",

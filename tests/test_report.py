@@ -535,3 +535,22 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     assert dom.count("<table") == html.count("<table") >= 1
     assert dom.count("<img") == html.count("<img") >= 1
     assert "**Answer:" not in dom and "Answer: case" in dom
+
+
+@pytest.mark.parametrize(("first", "second", "changed"), [
+    ("b", "d", {"optimizer"}), ("d", "c", {"engine", "norm", "optimizer_impl"}),
+    ("b", "b-manual", {"engine", "norm", "optimizer_impl"}), ("b-manual", "c", {"optimizer"}),
+])
+def test_the_confound_note_says_what_each_step_changes(first, second, changed):
+    """The "Why c differs from b" note names, for each step, what the case definitions
+    really change (it once had case d backwards)."""
+    import dataclasses
+
+    from bnlab.cases import case_config
+    from bnlab.report import CONFOUND_NOTE
+
+    a, b = (dataclasses.asdict(case_config(case, "quick")) for case in (first, second))
+    assert {key for key in a if a[key] != b[key]} - {"case"} == changed
+    said = "only the optimizer" if changed == {"optimizer"} else "only the engine"
+    assert f"{first} → {second} changes {said}" in CONFOUND_NOTE or \
+        f"{first} → {second} {said}" in CONFOUND_NOTE
