@@ -427,6 +427,23 @@ def test_study_resume_without_a_folder_never_starts_a_new_study(tmp_path, capsys
     assert main(["study", "q1", "--resume", str(tmp_path / "none")]) == 2
     assert "no such folder" in one_line_error(capsys, "study")
     assert not any(tmp_path.iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["study", "q1", "--resume", str(empty)]) == 2
+    assert "not a study folder" in one_line_error(capsys, "study")
+    assert not any(empty.iterdir())
+
+
+def test_study_resume_refuses_a_comparison_folder(comparison, tmp_path, capsys, monkeypatch):
+    from bnlab import studies
+
+    monkeypatch.setattr(studies, "run_study", lambda *a, **k: pytest.fail("a study started"))
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["study", "q1", "--resume", str(out)]) == 2
+    assert f"bnlab compare --resume {out}" in one_line_error(capsys, "study")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_study_resume_refuses_other_settings(tmp_path, capsys, monkeypatch):

@@ -372,7 +372,16 @@ def _study_resume_folder(args: argparse.Namespace) -> Path:
     if not Path(folder).is_dir():
         raise UserError(f"cannot resume {folder}: no such folder (start a new study with "
                          f"--out {folder})")
-    return Path(folder)
+    from bnlab.studies import PLAN
+
+    folder = Path(folder)
+    if (folder / "compare.json").exists():
+        raise UserError(f"cannot resume {folder} as a study: it is a comparison (continue it "
+                         f"with bnlab compare --resume {folder})")
+    if not (folder / PLAN).exists() and not (folder / "runs").is_dir():
+        raise UserError(f"cannot resume {folder}: it is not a study folder (no {PLAN}); "
+                         f"start a new study with --out DIR")
+    return folder
 
 
 def _load_data(data_dir: str | None):
