@@ -32,7 +32,7 @@ from bnlab.config import ConfigError, TrainConfig, resolve_device
 from bnlab.init_health import init_health_table
 from bnlab.precision import resolve_precision
 from bnlab.progress import JobProgress
-from bnlab.runs import ReportError, atomic_write_json, folder_lock, read_compare
+from bnlab.runs import ReportError, atomic_write_json, check_free, folder_lock, read_compare
 from bnlab.train import DivergenceError, train
 
 __all__ = ["ComparisonPlan", "plan_comparison", "resume_conflicts", "resume_plan",
@@ -100,8 +100,13 @@ def plan_comparison(
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ConfigError(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+    misplaced = {c: _presets_of(c) for c in cases if preset not in _presets_of(c)}
+    if misplaced:
+        raise ConfigError("; ".join(
+            f"case {c} does not run under preset {preset}: use --preset "
+            f"{' or '.join(names)}" for c, names in misplaced.items()))
     if len(set(cases)) != len(cases):
-        raise ConfigError(f"a case is named twice in {','.join(cases)}")
+        raise ConfigError(f"a case is named twice in {','.join(cases)}: name each case once")
     n_seeds = PRESETS[preset].seeds if seeds is None else seeds
     if n_seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {n_seeds}")
@@ -120,6 +125,19 @@ def plan_comparison(
         dataset = bdata.load_cifar10(overrides.get("data_dir"))
     _check_fits(configs, dataset)
     return ComparisonPlan(out, preset, cases, list(range(n_seeds)), configs, dataset, command)
+
+
+def _presets_of(case: str) -> list[str]:
+    """The presets whose network ``case`` can be built on (All-CNN-C's variants of BN are
+    not the post net's, and the post's per-activation BN is not All-CNN-C's)."""
+    def builds(preset: str) -> bool:
+        try:
+            case_config(case, preset, 0)
+        except ConfigError:
+            return False
+        return True
+
+    return [name for name in PRESETS if builds(name)]
 
 
 def _check_fits(configs: dict[str, dict[int, TrainConfig]], dataset: bdata.CIFAR10) -> None:
@@ -149,6 +167,7 @@ def resume_plan(out: str | Path) -> ComparisonPlan:
     except (TypeError, ValueError) as error:
         raise ReportError(f"{path}: a saved config cannot be read ({error}); the file is "
                           "damaged or from another bnlab version") from error
+    check_free(out)  # a folder another process trains in is refused before the data loads
     some = next(iter(configs[saved["cases"][0]].values()))
     dataset = bdata.load_cifar10(some.data_dir)
     return ComparisonPlan(out, saved["preset"], saved["cases"], saved["seeds"], configs,

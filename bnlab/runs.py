@@ -48,6 +48,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_free",
     "folder_lock",
     "load_checkpoint",
     "load_compare",
@@ -101,6 +102,35 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _in_use_error(folder: Path, holder: dict | None) -> FolderInUseError | None:
+    """The error for a lock ``holder`` (its JSON) of another live process, or None when
+    the lock is this process's own or stale."""
+    if holder is None:
+        return None
+    path, pid = folder / LOCK, holder.get("pid")
+    if holder.get("host") != socket.gethostname():
+        return FolderInUseError(f"{folder} is locked by process {pid} on host "
+                                f"{holder.get('host')} ({path}); if that process no longer "
+                                f"runs, delete {path}")
+    if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+        since = time.strftime("%H:%M:%S", time.localtime(holder.get("started", 0)))
+        return FolderInUseError(f"{folder} is in use: process {pid} has been "
+                                f"{holder.get('what', 'training')} there since {since} "
+                                f"({path}); wait for it to finish, or stop it and run the "
+                                "command again")
+    return None
+
+
+def check_free(folder: str | os.PathLike[str]) -> None:
+    """Raise :class:`FolderInUseError` when another live process holds ``folder``'s lock
+    (see :func:`folder_lock`), before any slow work such as loading the data; take nothing."""
+    folder = Path(folder)
+    path = folder / LOCK
+    in_use = _in_use_error(folder, _read_lock(path) if path.exists() else None)
+    if in_use is not None:
+        raise in_use
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str], what: str = "training") -> Iterator[Path]:
     """Hold ``<folder>/.bnlab.lock`` while training in ``folder``; removed on exit.
@@ -122,17 +152,9 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "training") -> Itera
         except FileExistsError:
             holder = _read_lock(path)
             pid = holder.get("pid") if holder else None
-            same_host = holder is not None and holder.get("host") == record["host"]
-            if isinstance(pid, int) and same_host and pid != os.getpid() and _pid_alive(pid):
-                since = time.strftime("%H:%M:%S", time.localtime(holder.get("started", 0)))
-                raise FolderInUseError(
-                    f"{folder} is in use: process {pid} has been {holder.get('what', 'training')}"
-                    f" there since {since} ({path}); wait for it to finish, or stop it and "
-                    "run the command again") from None
-            if holder is not None and not same_host:
-                raise FolderInUseError(
-                    f"{folder} is locked by process {pid} on host {holder.get('host')} "
-                    f"({path}); if that process no longer runs, delete {path}") from None
+            in_use = _in_use_error(folder, holder)
+            if in_use is not None:
+                raise in_use from None
             if pid != os.getpid():
                 warnings.warn(f"{path}: removed a stale lock of process {pid}, which no longer "
                               "runs", RuntimeWarning, stacklevel=3)

@@ -522,3 +522,56 @@ def test_study_render_of_a_bad_summary_is_one_line(case, name, tmp_path, capsys)
     assert main(["study", name, "--render", str(tmp_path)]) == 1
     err = one_line_error(capsys, "study")
     assert "summary.json" in err and word in err
+
+
+@pytest.mark.parametrize("args", [
+    ["compare", "--preset", "nope"], ["compare", "--cases", "a,z"], ["compare", "--cases", "a,a"],
+    ["compare", "--out", "{existing}"], ["study", "q1", "--out", "{existing}"],
+])
+def test_plan_and_folder_mistakes_are_named_before_the_data_loads(args, tmp_path, capsys,
+                                                                   monkeypatch):
+    """No download attempt, no data notice: the one line is the mistake, at once."""
+    import bnlab.data
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the plan was checked")
+
+    monkeypatch.setattr(bnlab.data, "load_cifar10", no_data)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("keep")
+    args = [a.replace("{existing}", str(existing)) for a in args]
+    assert main([*args, "--quiet"]) == 2
+    one_line_error(capsys, args[0])
+    assert [p.name for p in existing.iterdir()] == ["mine.txt"]
+
+
+def test_a_busy_comparison_is_refused_before_the_data_loads(comparison, tmp_path, capsys,
+                                                            monkeypatch):
+    import socket
+
+    import bnlab.data
+
+    monkeypatch.setattr(bnlab.data, "load_cifar10",
+                        lambda *a, **k: pytest.fail("the data was loaded for a busy folder"))
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    (out / ".bnlab.lock").write_text(json.dumps({
+        "pid": os.getppid(), "host": socket.gethostname(), "started": time.time(),
+        "what": "running a comparison"}))
+    assert main(["compare", "--resume", str(out), "--quiet"]) == 1
+    assert "in use" in one_line_error(capsys, "compare")
+
+
+@pytest.mark.parametrize(("preset", "case", "fix"), [
+    ("post-quick", "b-renorm", "use --preset quick or smoke or paper"),
+    ("quick", "b-act", "use --preset post or post-quick"),
+])
+def test_a_case_under_a_preset_of_another_network_names_the_presets(preset, case, fix,
+                                                                    tmp_path, capsys):
+    assert main(["compare", "--preset", preset, "--cases", f"a,{case}", "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 2
+    err = one_line_error(capsys, "compare")
+    assert f"case {case} does not run under preset {preset}: {fix}" in err
+    assert "arch" not in err and "norm_kind" not in err
+    assert not (tmp_path / "out").exists()

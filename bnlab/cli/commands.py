@@ -189,7 +189,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _check_resume_flags(args)
         plan = resume_plan(args.resume)
     else:
-        dataset = _load_data(args.data_dir)  # once, here at the top, passed down
+        _check_data_dir(args.data_dir)
         overrides = {"epochs": args.epochs, "subset": args.subset, "data_dir": args.data_dir,
                      "width": args.width, "lr": args.lr, "batch_size": args.batch_size,
                      "device": args.device, "init": args.init,
@@ -198,8 +198,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plan = plan_comparison(
             args.cases, args.seeds, args.preset or "quick", args.out,
             overrides, command_line(sys.argv[1:] if args.argv is None else args.argv),
-            dataset=dataset,
-        )
+        )  # it checks the cases, preset and folder, then loads the data once for every run
     if args.tensorboard:
         from bnlab.tensorboard import require_tensorboard
         try:
@@ -343,6 +342,13 @@ def cmd_study(args: argparse.Namespace) -> int:
         studies.check_scale(args.preset, args.seeds)  # before the data is read
     except ValueError as error:
         raise UserError(str(error)) from None
+    if not resume and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty: bnlab never overwrites results "
+                         f"(choose another --out, or --resume {out})")
+    if resume:
+        from bnlab.runs import check_free
+
+        check_free(out)  # another process's study is refused before the data loads
     kwargs = {"preset": args.preset, "seeds": args.seeds, "data_dir": args.data_dir,
               "device": args.device, "resume": resume, "quiet": args.quiet, "log": log,
               "dataset": _load_data(args.data_dir)}  # once, here at the top, passed down
@@ -384,11 +390,15 @@ def _study_resume_folder(args: argparse.Namespace) -> Path:
     return folder
 
 
+def _check_data_dir(data_dir: str | None) -> None:
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
+        raise UserError(f"--data-dir {data_dir} does not exist: pass a folder "
+                         "holding cifar-10-batches-py/ (or that folder itself)")
+
+
 def _load_data(data_dir: str | None):
     """The data set every run of the command shares, loaded once (bnlab.data's order)."""
     from bnlab.data import load_cifar10
 
-    if data_dir is not None and not Path(data_dir).expanduser().exists():
-        raise UserError(f"--data-dir {data_dir} does not exist: pass a folder "
-                         "holding cifar-10-batches-py/ (or that folder itself)")
+    _check_data_dir(data_dir)
     return load_cifar10(data_dir)
