@@ -107,10 +107,11 @@ def cpu_bf16_support() -> tuple[bool, str]:
     flags = _cpu_flags()
     if flags is not None:
         if flags["amx_bf16"]:
-            return True, "CPU has AMX-BF16"
+            return True, "this CPU has AMX-BF16"
         if flags["avx512_bf16"]:
-            return True, "CPU has AVX512-BF16"
-        return False, "CPU has neither AMX-BF16 nor AVX512-BF16 (oneDNN would emulate bfloat16)"
+            return True, "this CPU has AVX512-BF16"
+        return False, ("this CPU has neither AMX-BF16 nor AVX512-BF16, so oneDNN would emulate "
+                       "bfloat16")
     try:  # older PyTorch: oneDNN's own answer (true from AVX-512 on, a looser test)
         if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return True, "oneDNN reports bfloat16 support"
@@ -159,12 +160,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> Precision:
                              f"{device_type!r}: pass precision='fp32' or 'auto'")
         fast, what = False, f"bnlab uses no autocast on {device_type}"
     if precision == "bf16":
-        note = "" if fast else ", emulated: slower than float32 here"
+        note = "" if fast else ", emulated and slower than float32 here"
         return Precision("bf16", precision, device_type, torch.float32, torch.bfloat16,
-                         f"bf16 requested: bfloat16 autocast ({what}{note})")
+                         f"bf16 requested: bfloat16 autocast{note}, because {what}")
     if fast:
         return Precision("bf16", precision, device_type, torch.float32, torch.bfloat16,
-                         f"auto: bfloat16 autocast ({what})")
+                         f"auto: bfloat16 autocast, because {what}")
     return Precision("fp32", precision, device_type, torch.float32, None,
-                     f"auto: float32 ({what})")
+                     f"auto: float32, because {what}")
 

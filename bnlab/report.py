@@ -271,16 +271,25 @@ def answer(summary: Mapping[str, Any]) -> list[str]:
     cases = summary["cases"]
     ranked = sorted((n for n in cases if cases[n]["final_test_acc"]["mean"] is not None),
                     key=lambda n: cases[n]["final_test_acc"]["mean"], reverse=True)
+    unranked = [n for n in cases if n not in ranked]
+    missing = ([f"Not ranked: case{'s' if len(unranked) > 1 else ''} {', '.join(unranked)} "
+                f"{'have' if len(unranked) > 1 else 'has'} no finished run yet (resume the "
+                "comparison to finish them)."] if unranked else [])
     if len(ranked) < 2:
         return ["**Answer:** fewer than two cases have finished runs, so no case can be "
-                "called best yet."]
+                "called best yet.", *missing]
     best, second = ranked[0], ranked[1]
     difference = paired_difference(_per_seed(cases[best]), _per_seed(cases[second]))
     acc = cases[best]["final_test_acc"]["mean"]
-    head = (f"**Answer: case {best} ({_bare_label(best, cases[best])}) is best**, final "
-            f"test accuracy {100 * acc:.2f}%, {100 * (difference['mean'] or 0.0):.2f} points "
-            f"above case {second} ({_bare_label(second, cases[second])}), paired by seed "
-            f"over {difference['n']} seed(s).")
+    if (difference["mean"] or 0.0) == 0.0:  # the same final accuracy on every paired seed
+        head = (f"**Answer: cases {best} ({_bare_label(best, cases[best])}) and {second} "
+                f"({_bare_label(second, cases[second])}) tie**, final test accuracy "
+                f"{100 * acc:.2f}%, paired by seed over {difference['n']} seed(s).")
+    else:
+        head = (f"**Answer: case {best} ({_bare_label(best, cases[best])}) is best**, final "
+                f"test accuracy {100 * acc:.2f}%, {100 * difference['mean']:.2f} points "
+                f"above case {second} ({_bare_label(second, cases[second])}), paired by seed "
+                f"over {difference['n']} seed(s).")
     if difference["low"] is None:
         tail = ("With one paired seed the seed-to-seed noise is unknown: this cannot tell "
                 "whether the difference is real. Run more seeds (--seeds 3 or more).")
@@ -295,7 +304,7 @@ def answer(summary: Mapping[str, Any]) -> list[str]:
             beyond = "not beyond seed noise: these seeds cannot separate them"
         tail = (f"95% interval of the paired difference: [{100 * difference['low']:.2f}, "
                 f"{100 * difference['high']:.2f}] points: {beyond}.")
-    return [head, tail]
+    return [head, tail, *missing]
 
 
 def chosen_thresholds(summary: Mapping[str, Any]) -> list[str]:

@@ -82,7 +82,7 @@ def _precisions(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def precision_sentence(summary: Mapping[str, Any]) -> str:
-    """"Precision: bf16 (auto: bfloat16 autocast (CPU has AMX-BF16)), 9 runs." """
+    """"Precision: bf16 (auto: bfloat16 autocast, because this CPU has AMX-BF16), 9 runs." """
     parts = [f"{p['name']} ({p['reason']}), {p['runs']} run{'s' if p['runs'] != 1 else ''}"
              for p in summary.get("precision") or []]
     return "Precision: " + ("; ".join(parts) if parts else "unknown") + "."

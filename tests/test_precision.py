@@ -41,7 +41,7 @@ def test_auto_with_bf16_hardware_is_bf16_autocast(monkeypatch, amx, avx512, what
     _cpu_flags(monkeypatch, amx=amx, avx512=avx512)
     p = resolve_precision("auto", "cpu")
     assert (p.name, p.param_dtype, p.autocast_dtype) == ("bf16", torch.float32, torch.bfloat16)
-    assert p.reason == f"auto: bfloat16 autocast (CPU has {what})"
+    assert p.reason == f"auto: bfloat16 autocast, because this CPU has {what}"
     conv = torch.nn.Conv2d(3, 4, 3)
     with p.autocast():
         assert conv(torch.randn(1, 3, 5, 5)).dtype == torch.bfloat16
@@ -60,7 +60,7 @@ def test_older_torch_probes(monkeypatch):
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert P.cpu_bf16_support() == (True, "CPU has AVX512-BF16")
+    assert P.cpu_bf16_support() == (True, "this CPU has AVX512-BF16")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert P.cpu_bf16_support() == (False, "oneDNN reports no bfloat16 support")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 
 import numpy as np
@@ -554,3 +555,28 @@ def test_the_confound_note_says_what_each_step_changes(first, second, changed):
     said = "only the optimizer" if changed == {"optimizer"} else "only the engine"
     assert f"{first} → {second} changes {said}" in CONFOUND_NOTE or \
         f"{first} → {second} {said}" in CONFOUND_NOTE
+
+
+def test_the_answer_names_a_case_with_no_finished_run(tmp_path):
+    from bnlab.report import answer
+
+    make_compare(tmp_path, seeds=(0, 1, 2))
+    shutil.rmtree(tmp_path / "b")  # case b lost (or not trained yet)
+    lines = answer(summarize(tmp_path))
+    print("\n".join(lines))
+    assert lines[0].startswith("**Answer: case c ")
+    assert "Not ranked: case b has no finished run yet" in lines[-1]
+
+
+def test_equal_finals_on_every_seed_are_a_tie_not_a_best_case(tmp_path):
+    from bnlab.report import answer
+
+    make_compare(tmp_path, cases=("b", "c"), seeds=(0, 1))
+    for seed in (0, 1):  # c's runs are b's, byte for byte
+        shutil.rmtree(tmp_path / "c" / f"seed{seed}")
+        shutil.copytree(tmp_path / "b" / f"seed{seed}", tmp_path / "c" / f"seed{seed}")
+        config = tmp_path / "c" / f"seed{seed}" / "config.json"
+        config.write_text(config.read_text().replace('"case": "b"', '"case": "c"'))
+    lines = answer(summarize(tmp_path))
+    print("\n".join(lines))
+    assert " tie**" in lines[0] and "is best" not in lines[0]

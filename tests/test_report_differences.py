@@ -88,7 +88,8 @@ def _set_precision(folder, resolved: dict | None) -> None:
 
 
 BF16 = {"name": "bf16", "requested": "auto", "device_type": "cpu", "param_dtype": "float32",
-        "autocast_dtype": "bfloat16", "reason": "auto: bfloat16 autocast (CPU has AMX-BF16)"}
+        "autocast_dtype": "bfloat16",
+        "reason": "auto: bfloat16 autocast, because this CPU has AMX-BF16"}
 
 
 def test_the_report_and_the_printed_summary_say_which_precision_ran_and_why(tmp_path):
@@ -96,7 +97,7 @@ def test_the_report_and_the_printed_summary_say_which_precision_ran_and_why(tmp_
     _set_precision(tmp_path, BF16)
     summary = summarize(tmp_path)
     assert summary["precision"] == [{"name": "bf16", "reason": BF16["reason"], "runs": 9}]
-    sentence = "Precision: bf16 (auto: bfloat16 autocast (CPU has AMX-BF16)), 9 runs."
+    sentence = "Precision: bf16 (auto: bfloat16 autocast, because this CPU has AMX-BF16), 9 runs."
     assert sentence in write_report(tmp_path)["markdown"].read_text()
     lines = summary_lines(summary)
     print("\n".join(lines))

@@ -73,7 +73,8 @@ def test_auto_resolves_from_the_cpu(monkeypatch, engine, fast):
     assert model.precision.name == ("bf16" if fast else "fp32")
     assert model.dtype == torch.float32  # master weights either way
     assert model.precision.reason.startswith(
-        "auto: bfloat16 autocast (CPU has AMX-BF16)" if fast else "auto: float32 (CPU has")
+        "auto: bfloat16 autocast, because this CPU has AMX-BF16" if fast
+        else "auto: float32, because this CPU has")
     if engine == "autograd":
         assert model.autocast is fast
         assert all(p.dtype == torch.float32 for p in model.module.parameters())
