@@ -119,7 +119,7 @@ POST_RECIPE = {"arch": "post", "recipe": "post", "batch_size": 50, "lr": 3e-4,
                "eval_batch_size": 50, "augment": False, "dropout": False}
 # post-quick: what fits 15 minutes of a 2-core CPU for a, b and c (measured; see README)
 POST_QUICK_SCALE = {"width": 0.25, "epochs": 6}
-POST_QUICK_NOTE = "width 0.25, 6 epochs instead of 1.0 and 21"
+POST_QUICK_NOTE = "width 0.25 and 6 epochs instead of width 1.0 and 21 epochs"
 
 # quick's time plan (9 runs <= 12 min on a 2-core CPU with bfloat16). Issue 15 measured one
 # autocast All-CNN-C step at width 0.5, batch 32, on such a CPU at ~625 img/s (2.3x float32):

@@ -260,7 +260,7 @@ def _add_study_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", choices=[*STUDIES, "all"], metavar="{q1,q2,q3,q4,q5,all}")
     p.add_argument("--preset", choices=list(SCALES),
-                   help="quick (default) or paper")
+                   help="quick (default), standard or paper; see below")
     p.add_argument("--seeds", type=argtypes.positive_int,
                    help="seeds per point (default: the preset's)")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/")

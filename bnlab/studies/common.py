@@ -110,11 +110,11 @@ class StudyClock:
     started: float = field(default_factory=time.perf_counter)
 
     def tick(self) -> str:
-        """Count one more run; return "run N, T in (the preset plans about B)"."""
+        """Count one more run; return "run N, T in; the preset plans about B ..."."""
         self.runs += 1
         spent = time.perf_counter() - self.started
-        return (f"run {self.runs}, {format_duration(spent)} in (the preset plans about "
-                f"{format_duration(self.budget_s)} for all five studies on a 2-core CPU)")
+        return (f"run {self.runs}, {format_duration(spent)} in; the preset plans about "
+                f"{format_duration(self.budget_s)} for all five studies on a 2-core CPU")
 
 
 @dataclass
