@@ -149,6 +149,19 @@ def _check_fits(configs: dict[str, dict[int, TrainConfig]], dataset: bdata.CIFAR
                                   f"({n} images of {dataset.source})")
 
 
+def check_resumable(out: Path) -> Path:
+    """``out/compare.json``; :class:`ConfigError` when ``out`` is missing or not a
+    comparison folder."""
+    if not out.exists():
+        raise ConfigError(f"cannot resume {out}: no such folder (start a new comparison "
+                          f"with --out {out})")
+    path = out / "compare.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {out}: no compare.json there (is it a bnlab "
+                          f"comparison folder?)")
+    return path
+
+
 def resume_plan(out: str | Path) -> ComparisonPlan:
     """The plan of an existing comparison folder, from its ``compare.json``.
 
@@ -156,10 +169,7 @@ def resume_plan(out: str | Path) -> ComparisonPlan:
     :class:`~bnlab.runs.ReportError` naming the file when it is damaged.
     """
     out = Path(out)
-    path = out / "compare.json"
-    if not path.is_file():
-        raise ConfigError(f"cannot resume {out}: no compare.json there (is it a bnlab "
-                          f"comparison folder?)")
+    path = check_resumable(out)
     saved = read_compare(out, plan=True)
     try:
         configs = {c: {int(s): TrainConfig.from_json(saved["configs"][c][str(s)])
@@ -212,7 +222,9 @@ def resume_conflicts(saved: dict, requested: dict) -> list[str]:
         if name == "device" and value == "auto":
             continue
         if have != [str(value)]:
-            conflicts.append(f"{flag(name)} {value} (the comparison has {', '.join(have)})")
+            held = ("was started without it" if have == ["None"]
+                    else f"has {', '.join(have)}")
+            conflicts.append(f"{flag(name)} {value} (the comparison {held})")
     return conflicts
 
 

@@ -355,7 +355,8 @@ def read_metrics(path: str | os.PathLike[str],
             if index < len(lines) - 1:
                 raise ReportError(
                     f"{path} line {number} is not valid JSON ({error}): {line[:80]!r}. "
-                    "Only the last line may be incomplete (a run killed while writing)."
+                    "Only the last line may be incomplete (a run killed while writing): "
+                    "repair or delete that line, then run the command again."
                 ) from error
             note = f"{path} line {number} is incomplete (run killed while writing?); skipped"
             warnings.warn(note, RuntimeWarning, stacklevel=3)

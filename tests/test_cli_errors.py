@@ -575,3 +575,32 @@ def test_a_case_under_a_preset_of_another_network_names_the_presets(preset, case
     assert f"case {case} does not run under preset {preset}: {fix}" in err
     assert "arch" not in err and "norm_kind" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_torn_last_metrics_line_is_a_one_line_warning(comparison, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    shutil.copytree(comparison, out)
+    metrics = out / "a" / "seed0" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 2, "train_lo')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "bnlab", "report", str(out)], env=env,
+                          capture_output=True, text=True)  # pytest would catch the warning
+    err = done.stderr.strip()
+    print(err)
+    assert done.returncode == 0
+    assert err.startswith("bnlab: warning: ") and "line 2 is incomplete" in err
+    assert err.count("\n") == 0 and "RuntimeWarning" not in err and ".py" not in err
+
+
+def test_resume_of_a_missing_folder_says_so(tmp_path, capsys):
+    assert main(["compare", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in one_line_error(capsys, "compare")
+
+
+def test_a_data_dir_conflict_with_a_comparison_started_without_one_says_so():
+    from bnlab.compare import resume_conflicts
+
+    saved = {"cases": ["a"], "seeds": [0], "preset": "quick",
+             "configs": {"a": {"0": {"data_dir": None, "epochs": 1}}}}
+    lines = resume_conflicts(saved, {"data_dir": "/data"})
+    assert lines == ["--data-dir /data (the comparison was started without it)"]

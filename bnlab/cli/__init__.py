@@ -22,6 +22,7 @@ each subcommand does), :mod:`~bnlab.cli.parser` (the flags); :func:`main` ties t
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from bnlab.cli.commands import clear_status
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is not None and hasattr(args, "argv"):
         args.argv = list(argv)
     name = " ".join(["bnlab", args.command, *([args.bench] if args.command == "bench" else [])])
+    saved_format = warnings.formatwarning
+    if not getattr(args, "debug", False):  # a warning is one line too, without source lines
+        warnings.formatwarning = _one_line_warning
     try:
         check_paths(args)
         return int(args.func(args) or 0)
@@ -59,3 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = explain(error)
         print(f"{name}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        warnings.formatwarning = saved_format
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    return f"bnlab: warning: {message}\n"

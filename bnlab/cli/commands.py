@@ -272,13 +272,11 @@ def _compare_rank(rank: int, world_size: int, args: argparse.Namespace) -> int:
 
 def _check_resume_flags(args: argparse.Namespace) -> None:
     """Refuse ``compare --resume DIR`` with flags that would change the saved comparison."""
-    from bnlab.compare import resume_conflicts
+    from bnlab.compare import check_resumable, resume_conflicts
     from bnlab.runs import read_compare
 
     folder = Path(args.resume)
-    if not (folder / "compare.json").is_file():
-        raise UserError(f"cannot resume {folder}: no compare.json there (is it a bnlab "
-                         "comparison folder?)")
+    check_resumable(folder)
     requested = {name: getattr(args, name) for name in (
         "cases", "seeds", "preset", "out", "epochs", "subset", "width", "lr", "batch_size",
         "device", "data_dir", "precision")}
