@@ -604,3 +604,8 @@ def test_a_data_dir_conflict_with_a_comparison_started_without_one_says_so():
              "configs": {"a": {"0": {"data_dir": None, "epochs": 1}}}}
     lines = resume_conflicts(saved, {"data_dir": "/data"})
     assert lines == ["--data-dir /data (the comparison was started without it)"]
+
+
+def test_study_render_of_a_comparison_points_to_report(comparison, capsys):
+    assert main(["study", "q1", "--render", str(comparison)]) == 2
+    assert f"bnlab report {comparison}" in one_line_error(capsys, "study")

@@ -307,6 +307,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     if args.render:
         out = Path(args.render)
+        if (out / "compare.json").exists():
+            raise UserError(f"{out} is a comparison, not a study: redraw it with "
+                             f"bnlab report {out}")
         if not (out / "summary.json").is_file():
             raise UserError(f"{out} is not a bnlab study folder (no summary.json)")
         if args.name == "all":
