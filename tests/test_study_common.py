@@ -152,7 +152,7 @@ def test_study_all_end_to_end_on_tiny_data(tmp_path, monkeypatch):
 
 
 def test_study_clock_counts_runs_and_says_the_plan():
-    clock = StudyClock(budget_s=900.0, started=time.perf_counter() - 7200.0)  # 2 h ago
+    clock = StudyClock(budget_s=1800.0, started=time.perf_counter() - 7200.0)  # 2 h ago
     first, second = clock.tick(), clock.tick()
     assert first.startswith("run 1, ") and second.startswith("run 2, ")
-    assert "about 15 min for all five studies" in second and " h in" in second
+    assert "about 30 min for all five studies" in second and " h in" in second

@@ -75,8 +75,8 @@ class StudyScale:
 SCALES: dict[str, StudyScale] = {
     "quick": StudyScale(
         "quick", width=0.25, epochs=5, subset=1500, batch_size=64, lr=2e-3, seeds=3,
-        budget_s=900.0, headline_seeds=3, tune_points=5, tune_seeds=1,
-        description="a 2-core CPU in about 15 minutes for all five studies: All-CNN-C at width "
+        budget_s=1800.0, headline_seeds=3, tune_points=5, tune_seeds=1,
+        description="a 2-core CPU in about 30 minutes for all five studies: All-CNN-C at width "
         "0.25, 1,500 training images of whatever data is found (the embedded sample "
         "offline), 5 epochs, batch 64, 3 seeds; small enough that an answer may be "
         "inconclusive",
