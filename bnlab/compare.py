@@ -100,7 +100,8 @@ def plan_comparison(
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ConfigError(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
-    misplaced = {c: _presets_of(c) for c in cases if preset not in _presets_of(c)}
+    runs_under = {c: _presets_of(c) for c in cases}
+    misplaced = {c: names for c, names in runs_under.items() if preset not in names}
     if misplaced:
         raise ConfigError("; ".join(
             f"case {c} does not run under preset {preset}: use --preset "
